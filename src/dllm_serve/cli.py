@@ -1,0 +1,50 @@
+"""`dllm-serve`: one entry point, one sub-command per job.
+
+Each area registers its own sub-commands (``register(subparsers)``) next to the code it drives,
+so the flags live beside what they configure; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules exposing ``register(subparsers)``; a module that is absent is skipped.
+COMMAND_MODULES = (
+    "dllm_serve.commands",  # generate, eval, models
+    "dllm_serve.server.cli",  # serve
+    "dllm_serve.bench.cli",  # bench serve, bench engine
+    "dllm_serve.checkpoints.cli",  # convert-dcp
+    "dllm_serve.cluster.cli",  # slurm
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm-serve", description="Serve diffusion language models.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

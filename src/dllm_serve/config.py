@@ -1,0 +1,104 @@
+"""Engine and server settings: the one place the CLI flags map onto."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The bundled model served when no --model-path is given (repo checkout or installed data).
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_MODEL = BUNDLED_MODELS_DIR / "tiny-llada"
+
+
+@dataclass
+class EngineConfig:
+    model_path: str = str(DEFAULT_MODEL)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if present, else cpu
+    engine: str = "auto"  # auto | fast-dllm | dinfer | nemotron
+    algorithm: str | None = None  # default preset; None: the engine's default
+    load_format: str = "safetensors"  # safetensors | dummy
+    max_batch_size: int = 32
+    max_num_tokens: int = 65536  # sum of canvas lengths running at once
+    max_wait_time: float = 0.0  # seconds to wait for arrivals before a step when not full
+    max_queue: int = 1024  # waiting requests beyond this are refused (HTTP 429)
+    max_model_len: int | None = None  # None: the model's own maximum
+    seed: int = 0  # base seed for requests without one
+    # Training checkpoints (DCP): converted once, cached.
+    dcp_path: str | None = None
+    base_model: str | None = None
+    dcp_cache_dir: str | None = None
+    trust_remote_code: bool = False
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    use_chat_template: bool = True
+    request_timeout: float | None = None  # seconds; None: no limit
+    timeout_keep_alive: int = 5
+    verbose: bool = False
+    # Scale-out (Ray Serve); 1 replica runs in-process without Ray.
+    gpus: int = 0
+    replicas: int = 1
+    ray_address: str | None = None
+
+
+def add_engine_arguments(parser) -> None:
+    """Flags shared by every command that loads a model (generate, eval, serve, bench engine)."""
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model-path", default=str(DEFAULT_MODEL),
+                   help="checkpoint directory or hub id in the local HF cache (default: bundled tiny-llada)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--engine", default="auto", choices=["auto", "fast-dllm", "dinfer", "nemotron"])
+    g.add_argument("--algorithm", "--generation-algorithm", dest="algorithm", default=None,
+                   help="default decoding preset (see `dllm-serve models --algorithms`)")
+    g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                   help="dummy: random weights from config.json alone (benchmarks of real shapes)")
+    g.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32)
+    g.add_argument("--max-num-tokens", type=int, default=65536, help="token budget of the running batch")
+    g.add_argument("--max-wait-time", type=float, default=0.0,
+                   help="seconds to wait for more arrivals before a step when the batch is not full")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint")
+    g.add_argument("--base-model", default=None, help="config and tokenizer for --dcp-path")
+    g.add_argument("--dcp-cache-dir", default=None)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own modeling code (off by default)")
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    return EngineConfig(
+        model_path=args.model_path,
+        dtype=args.dtype,
+        device=args.device,
+        engine=args.engine,
+        algorithm=args.algorithm,
+        load_format=args.load_format,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        max_wait_time=args.max_wait_time,
+        max_queue=getattr(args, "max_queue", 1024),
+        max_model_len=args.max_model_len,
+        dcp_path=args.dcp_path,
+        base_model=args.base_model,
+        dcp_cache_dir=args.dcp_cache_dir,
+        trust_remote_code=args.trust_remote_code,
+    )

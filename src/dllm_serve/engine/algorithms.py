@@ -1,0 +1,250 @@
+"""Named decoding presets (cache policy + commit rule + defaults) and per-request resolution.
+
+A request names a preset (or an alias) and may override any parameter. ``resolve_params`` merges
+the preset's defaults with the overrides that are set (a ``None`` never replaces a default),
+validates every value against the model, and returns a frozen ``DecodeParams``. Invalid input
+raises ``ParamError`` naming the offending field, which the server turns into a 400.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+CACHES = ("none", "prefix", "dual", "vicinity", "committed")
+RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
+REMASKING = ("low_confidence", "random", "margin", "entropy")
+
+
+class ParamError(ValueError):
+    """A request parameter that cannot be served; ``param`` names the request field."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """Everything one sequence's decoding needs; every field has a meaning for every preset."""
+
+    algorithm: str
+    cache: str
+    rule: str
+    gen_length: int
+    block_length: int
+    steps: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    remasking: str = "low_confidence"
+    threshold: float = 0.9
+    factor: float = 1.0
+    low_threshold: float = 0.4
+    credit_alpha: float = 0.7
+    credit_gamma: float = 0.2
+    credit_beta: float = 0.8
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    prefix_look: int = 16
+    after_look: int = 16
+    warmup_steps: int = 4
+    early_stop: bool = True
+    shift_logits: bool = False
+    seed: int | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    engine: str
+    family: str  # model family that can run it
+    cache: str
+    rule: str
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("llada", "fast-dllm", "llada", "none", "schedule", ("basic", "no_cache"),
+               "LLaDA's reference sampler: full canvas every step, linear schedule"),
+        Preset("prefix_cache", "fast-dllm", "llada", "prefix", "threshold", ("prefix",),
+               "Fast-dLLM prefix KV cache, refreshed per block, threshold decoding"),
+        Preset("dual_cache", "fast-dllm", "llada", "dual", "threshold", ("dual",),
+               "Fast-dLLM dual (prefix + suffix) KV cache, threshold decoding"),
+        Preset("dinfer_blockwise", "dinfer", "llada", "vicinity", "threshold", ("dinfer", "blockwise"),
+               "dInfer: dual cache with vicinity refresh, threshold decoding, early stop at EOS"),
+        Preset("dinfer_hierarchy", "dinfer", "llada", "vicinity", "hierarchy", ("dinfer_hierarchical",),
+               "dInfer hierarchical decoding (threshold + low_threshold per masked segment)"),
+        Preset("dinfer_credit", "dinfer", "llada", "vicinity", "credit", (),
+               "dInfer credit decoding (alpha, gamma, beta) + threshold"),
+        Preset("nemotron", "nemotron", "nemotron", "committed", "threshold", (),
+               "Nemotron block diffusion: committed-context KV cache, threshold decoding"),
+    )
+}
+ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
+ENGINE_DEFAULT_PRESET = {"fast-dllm": "dual_cache", "dinfer": "dinfer_blockwise", "nemotron": "nemotron"}
+DEFAULT_BLOCK_LENGTH = 32
+
+# Request fields that override DecodeParams fields of the same name.
+OVERRIDABLE = tuple(
+    f.name for f in fields(DecodeParams) if f.name not in {"algorithm", "cache", "gen_length"}
+)
+
+
+def presets_for(family: str) -> list[Preset]:
+    return [p for p in PRESETS.values() if p.family == family]
+
+
+def canonical_name(name: str, family: str) -> str:
+    """The preset a name or alias refers to; a ParamError lists the valid names otherwise."""
+    key = name.strip().lower()
+    valid = presets_for(family)
+    listing = ", ".join(f"{p.name} ({', '.join(p.aliases)})" if p.aliases else p.name for p in valid)
+    if key not in ALIASES:
+        raise ParamError("algorithm", f"unknown algorithm {name!r}; valid for this model: {listing}")
+    preset = PRESETS[ALIASES[key]]
+    if preset.family != family:
+        raise ParamError(
+            "algorithm", f"algorithm {preset.name!r} cannot run on a {family} model; valid for this model: {listing}"
+        )
+    return preset.name
+
+
+def default_preset(engine: str, family: str) -> str:
+    """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
+    if engine == "auto":
+        engine = "nemotron" if family == "nemotron" else "dinfer"
+    if engine not in ENGINE_DEFAULT_PRESET:
+        raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
+    name = ENGINE_DEFAULT_PRESET[engine]
+    if PRESETS[name].family != family:
+        raise ValueError(f"engine {engine!r} cannot serve a {family} model")
+    return name
+
+
+def resolve_params(
+    algorithm: str,
+    family: str,
+    max_new_tokens: int,
+    overrides: dict[str, Any] | None = None,
+    *,
+    model_defaults: dict[str, Any] | None = None,
+) -> DecodeParams:
+    """Merge preset defaults, model defaults and request overrides, then validate.
+
+    ``max_new_tokens`` sets the canvas: rounded up to whole blocks (never padded with extra work
+    beyond that). ``overrides`` values that are None are ignored.
+    """
+    name = canonical_name(algorithm, family)
+    preset = PRESETS[name]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OVERRIDABLE))
+    if unknown:
+        raise ParamError(unknown[0], f"unknown decoding parameter {unknown[0]!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ParamError("max_tokens", f"max_tokens must be a positive integer, got {max_new_tokens!r}")
+
+    explicit_rule = given.pop("rule", None)
+    rule = explicit_rule or preset.rule
+    if explicit_rule is None:
+        # Naming a rule's own knob selects that rule on presets whose default rule lacks it.
+        if "factor" in given and preset.rule in {"schedule", "threshold"}:
+            rule = "factor"
+        elif "threshold" in given and preset.rule == "schedule":
+            rule = "threshold"
+    values: dict[str, Any] = dict(preset.defaults)
+    values.update(model_defaults or {})
+    values.update(given)
+    block_length = int(values.pop("block_length", None) or DEFAULT_BLOCK_LENGTH)
+    _check_int("block_length", block_length, 1)
+    gen_length = math.ceil(max_new_tokens / block_length) * block_length
+    steps = values.pop("steps", None)
+    steps = gen_length if steps is None else steps
+    _check_int("steps", steps, 1)
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ParamError(
+            "steps",
+            f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks} = "
+            f"{gen_length} tokens / block_length {block_length})",
+        )
+    params = DecodeParams(
+        algorithm=name, cache=preset.cache, rule=rule, gen_length=gen_length, block_length=block_length,
+        steps=steps,
+    )
+    params = replace(params, **values)
+    _validate(params)
+    return params
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ParamError(name, f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ParamError(name, f"{name} must be a number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ParamError(name, f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def _validate(p: DecodeParams) -> None:
+    if p.rule not in RULES:
+        raise ParamError("rule", f"rule must be one of {', '.join(RULES)}, got {p.rule!r}")
+    if p.remasking not in REMASKING:
+        raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, got {p.remasking!r}")
+    if p.remasking == "random" and p.rule != "schedule":
+        raise ParamError("remasking", "remasking 'random' only applies to the fixed schedule (rule 'schedule')")
+    _check_range("temperature", p.temperature, 0.0, 100.0)
+    _check_range("top_p", p.top_p, 0.0, 1.0, low_open=True)
+    _check_range("threshold", p.threshold, 0.0, 1.0)
+    _check_range("factor", p.factor, 0.0, 1000.0, low_open=True)
+    _check_range("low_threshold", p.low_threshold, 0.0, 1.0)
+    if p.low_threshold > p.threshold:
+        raise ParamError("low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})")
+    _check_range("credit_alpha", p.credit_alpha, 0.0, 100.0)
+    _check_range("credit_gamma", p.credit_gamma, 0.0, 100.0)
+    _check_range("credit_beta", p.credit_beta, 0.0, 1.0)
+    _check_range("cfg_scale", p.cfg_scale, 0.0, 100.0)
+    if p.cfg_scale > 0 and p.cache != "none":
+        raise ParamError("cfg_scale", "cfg_scale needs the full-canvas 'llada' algorithm (no KV cache)")
+    for name in ("prefix_look", "after_look", "warmup_steps"):
+        _check_int(name, getattr(p, name), 0)
+    for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits"):
+        if not isinstance(getattr(p, name), bool):
+            raise ParamError(name, f"{name} must be a boolean")
+    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
+        raise ParamError("seed", f"seed must be a non-negative integer, got {p.seed!r}")
+
+
+def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
+    """Presets, aliases and defaults, as served by GET /v1/algorithms."""
+    out = []
+    for p in PRESETS.values():
+        if family and p.family != family:
+            continue
+        base = DecodeParams(algorithm=p.name, cache=p.cache, rule=p.rule, gen_length=0,
+                            block_length=DEFAULT_BLOCK_LENGTH, steps=0)
+        defaults = {k: v for k, v in replace(base, **dict(p.defaults)).to_dict().items()
+                    if k not in {"algorithm", "gen_length", "steps", "seed"}}
+        out.append({"name": p.name, "aliases": list(p.aliases), "engine": p.engine, "model_family": p.family,
+                    "description": p.description, "defaults": defaults})
+    return out

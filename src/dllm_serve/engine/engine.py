@@ -1,0 +1,179 @@
+"""The engine: one loop on a dedicated thread, and the asyncio-facing API the server uses.
+
+Thread-safety: ``add_request`` and ``abort`` may be called from any thread; they only touch the
+scheduler's locked inbox. Everything else runs on the engine thread (or, for offline use,
+``run_to_completion`` drives the same loop on the caller's thread with no thread at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+from dllm_serve.config import EngineConfig
+from dllm_serve.engine.runner import Runner, StepInfo
+from dllm_serve.engine.scheduler import QueueFullError, Scheduler
+from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
+from dllm_serve.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "Engine", "EngineStats", "QueueFullError", "RequestResult"]
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    finished: int
+    forwards: int
+    steps: int
+
+
+@dataclass
+class RequestResult:
+    """A finished request's tokens, collected from its events (offline use)."""
+
+    token_ids: list[int]
+    finish_reason: str
+    stopped_on_token: bool
+    forwards: int
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.loaded = loaded
+        self.runner = Runner(loaded, self.config)
+        self.scheduler = Scheduler(self.runner, self.config)
+        self.step_observers: list[Callable[[StepInfo], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._draining = False
+        self.forwards = 0
+        self.steps = 0
+        self.finished = 0
+
+    # -- any thread -------------------------------------------------------------------------
+
+    def add_request(self, request: GenerationRequest, on_event: Callable[[SequenceEvent], None]) -> None:
+        """Queue a request; ``on_event`` is called on the engine thread for each event.
+
+        Raises QueueFullError when ``max_queue`` requests are already waiting.
+        """
+        if self._draining:
+            raise QueueFullError("the server is shutting down")
+        self.scheduler.submit(request, on_event)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it is retired (and its cache freed) within one iteration."""
+        self.scheduler.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        waiting, running = self.scheduler.counts()
+        return EngineStats(waiting, running, self.finished, self.forwards, self.steps)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.is_running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting work, let running requests finish (up to the timeout), stop the thread."""
+        self._draining = True
+        deadline = time.monotonic() + drain_timeout
+        while self.scheduler.has_work() and time.monotonic() < deadline and self.is_running:
+            time.sleep(0.01)
+        self._stop.set()
+        self.scheduler.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.scheduler.abort_all()
+
+    # -- engine thread ------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """One iteration: admit, forward the running batch, commit, emit, retire. False if idle."""
+        info = self.scheduler.step()
+        if info is None:
+            return False
+        self.steps += 1
+        self.forwards += info.forwards
+        self.finished += info.finished
+        for observer in self.step_observers:
+            observer(info)
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # the scheduler isolates request failures; this is a bug guard
+                log.exception("engine iteration failed")
+                worked = False
+            if not worked:
+                self.scheduler.wait_for_work(timeout=0.1)
+
+    # -- offline ------------------------------------------------------------------------------
+
+    def run_to_completion(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestResult]:
+        """Run requests on the caller's thread until all finish (CLI generate/eval, tests)."""
+        if self.is_running:
+            raise RuntimeError("run_to_completion needs the engine thread to be stopped")
+        results: dict[str, RequestResult] = {}
+
+        def collect(event: SequenceEvent) -> None:
+            res = results.setdefault(event.request_id, RequestResult([], "", False, 0))
+            res.token_ids.extend(event.token_ids)
+            if event.finished:
+                res.finish_reason = event.finish_reason or ""
+                res.stopped_on_token = event.stopped_on_token
+                res.forwards = event.forwards
+                res.error = event.error
+
+        pending = list(requests)
+        ids = [r.request_id for r in pending]
+        for request in pending:
+            self.scheduler.submit(request, collect, ignore_queue_limit=True)
+        while self.step():
+            pass
+        return {rid: results[rid] for rid in ids}
+
+
+class AsyncEngine:
+    """Asyncio front of an ``Engine`` running on its thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[SequenceEvent]:
+        """Events for one request. Leaving the iteration early (client gone) aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
+
+        def on_event(event: SequenceEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        self.engine.add_request(request, on_event)
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                finished = event.finished
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.engine.abort(request.request_id)

@@ -1,0 +1,172 @@
+"""A request as the engine sees it, the events it emits, and one sequence's decoding state.
+
+The canvas is prompt + ``gen_length`` mask tokens. Blocks are decoded left to right; inside a
+block the commit rule picks positions. Whenever the committed left-to-right prefix of the
+generation grows, the new tokens are emitted (text streams while later positions are still masked).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dllm_serve.engine.algorithms import DecodeParams
+
+
+@dataclass
+class GenerationRequest:
+    """What the server hands the engine: token ids and fully resolved decoding parameters."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: DecodeParams
+    max_new_tokens: int
+
+
+@dataclass
+class SequenceEvent:
+    """Output of one engine iteration for one request.
+
+    ``token_ids``: newly committed tokens extending the returned prefix (stop token excluded).
+    ``finish_reason``: None while running; "stop" (a stop token), "length", "abort" (cancelled) or
+    "error" (``error`` says what, without internals). ``stopped_on_token`` is True when a stop
+    token ended it (usage counts it).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stopped_on_token: bool = False
+    error: str | None = None
+    forwards: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ForwardPlan:
+    """The span of the canvas one iteration feeds the model, and what it attends to.
+
+    Queries are canvas positions [q_start, q_end). Query position i sees keys [0, key_limit[i]).
+    Logits are wanted for canvas positions [logits_start, logits_end) (the active block).
+    ``refresh`` marks forwards that rebuild the cache (block starts, warm-up steps).
+    """
+
+    q_start: int
+    q_end: int
+    key_limit: torch.Tensor
+    logits_start: int
+    logits_end: int
+    refresh: bool
+
+
+@dataclass
+class Sequence:
+    """Decoding state of one request. Lives on the engine thread only."""
+
+    request: GenerationRequest
+    canvas: torch.Tensor  # [prompt + gen_length] long, on the engine device
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    generator: torch.Generator
+    block: int = 0
+    step_in_block: int = 0
+    emitted: int = 0  # generated tokens already sent
+    forwards: int = 0
+    refresh_forwards: int = 0
+    slot: int | None = None  # KV-cache slot, when the policy caches
+    finish_reason: str | None = None
+    stopped_on_token: bool = False
+    cancelled: bool = False
+    error: str | None = None
+    credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
+    committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    _events: list[SequenceEvent] = field(default_factory=list)
+
+    @property
+    def params(self) -> DecodeParams:
+        return self.request.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def length(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block * self.params.block_length
+
+    @property
+    def block_end(self) -> int:
+        return self.block_start + self.params.block_length
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def masked_in_block(self) -> torch.Tensor:
+        return self.canvas[self.block_start : self.block_end] == self.mask_id
+
+    def steps_left_in_block(self) -> int:
+        return max(1, self.params.steps_per_block - self.step_in_block)
+
+    def floor_commits(self, masked: int) -> int:
+        """Commits this step must make at least: the linear schedule over the remaining steps.
+
+        With no extra commits this reproduces LLaDA's split exactly (the remainder goes to the
+        first steps); with threshold-style extras it keeps the per-block step cap.
+        """
+        return min(masked, math.ceil(masked / self.steps_left_in_block()))
+
+    def plan(self) -> ForwardPlan:
+        """Which span to forward this iteration under the sequence's cache policy."""
+        p = self.params
+        bs, be, n = self.block_start, self.block_end, self.length
+        first = self.step_in_block == 0
+        if p.cache == "none":
+            return _plan(0, n, n, bs, be, refresh=False)
+        if p.cache == "prefix":
+            return _plan(0, n, n, bs, be, refresh=True) if first else _plan(bs, n, n, bs, be, refresh=False)
+        if p.cache == "dual":
+            return _plan(0, n, n, bs, be, refresh=True) if first else _plan(bs, be, n, bs, be, refresh=False)
+        if p.cache == "vicinity":
+            if self.step_in_block < max(1, p.warmup_steps):
+                return _plan(0, n, n, bs, be, refresh=True)
+            return _plan(max(0, bs - p.prefix_look), min(n, be + p.after_look), n, bs, be, refresh=False)
+        if p.cache == "committed":
+            return self.committed_plan()
+        raise ValueError(f"unknown cache policy {p.cache!r}")
+
+    def committed_plan(self) -> ForwardPlan:
+        """Block diffusion: the active block attends to the cached committed context and itself.
+
+        Context not yet cached (the prompt, then each block once it completes) is forwarded
+        together with the next block; each query sees keys up to the end of its own block, so
+        the context's K/V are exactly those of a block-causal pass.
+        """
+        bs, be = self.block_start, self.block_end
+        start = self.committed_context
+        limits = torch.full((be - start,), be, dtype=torch.long)
+        if start < bs:
+            prompt = self.prompt_len
+            pos = torch.arange(start, bs)
+            block_of = torch.where(pos < prompt, torch.full_like(pos, prompt),
+                                   prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length)
+            limits[: bs - start] = block_of
+        return ForwardPlan(start, be, limits, bs, be, refresh=start < bs)
+
+    def pop_events(self) -> list[SequenceEvent]:
+        events, self._events = self._events, []
+        return events
+
+
+def _plan(qs: int, qe: int, keys: int, ls: int, le: int, *, refresh: bool) -> ForwardPlan:
+    return ForwardPlan(qs, qe, torch.full((qe - qs,), keys, dtype=torch.long), ls, le, refresh)

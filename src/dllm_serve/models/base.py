@@ -1,0 +1,122 @@
+"""The interface every native model implements, and the attention helpers they share.
+
+A forward takes a batch of *query* tokens (a span of each row's canvas), their position ids, a
+boolean attention mask over *keys*, an optional KV-cache view, and the query indices whose logits
+the caller wants. Rows never need left padding: the engine right-pads spans and masks keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TokenRoles:
+    """Special-token ids a sampler needs, read from the checkpoint (never hard-coded)."""
+
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    eot_token_id: int | None = None
+
+
+class KVView(Protocol):
+    """A per-forward view of a KV cache.
+
+    ``update`` receives the fresh keys/values of the query tokens of one layer, shaped
+    ``[batch, kv_heads, queries, head_dim]`` (keys after RoPE), stores what the cache keeps and
+    returns the full keys/values the queries attend to, ``[batch, kv_heads, keys, head_dim]``,
+    aligned with the attention mask's key axis.
+    """
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class DiffusionLM(nn.Module):
+    """Base class: a bidirectional (or block-causal) denoiser returning logits."""
+
+    roles: TokenRoles
+    vocab_size: int
+    max_length: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def forward(  # noqa: D401 - documented in the module docstring
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv: KVView | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, cast back to the input dtype (as LLaDA and Qwen3 do)."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * weight.float()).to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX rotate-half RoPE with angles computed in float32 from explicit position ids."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)compute the frequencies; needed after building on the meta device."""
+        if self.inv_freq.is_meta:
+            return
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.inv_freq.device)
+        self.inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))
+
+    def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin shaped [batch, 1, seq, head_dim] in float32."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [batch, heads, seq, head_dim] in float32 and cast back."""
+    dtype = x.dtype
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos + rotated * sin).to(dtype)
+
+
+def attention_bias(mask: torch.Tensor | None, queries: int) -> torch.Tensor | None:
+    """Turn a key mask [B, K] or a query-key mask [B, Q, K] into SDPA's boolean [B, 1, Q, K].
+
+    A query row with no visible key (a right-padding query) is allowed to see every key, so the
+    softmax never produces NaN; its output is never used.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[:, None, :].expand(-1, queries, -1)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    mask = mask | empty
+    return mask[:, None]
+
+
+def gather_positions(hidden: torch.Tensor, logits_index: torch.Tensor | None) -> torch.Tensor:
+    """Select the query positions whose logits are wanted: the LM head never sees the rest."""
+    if logits_index is None:
+        return hidden
+    idx = logits_index[..., None].expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, idx)

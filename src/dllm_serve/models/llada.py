@@ -1,0 +1,253 @@
+"""Native LLaDA (GSAI-ML/LLaDA-8B-Instruct, LLaDA-1.5) in plain PyTorch.
+
+Reads the official config keys and safetensors names; projections are fused at load (QKV, and the
+gate/up pair of the SwiGLU MLP) so a step launches fewer, larger matmuls. ``export_state_dict``
+writes the official names back, which is how ``scripts/train_tiny.py`` saves its checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllm_serve.models.base import (
+    DiffusionLM,
+    KVView,
+    RotaryEmbedding,
+    TokenRoles,
+    apply_rope,
+    attention_bias,
+    gather_positions,
+    rms_norm,
+)
+
+PREFIX = "model.transformer."
+
+
+@dataclass(frozen=True)
+class LLaDAConfig:
+    """The subset of LLaDA's config.json that defines the network."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    mlp_hidden_size: int
+    vocab_size: int
+    embedding_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_sequence_length: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    weight_tying: bool = False
+    include_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LLaDAConfig:
+        unsupported = [k for k in ("attention_layer_norm", "scale_logits", "input_emb_norm") if raw.get(k)]
+        if unsupported:
+            raise ValueError(f"LLaDA config options not supported by the native model: {unsupported}")
+        if raw.get("include_bias"):
+            raise ValueError("LLaDA checkpoints with include_bias=true are not supported")
+        n_kv = raw.get("n_kv_heads") or raw["n_heads"]
+        return cls(
+            d_model=raw["d_model"],
+            n_layers=raw["n_layers"],
+            n_heads=raw["n_heads"],
+            n_kv_heads=n_kv,
+            mlp_hidden_size=raw["mlp_hidden_size"],
+            vocab_size=raw["vocab_size"],
+            embedding_size=raw.get("embedding_size") or raw["vocab_size"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            max_sequence_length=raw.get("max_sequence_length", 4096),
+            mask_token_id=raw["mask_token_id"],
+            eos_token_id=raw["eos_token_id"],
+            pad_token_id=raw.get("pad_token_id", raw["eos_token_id"]),
+            weight_tying=bool(raw.get("weight_tying", False)),
+            include_bias=False,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.attn_norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.ff_norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
+        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor | None,
+        kv: KVView | None,
+        layer: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        b, q_len, _ = x.shape
+        hd = cfg.head_dim
+        h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
+        q, k, v = self.qkv(h).split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1)
+        q = q.view(b, q_len, cfg.n_heads, hd).transpose(1, 2)
+        k = k.view(b, q_len, cfg.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, q_len, cfg.n_kv_heads, hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+        )
+        x = x + self.attn_out(att.transpose(1, 2).reshape(b, q_len, cfg.d_model))
+        h = rms_norm(x, self.ff_norm, cfg.rms_norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.ff_out(F.silu(gate) * up)
+
+
+class LLaDAModel(DiffusionLM):
+    """LLaDA's masked-diffusion transformer: bidirectional attention, SwiGLU MLP, RMSNorm, RoPE."""
+
+    def __init__(self, cfg: LLaDAConfig, eot_token_id: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        stops = tuple(t for t in (cfg.eos_token_id, eot_token_id) if t is not None)
+        self.roles = TokenRoles(
+            mask_token_id=cfg.mask_token_id,
+            eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id,
+            stop_token_ids=stops,
+            eot_token_id=eot_token_id,
+        )
+        self.vocab_size = cfg.vocab_size
+        self.max_length = cfg.max_sequence_length
+        self.num_layers = cfg.n_layers
+        self.num_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
+        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.Parameter(torch.ones(cfg.d_model))
+        self.lm_head = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv: KVView | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.wte(input_ids)
+        cos, sin = self.rotary.cos_sin(position_ids)
+        bias = attention_bias(attention_mask, input_ids.shape[1])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, bias, kv, i)
+        x = gather_positions(x, logits_index)
+        x = rms_norm(x, self.ln_f, self.cfg.rms_norm_eps)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)[..., : self.cfg.vocab_size]
+
+    # -- official checkpoint names ------------------------------------------------------------
+
+    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors named as in the official checkpoint into the fused modules."""
+        cfg = self.cfg
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            key = PREFIX + name
+            if key not in tensors:
+                raise KeyError(f"checkpoint is missing tensor {key!r}")
+            used.add(key)
+            return tensors[key]
+
+        with torch.no_grad():
+            self.wte.weight.copy_(take("wte.weight"))
+            self.ln_f.copy_(take("ln_f.weight"))
+            if self.lm_head is not None:
+                self.lm_head.weight.copy_(take("ff_out.weight"))
+            for i, blk in enumerate(self.blocks):
+                p = f"blocks.{i}."
+                blk.attn_norm.copy_(take(p + "attn_norm.weight"))
+                blk.ff_norm.copy_(take(p + "ff_norm.weight"))
+                blk.qkv.weight.copy_(
+                    torch.cat([take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")])
+                )
+                blk.attn_out.weight.copy_(take(p + "attn_out.weight"))
+                blk.gate_up.weight.copy_(torch.cat([take(p + "ff_proj.weight"), take(p + "up_proj.weight")]))
+                blk.ff_out.weight.copy_(take(p + "ff_out.weight"))
+        unexpected = sorted(set(tensors) - used)
+        if unexpected:
+            raise KeyError(f"checkpoint has tensors the LLaDA model does not use: {unexpected[:5]}")
+        del cfg
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights under the official LLaDA names (un-fused, contiguous copies)."""
+        cfg = self.cfg
+        hd = cfg.head_dim
+        out: dict[str, torch.Tensor] = {PREFIX + "wte.weight": self.wte.weight, PREFIX + "ln_f.weight": self.ln_f}
+        if self.lm_head is not None:
+            out[PREFIX + "ff_out.weight"] = self.lm_head.weight
+        for i, blk in enumerate(self.blocks):
+            p = f"{PREFIX}blocks.{i}."
+            q, k, v = blk.qkv.weight.split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd])
+            gate, up = blk.gate_up.weight.chunk(2)
+            out.update(
+                {
+                    p + "attn_norm.weight": blk.attn_norm,
+                    p + "ff_norm.weight": blk.ff_norm,
+                    p + "q_proj.weight": q,
+                    p + "k_proj.weight": k,
+                    p + "v_proj.weight": v,
+                    p + "attn_out.weight": blk.attn_out.weight,
+                    p + "ff_proj.weight": gate,
+                    p + "up_proj.weight": up,
+                    p + "ff_out.weight": blk.ff_out.weight,
+                }
+            )
+        return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def llada_config_dict(cfg: LLaDAConfig) -> dict[str, Any]:
+    """config.json content in LLaDA's own format (keys and model_type as the official release)."""
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "block_type": "llama",
+        "layer_norm_type": "rms",
+        "rope": True,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "mlp_hidden_size": cfg.mlp_hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "embedding_size": cfg.embedding_size,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_sequence_length": cfg.max_sequence_length,
+        "mask_token_id": cfg.mask_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "weight_tying": cfg.weight_tying,
+        "include_bias": cfg.include_bias,
+        "torch_dtype": "float32",
+    }

@@ -1,0 +1,154 @@
+"""Find a checkpoint, detect its architecture from config.json and build the native model.
+
+Paths are local directories or hub ids resolved from the local Hugging Face cache only (serving
+machines are usually offline). Weights are safetensors, single-file or sharded with an index.
+``load_format="dummy"`` builds random weights from the config alone, for benchmarks of real shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from dllm_serve.models.base import DiffusionLM
+from dllm_serve.models.tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model path that is neither a directory nor a hub id in the local cache."""
+
+
+@dataclass
+class LoadedModel:
+    model: DiffusionLM
+    tokenizer: ChatTokenizer
+    family: str  # "llada" | "nemotron"
+    path: Path
+    config: dict[str, Any]
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A local checkpoint directory, or the newest snapshot of a hub id in the local HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json; is it a model directory?")
+        return path
+    text = str(name_or_path)
+    if "/" in text and not path.exists() and not text.startswith((".", "/")):
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+        repo = hub.expanduser() / ("models--" + text.replace("/", "--"))
+        ref = repo / "refs" / "main"
+        snapshots = repo / "snapshots"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        if snapshots.is_dir():
+            candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+            if candidates:
+                return candidates[-1]
+        raise ModelNotFoundError(
+            f"model {text!r} is not in the local Hugging Face cache ({hub}); download it first, e.g. "
+            f"`huggingface-cli download {text}`, or pass a local directory"
+        )
+    raise ModelNotFoundError(f"model path {path} does not exist")
+
+
+def detect_family(config: dict[str, Any]) -> str:
+    """The architecture named by config.json (model_type / architectures), never by the path."""
+    model_type = str(config.get("model_type", "")).lower()
+    archs = [a.lower() for a in config.get("architectures") or []]
+    if model_type == "llada" or any("llada" in a for a in archs):
+        return "llada"
+    if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
+        return "nemotron"
+    raise ValueError(
+        f"unsupported model: model_type={config.get('model_type')!r}, architectures={config.get('architectures')}; "
+        "supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel)"
+    )
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, single-file or sharded with model.safetensors.index.json."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(load_file(str(path / shard)))
+        missing = set(weight_map) - set(tensors)
+        if missing:
+            raise ValueError(f"sharded checkpoint {path} is missing tensors listed in its index: {sorted(missing)[:5]}")
+        return tensors
+    single = path / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]]:
+    from dllm_serve.models import llada
+
+    def build_llada(cfg: dict[str, Any], tok: ChatTokenizer) -> DiffusionLM:
+        return llada.LLaDAModel(llada.LLaDAConfig.from_dict(cfg), eot_token_id=tok.end_of_turn_id)
+
+    builders: dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]] = {"llada": build_llada}
+    try:
+        from dllm_serve.models import nemotron
+    except ImportError:  # the Nemotron model lands in its own module
+        return builders
+    builders["nemotron"] = nemotron.build
+    return builders
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    load_format: str = "safetensors",
+    tokenizer_path: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Build the native model for a checkpoint and put it on ``device`` in ``dtype``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if load_format not in {"safetensors", "dummy"}:
+        raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
+    path = resolve_model_path(name_or_path)
+    config = json.loads((path / "config.json").read_text())
+    family = detect_family(config)
+    tokenizer = ChatTokenizer(tokenizer_path or path)
+    with torch.device("meta"):
+        model = _builders()[family](config, tokenizer)
+    model = model.to_empty(device=device)
+    if load_format == "dummy":
+        _init_dummy(model)
+    else:
+        model.load_official(load_safetensors(path))
+    model.rotary.reset()
+    model = model.to(dtype=DTYPES[dtype]).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s model from %s (%s, %s, %s)", family, path, dtype, device, load_format)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=path, config=config)
+
+
+def _init_dummy(model: DiffusionLM) -> None:
+    """Random weights with a fixed seed: norms at 1, matrices at std 0.02."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or "norm" in name or name.endswith("ln_f"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
