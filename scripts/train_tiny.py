@@ -83,7 +83,9 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
         )
     )
     (out / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+        )
     )
 
 
@@ -92,7 +94,7 @@ def encode_batch(tok: ChatTokenizer, examples, eos: int, eot: int) -> tuple[torc
     rows, starts = [], []
     for ex in examples:
         prompt = tok.render_chat([{"role": "user", "content": ex.prompt}])
-        answer = tok.encode(ex.answer) + [eot]
+        answer = [*tok.encode(ex.answer), eot]
         if len(answer) > GEN_LENGTH:
             raise ValueError(f"answer too long for the training canvas: {len(answer)}")
         rows.append(prompt + answer + [eos] * (GEN_LENGTH - len(answer)))
@@ -143,7 +145,12 @@ def main() -> None:
     model = LLaDAModel(cfg, eot_token_id=eot)
     for name, p in model.named_parameters():
         if p.dim() > 1:
-            torch.nn.init.normal_(p, std=0.02 if "ff_out" not in name and "attn_out" not in name else 0.02 / math.sqrt(2 * cfg.n_layers))
+            torch.nn.init.normal_(
+                p,
+                std=0.02
+                if "ff_out" not in name and "attn_out" not in name
+                else 0.02 / math.sqrt(2 * cfg.n_layers),
+            )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -174,7 +181,11 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 50 == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:7.1f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                f"{time.time() - t0:7.1f}s",
+                flush=True,
+            )
 
     model.eval()
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
@@ -184,8 +195,13 @@ def main() -> None:
     )
     (args.out / "TRAINING.json").write_text(
         json.dumps(
-            {"script": "scripts/train_tiny.py", "args": {k: str(v) for k, v in vars(args).items()},
-             "tasks": list(TASKS), "train_seconds": round(time.time() - t0, 1), "final_loss": loss.item()},
+            {
+                "script": "scripts/train_tiny.py",
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "tasks": list(TASKS),
+                "train_seconds": round(time.time() - t0, 1),
+                "final_loss": loss.item(),
+            },
             indent=2,
         )
     )

@@ -63,25 +63,46 @@ class ServerConfig:
 def add_engine_arguments(parser) -> None:
     """Flags shared by every command that loads a model (generate, eval, serve, bench engine)."""
     g = parser.add_argument_group("model and engine")
-    g.add_argument("--model-path", default=str(DEFAULT_MODEL),
-                   help="checkpoint directory or hub id in the local HF cache (default: bundled tiny-llada)")
+    g.add_argument(
+        "--model-path",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint directory or hub id in the local HF cache (default: bundled tiny-llada)",
+    )
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--engine", default="auto", choices=["auto", "fast-dllm", "dinfer", "nemotron"])
-    g.add_argument("--algorithm", "--generation-algorithm", dest="algorithm", default=None,
-                   help="default decoding preset (see `dllm-serve models --algorithms`)")
-    g.add_argument("--load-format", default="safetensors", choices=["safetensors", "dummy"],
-                   help="dummy: random weights from config.json alone (benchmarks of real shapes)")
+    g.add_argument(
+        "--algorithm",
+        "--generation-algorithm",
+        dest="algorithm",
+        default=None,
+        help="default decoding preset (see `dllm-serve models --algorithms`)",
+    )
+    g.add_argument(
+        "--load-format",
+        default="safetensors",
+        choices=["safetensors", "dummy"],
+        help="dummy: random weights from config.json alone (benchmarks of real shapes)",
+    )
     g.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32)
     g.add_argument("--max-num-tokens", type=int, default=65536, help="token budget of the running batch")
-    g.add_argument("--max-wait-time", type=float, default=0.0,
-                   help="seconds to wait for more arrivals before a step when the batch is not full")
+    g.add_argument(
+        "--max-wait-time",
+        type=float,
+        default=0.0,
+        help="seconds to wait for more arrivals before a step when the batch is not full",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint")
+    g.add_argument(
+        "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
+    )
     g.add_argument("--base-model", default=None, help="config and tokenizer for --dcp-path")
     g.add_argument("--dcp-cache-dir", default=None)
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow a checkpoint's own modeling code (off by default)")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a checkpoint's own modeling code (off by default)",
+    )
 
 
 def engine_config_from_args(args) -> EngineConfig:

@@ -45,7 +45,9 @@ def make_example(rng: random.Random, task: str | None = None) -> Example:
         return Example(task, "Sort the digits: " + " ".join(items), " ".join(sorted(items)))
     if task == "double":
         items = _items(rng, LETTERS, 5, 28)
-        return Example(task, "Repeat each letter twice: " + " ".join(items), " ".join(c for c in items for _ in (0, 1)))
+        return Example(
+            task, "Repeat each letter twice: " + " ".join(items), " ".join(c for c in items for _ in (0, 1))
+        )
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 

@@ -81,20 +81,69 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("llada", "fast-dllm", "llada", "none", "schedule", ("basic", "no_cache"),
-               "LLaDA's reference sampler: full canvas every step, linear schedule"),
-        Preset("prefix_cache", "fast-dllm", "llada", "prefix", "threshold", ("prefix",),
-               "Fast-dLLM prefix KV cache, refreshed per block, threshold decoding"),
-        Preset("dual_cache", "fast-dllm", "llada", "dual", "threshold", ("dual",),
-               "Fast-dLLM dual (prefix + suffix) KV cache, threshold decoding"),
-        Preset("dinfer_blockwise", "dinfer", "llada", "vicinity", "threshold", ("dinfer", "blockwise"),
-               "dInfer: dual cache with vicinity refresh, threshold decoding, early stop at EOS"),
-        Preset("dinfer_hierarchy", "dinfer", "llada", "vicinity", "hierarchy", ("dinfer_hierarchical",),
-               "dInfer hierarchical decoding (threshold + low_threshold per masked segment)"),
-        Preset("dinfer_credit", "dinfer", "llada", "vicinity", "credit", (),
-               "dInfer credit decoding (alpha, gamma, beta) + threshold"),
-        Preset("nemotron", "nemotron", "nemotron", "committed", "threshold", (),
-               "Nemotron block diffusion: committed-context KV cache, threshold decoding"),
+        Preset(
+            "llada",
+            "fast-dllm",
+            "llada",
+            "none",
+            "schedule",
+            ("basic", "no_cache"),
+            "LLaDA's reference sampler: full canvas every step, linear schedule",
+        ),
+        Preset(
+            "prefix_cache",
+            "fast-dllm",
+            "llada",
+            "prefix",
+            "threshold",
+            ("prefix",),
+            "Fast-dLLM prefix KV cache, refreshed per block, threshold decoding",
+        ),
+        Preset(
+            "dual_cache",
+            "fast-dllm",
+            "llada",
+            "dual",
+            "threshold",
+            ("dual",),
+            "Fast-dLLM dual (prefix + suffix) KV cache, threshold decoding",
+        ),
+        Preset(
+            "dinfer_blockwise",
+            "dinfer",
+            "llada",
+            "vicinity",
+            "threshold",
+            ("dinfer", "blockwise"),
+            "dInfer: dual cache with vicinity refresh, threshold decoding, early stop at EOS",
+        ),
+        Preset(
+            "dinfer_hierarchy",
+            "dinfer",
+            "llada",
+            "vicinity",
+            "hierarchy",
+            ("dinfer_hierarchical",),
+            "dInfer hierarchical decoding (threshold + low_threshold per masked segment)",
+        ),
+        Preset(
+            "dinfer_credit",
+            "dinfer",
+            "llada",
+            "vicinity",
+            "credit",
+            (),
+            "dInfer credit decoding (alpha, gamma, beta) + threshold",
+        ),
+        Preset(
+            "nemotron",
+            "nemotron",
+            "nemotron",
+            "committed",
+            "threshold",
+            (),
+            "Nemotron block diffusion: committed-context KV cache, threshold decoding",
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
@@ -121,7 +170,8 @@ def canonical_name(name: str, family: str) -> str:
     preset = PRESETS[ALIASES[key]]
     if preset.family != family:
         raise ParamError(
-            "algorithm", f"algorithm {preset.name!r} cannot run on a {family} model; valid for this model: {listing}"
+            "algorithm",
+            f"algorithm {preset.name!r} cannot run on a {family} model; valid for this model: {listing}",
         )
     return preset.name
 
@@ -185,7 +235,11 @@ def resolve_params(
             f"{gen_length} tokens / block_length {block_length})",
         )
     params = DecodeParams(
-        algorithm=name, cache=preset.cache, rule=rule, gen_length=gen_length, block_length=block_length,
+        algorithm=name,
+        cache=preset.cache,
+        rule=rule,
+        gen_length=gen_length,
+        block_length=block_length,
         steps=steps,
     )
     params = replace(params, **values)
@@ -212,14 +266,18 @@ def _validate(p: DecodeParams) -> None:
     if p.remasking not in REMASKING:
         raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, got {p.remasking!r}")
     if p.remasking == "random" and p.rule != "schedule":
-        raise ParamError("remasking", "remasking 'random' only applies to the fixed schedule (rule 'schedule')")
+        raise ParamError(
+            "remasking", "remasking 'random' only applies to the fixed schedule (rule 'schedule')"
+        )
     _check_range("temperature", p.temperature, 0.0, 100.0)
     _check_range("top_p", p.top_p, 0.0, 1.0, low_open=True)
     _check_range("threshold", p.threshold, 0.0, 1.0)
     _check_range("factor", p.factor, 0.0, 1000.0, low_open=True)
     _check_range("low_threshold", p.low_threshold, 0.0, 1.0)
     if p.low_threshold > p.threshold:
-        raise ParamError("low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})")
+        raise ParamError(
+            "low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})"
+        )
     _check_range("credit_alpha", p.credit_alpha, 0.0, 100.0)
     _check_range("credit_gamma", p.credit_gamma, 0.0, 100.0)
     _check_range("credit_beta", p.credit_beta, 0.0, 1.0)
@@ -241,10 +299,27 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
     for p in PRESETS.values():
         if family and p.family != family:
             continue
-        base = DecodeParams(algorithm=p.name, cache=p.cache, rule=p.rule, gen_length=0,
-                            block_length=DEFAULT_BLOCK_LENGTH, steps=0)
-        defaults = {k: v for k, v in replace(base, **dict(p.defaults)).to_dict().items()
-                    if k not in {"algorithm", "gen_length", "steps", "seed"}}
-        out.append({"name": p.name, "aliases": list(p.aliases), "engine": p.engine, "model_family": p.family,
-                    "description": p.description, "defaults": defaults})
+        base = DecodeParams(
+            algorithm=p.name,
+            cache=p.cache,
+            rule=p.rule,
+            gen_length=0,
+            block_length=DEFAULT_BLOCK_LENGTH,
+            steps=0,
+        )
+        defaults = {
+            k: v
+            for k, v in replace(base, **dict(p.defaults)).to_dict().items()
+            if k not in {"algorithm", "gen_length", "steps", "seed"}
+        }
+        out.append(
+            {
+                "name": p.name,
+                "aliases": list(p.aliases),
+                "engine": p.engine,
+                "model_family": p.family,
+                "description": p.description,
+                "defaults": defaults,
+            }
+        )
     return out

@@ -15,14 +15,15 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 from dllm_serve.config import EngineConfig
+from dllm_serve.engine.algorithms import canonical_name, default_preset
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import QueueFullError, Scheduler
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models.loader import LoadedModel
+from dllm_serve.models.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "Engine", "EngineStats", "QueueFullError", "RequestResult"]
+__all__ = ["AsyncEngine", "Engine", "EngineStats", "QueueFullError", "RequestResult", "build_engine"]
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
+        family = loaded.family
+        self.default_algorithm = (
+            canonical_name(self.config.algorithm, family)
+            if self.config.algorithm
+            else default_preset(self.config.engine, family)
+        )
         self.runner = Runner(loaded, self.config)
         self.scheduler = Scheduler(self.runner, self.config)
         self.step_observers: list[Callable[[StepInfo], None]] = []
@@ -149,6 +156,21 @@ class Engine:
         while self.step():
             pass
         return {rid: results[rid] for rid in ids}
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """Load the configured checkpoint (converting a DCP checkpoint first) and build its engine."""
+    path = config.model_path
+    if config.dcp_path:
+        from dllm_serve.checkpoints.dcp import ensure_converted
+
+        if not config.base_model:
+            raise ValueError("--dcp-path needs --base-model (config and tokenizer of the trained model)")
+        path = str(ensure_converted(config.dcp_path, config.base_model, config.dcp_cache_dir))
+    loaded = load_model(
+        path, dtype=config.resolved_dtype(), device=config.resolved_device(), load_format=config.load_format
+    )
+    return Engine(loaded, config)
 
 
 class AsyncEngine:

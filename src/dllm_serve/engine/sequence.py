@@ -81,6 +81,7 @@ class Sequence:
     refresh_forwards: int = 0
     slot: int | None = None  # KV-cache slot, when the policy caches
     finish_reason: str | None = None
+    pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False
     cancelled: bool = False
     error: str | None = None
@@ -158,10 +159,16 @@ class Sequence:
         if start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
-            block_of = torch.where(pos < prompt, torch.full_like(pos, prompt),
-                                   prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length)
+            block_of = torch.where(
+                pos < prompt,
+                torch.full_like(pos, prompt),
+                prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length,
+            )
             limits[: bs - start] = block_of
         return ForwardPlan(start, be, limits, bs, be, refresh=start < bs)
+
+    def push(self, event: SequenceEvent) -> None:
+        self._events.append(event)
 
     def pop_events(self) -> list[SequenceEvent]:
         events, self._events = self._events, []

@@ -47,7 +47,7 @@ class DiffusionLM(nn.Module):
     num_kv_heads: int
     head_dim: int
 
-    def forward(  # noqa: D401 - documented in the module docstring
+    def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,

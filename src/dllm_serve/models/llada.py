@@ -188,7 +188,9 @@ class LLaDAModel(DiffusionLM):
                 blk.attn_norm.copy_(take(p + "attn_norm.weight"))
                 blk.ff_norm.copy_(take(p + "ff_norm.weight"))
                 blk.qkv.weight.copy_(
-                    torch.cat([take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")])
+                    torch.cat(
+                        [take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")]
+                    )
                 )
                 blk.attn_out.weight.copy_(take(p + "attn_out.weight"))
                 blk.gate_up.weight.copy_(torch.cat([take(p + "ff_proj.weight"), take(p + "up_proj.weight")]))
@@ -202,7 +204,10 @@ class LLaDAModel(DiffusionLM):
         """The model's weights under the official LLaDA names (un-fused, contiguous copies)."""
         cfg = self.cfg
         hd = cfg.head_dim
-        out: dict[str, torch.Tensor] = {PREFIX + "wte.weight": self.wte.weight, PREFIX + "ln_f.weight": self.ln_f}
+        out: dict[str, torch.Tensor] = {
+            PREFIX + "wte.weight": self.wte.weight,
+            PREFIX + "ln_f.weight": self.ln_f,
+        }
         if self.lm_head is not None:
             out[PREFIX + "ff_out.weight"] = self.lm_head.weight
         for i, blk in enumerate(self.blocks):

@@ -48,7 +48,9 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
         return path
     text = str(name_or_path)
     if "/" in text and not path.exists() and not text.startswith((".", "/")):
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+        hub = Path(
+            os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
+        )
         repo = hub.expanduser() / ("models--" + text.replace("/", "--"))
         ref = repo / "refs" / "main"
         snapshots = repo / "snapshots"
@@ -74,7 +76,8 @@ def detect_family(config: dict[str, Any]) -> str:
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
         return "nemotron"
     raise ValueError(
-        f"unsupported model: model_type={config.get('model_type')!r}, architectures={config.get('architectures')}; "
+        f"unsupported model: model_type={config.get('model_type')!r}, "
+        f"architectures={config.get('architectures')}; "
         "supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel)"
     )
 
@@ -89,7 +92,9 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(str(path / shard)))
         missing = set(weight_map) - set(tensors)
         if missing:
-            raise ValueError(f"sharded checkpoint {path} is missing tensors listed in its index: {sorted(missing)[:5]}")
+            raise ValueError(
+                f"sharded checkpoint {path} is missing tensors listed in its index: {sorted(missing)[:5]}"
+            )
         return tensors
     single = path / "model.safetensors"
     if single.is_file():

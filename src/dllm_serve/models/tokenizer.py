@@ -20,7 +20,9 @@ class ChatTokenizer:
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                str(path), trust_remote_code=False
+            )
         finally:
             hf_logging.set_verbosity(previous)
         vocab = self.hf.get_vocab()

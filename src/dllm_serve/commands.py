@@ -1,0 +1,189 @@
+"""Offline sub-commands: `generate` (one prompt), `eval` (the bundled task set), `models`.
+
+They drive the same engine as the server, on the caller's thread (Engine.run_to_completion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from dllm_serve.config import add_engine_arguments, engine_config_from_args
+
+# Decoding flags shared by generate and eval; None means "the preset's default".
+_DECODING_FLAGS: tuple[tuple[str, type], ...] = (
+    ("steps", int),
+    ("block_length", int),
+    ("temperature", float),
+    ("top_p", float),
+    ("threshold", float),
+    ("factor", float),
+    ("low_threshold", float),
+    ("remasking", str),
+    ("rule", str),
+    ("cfg_scale", float),
+    ("credit_alpha", float),
+    ("credit_gamma", float),
+    ("credit_beta", float),
+    ("prefix_look", int),
+    ("after_look", int),
+    ("warmup_steps", int),
+    ("seed", int),
+)
+_BOOL_FLAGS = ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate one completion on this machine and print it")
+    add_engine_arguments(gen)
+    _add_decoding_arguments(gen)
+    gen.add_argument(
+        "--gen-length",
+        "--max-tokens",
+        dest="gen_length",
+        type=int,
+        default=128,
+        help="tokens to generate at most",
+    )
+    gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
+    gen.add_argument("--stats", action="store_true", help="print forwards and timing to stderr")
+    gen.add_argument("prompt")
+    gen.set_defaults(func=run_generate)
+
+    ev = sub.add_parser("eval", help="accuracy and speed on the bundled synthetic task set")
+    add_engine_arguments(ev)
+    _add_decoding_arguments(ev)
+    ev.add_argument("--limit", type=int, default=200, help="held-out prompts to run")
+    ev.add_argument("--gen-length", dest="gen_length", type=int, default=64)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
+    models = sub.add_parser("models", help="describe a model and the algorithms it supports")
+    models.add_argument("--model-path", default=None)
+    models.set_defaults(func=run_models)
+
+
+def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("decoding (defaults come from the algorithm preset)")
+    for name, kind in _DECODING_FLAGS:
+        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    for name in _BOOL_FLAGS:
+        g.add_argument(
+            "--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, default=None
+        )
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = [n for n, _ in _DECODING_FLAGS] + list(_BOOL_FLAGS)
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from dllm_serve.engine.algorithms import ParamError, resolve_params
+    from dllm_serve.engine.engine import build_engine
+    from dllm_serve.engine.sequence import GenerationRequest
+
+    engine = build_engine(engine_config_from_args(args))
+    tok = engine.loaded.tokenizer
+    if args.no_chat_template or not tok.has_chat_template:
+        ids = tok.encode(args.prompt)
+    else:
+        ids = tok.render_chat([{"role": "user", "content": args.prompt}])
+    try:
+        params = resolve_params(
+            engine.default_algorithm, engine.loaded.family, args.gen_length, decoding_overrides(args)
+        )
+    except ParamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    result = engine.run_to_completion([GenerationRequest("generate", ids, params, args.gen_length)])[
+        "generate"
+    ]
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    print(tok.decode(result.token_ids))
+    if args.stats:
+        n = len(result.token_ids) + int(result.stopped_on_token)
+        print(
+            f"[{params.algorithm}] {n} tokens, {result.forwards} forwards, "
+            f"{time.perf_counter() - start:.2f}s, "
+            f"finish_reason={result.finish_reason}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def evaluate(
+    engine, algorithm: str, limit: int, gen_length: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Run the held-out synthetic tasks through ``engine``; accuracy and throughput figures."""
+    from dllm_serve.bench.tasks import heldout_examples, is_correct
+    from dllm_serve.engine.algorithms import resolve_params
+    from dllm_serve.engine.sequence import GenerationRequest
+
+    tok = engine.loaded.tokenizer
+    examples = heldout_examples(limit)
+    params = resolve_params(algorithm, engine.loaded.family, gen_length, {"seed": 0, **overrides})
+    requests = [
+        GenerationRequest(
+            f"eval-{i}", tok.render_chat([{"role": "user", "content": ex.prompt}]), params, gen_length
+        )
+        for i, ex in enumerate(examples)
+    ]
+    start = time.perf_counter()
+    results = engine.run_to_completion(requests)
+    wall = time.perf_counter() - start
+    by_task: dict[str, list[bool]] = {}
+    generated = forwards = 0
+    for req, ex in zip(requests, examples, strict=True):
+        res = results[req.request_id]
+        by_task.setdefault(ex.task, []).append(is_correct(ex, tok.decode(res.token_ids)))
+        generated += len(res.token_ids) + int(res.stopped_on_token)
+        forwards += res.forwards
+    correct = sum(sum(v) for v in by_task.values())
+    return {
+        "model": str(engine.loaded.path),
+        "algorithm": params.algorithm,
+        "params": {k: v for k, v in params.to_dict().items() if k != "seed"},
+        "batch_size": engine.config.max_batch_size,
+        "num_prompts": len(examples),
+        "accuracy": round(100.0 * correct / len(examples), 2),
+        "accuracy_by_task": {t: round(100.0 * sum(v) / len(v), 2) for t, v in sorted(by_task.items())},
+        "generated_tokens": generated,
+        "forwards": forwards,
+        "forwards_per_token": round(forwards / max(1, generated), 4),
+        "tokens_per_forward": round(generated / max(1, forwards), 4),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(generated / wall, 2),
+    }
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dllm_serve.engine.engine import build_engine
+
+    engine = build_engine(engine_config_from_args(args))
+    report = evaluate(engine, engine.default_algorithm, args.limit, args.gen_length, decoding_overrides(args))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>20}: {value}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from dllm_serve.config import DEFAULT_MODEL
+    from dllm_serve.engine.algorithms import describe_presets
+    from dllm_serve.models.loader import detect_family, resolve_model_path
+
+    path = resolve_model_path(args.model_path or DEFAULT_MODEL)
+    family = detect_family(json.loads((path / "config.json").read_text()))
+    print(
+        json.dumps({"model": str(path), "family": family, "algorithms": describe_presets(family)}, indent=2)
+    )
+    return 0

@@ -1,0 +1,35 @@
+"""Token choice: nucleus filtering and LLaDA's float64 Gumbel-max sampling, per row."""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's nucleus to -inf. logits [B, P, V]; top_p [B] (1.0 = off)."""
+    if bool((top_p >= 1.0).all()):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Keep a token while the mass before it is below top_p (the top token is always kept).
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None, None]
+    drop_sorted &= (top_p < 1.0)[:, None, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, noise: torch.Tensor) -> torch.Tensor:
+    """LLaDA's sampler: argmax of exp(logits) / (-log u)^T in float64 (T = 0 is plain argmax).
+
+    Low-precision Gumbel noise is known to hurt masked-diffusion generation quality, hence float64.
+    ``noise`` holds uniform draws shaped like ``logits``.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.double().exp() / (-torch.log(noise)) ** temperature
+    return scores.argmax(dim=-1)
+
+
+def uniform(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """float64 uniforms from a request's own generator (so a row never depends on its batch)."""
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)

@@ -1,0 +1,371 @@
+"""One engine iteration over the running sequences: batched forwards, per-row decoding, commits.
+
+Rows are grouped by forward shape (no cache / cache refresh / cached block step) so a short block
+step is never padded to a full canvas. Within a group every row keeps its own parameters, its own
+random generator and its own span, right-padded; the attention mask hides padding, so a row's
+tokens do not depend on its batch. A group that raises is retried row by row, so one bad request
+fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dllm_serve.config import EngineConfig
+from dllm_serve.decoding import rules
+from dllm_serve.decoding.confidence import MEASURES, confidence
+from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
+from dllm_serve.models.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+RULE_INDEX = {name: i for i, name in enumerate(rules.RULES)}
+MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
+
+
+@dataclass
+class StepInfo:
+    """What one iteration did, for metrics and benchmarks."""
+
+    batch_size: int
+    forwards: int
+    refresh_forwards: int
+    committed_tokens: int
+    finished: int
+    duration_s: float
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    plan: ForwardPlan
+    q_start: int
+
+
+class Runner:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.model = loaded.model
+        self.config = config
+        self.roles = loaded.model.roles
+        self.stop_ids = loaded.tokenizer.stop_ids(self.roles.eos_token_id)
+        self.eot_id = loaded.tokenizer.end_of_turn_id
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        self.max_len = min(config.max_model_len or self.model.max_length, self.model.max_length)
+        self._pool: KVPool | None = None
+
+    # -- admission ----------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> KVPool:
+        if self._pool is None:
+            m = self.model
+            self._pool = KVPool(
+                m.num_layers,
+                self.config.max_batch_size,
+                m.num_kv_heads,
+                self.max_len,
+                m.head_dim,
+                self.dtype,
+                self.device,
+            )
+        return self._pool
+
+    def can_admit(self, request: GenerationRequest) -> bool:
+        return request.params.cache == "none" or self.pool.free_slots > 0
+
+    def new_sequence(self, request: GenerationRequest) -> Sequence:
+        """Canvas, generator and cache slot for a request; ValueError if it cannot fit."""
+        params = request.params
+        total = len(request.prompt_ids) + params.gen_length
+        if total > self.max_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)}) + canvas ({params.gen_length}) tokens exceed "
+                f"the model's {self.max_len}"
+            )
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty")
+        mask = self.roles.mask_token_id
+        canvas = torch.tensor(
+            request.prompt_ids + [mask] * params.gen_length, dtype=torch.long, device=self.device
+        )
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        seq = Sequence(request, canvas, mask, self.stop_ids, generator)
+        if params.cache != "none":
+            seq.slot = self.pool.allocate()
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+
+    # -- one iteration ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence]) -> StepInfo:
+        start = time.perf_counter()
+        groups: dict[tuple[bool, bool], list[_Row]] = {}
+        for seq in seqs:
+            plan = seq.plan()
+            q_start = plan.q_start
+            if seq.params.shift_logits:  # position i is predicted by the logits at i - 1
+                q_start = min(q_start, plan.logits_start - 1)
+            groups.setdefault((seq.params.cache != "none", plan.refresh), []).append(_Row(seq, plan, q_start))
+        forwards = refresh = committed = 0
+        for (_, is_refresh), rows in groups.items():
+            for done_rows, n_committed in self._run_isolated(rows):
+                forwards += done_rows
+                refresh += done_rows if is_refresh else 0
+                committed += n_committed
+        finished = sum(1 for s in seqs if s.finished)
+        return StepInfo(len(seqs), forwards, refresh, committed, finished, time.perf_counter() - start)
+
+    def _run_isolated(self, rows: list[_Row]) -> list[tuple[int, int]]:
+        try:
+            return [(len(rows), self._run_group(rows))]
+        except Exception:
+            if len(rows) == 1:
+                log.exception("request %s failed", rows[0].seq.request.request_id)
+                self._fail(rows[0].seq, "internal error while generating")
+                return [(1, 0)]
+        return [r for row in rows for r in self._run_isolated([row])]
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.error = message
+        self._finish(seq, "error", [])
+
+    def _run_group(self, rows: list[_Row]) -> int:
+        logits = self._forward(rows)
+        block_tokens, candidates = self._block_view(rows, logits.shape[1])
+        bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1).tolist()
+        keep = [i for i, b in enumerate(bad) if not b]
+        for i, b in enumerate(bad):
+            if b:
+                self._fail(rows[i].seq, "numerical error: the model produced NaN or infinite logits")
+        if not keep:
+            return 0
+        if len(keep) < len(rows):
+            rows = [rows[i] for i in keep]
+            logits, block_tokens, candidates = logits[keep], block_tokens[keep], candidates[keep]
+        tokens, commit = self._decide(rows, logits, candidates)
+        committed = 0
+        for i, row in enumerate(rows):
+            committed += self._apply(row, tokens[i], commit[i])
+        return committed
+
+    def _forward(self, rows: list[_Row]) -> torch.Tensor:
+        """One batched forward; returns float32 logits [B, P, V] for each row's active block."""
+        dev = self.device
+        cached = rows[0].seq.params.cache != "none"
+        spans = [r.plan.q_end - r.q_start for r in rows]
+        q_len = max(spans)
+        width = max(r.seq.params.block_length for r in rows)
+        cfg_rows = [i for i, r in enumerate(rows) if r.seq.params.cfg_scale > 0]
+        n = len(rows) + len(cfg_rows)
+        ids = torch.full((n, q_len), self.roles.mask_token_id, dtype=torch.long, device=dev)
+        limits = torch.zeros((n, q_len), dtype=torch.long, device=dev)
+        starts = torch.zeros(n, dtype=torch.long, device=dev)
+        first_logit = torch.zeros(n, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows + [rows[j] for j in cfg_rows]):
+            seq, plan, span = r.seq, r.plan, r.plan.q_end - r.q_start
+            toks = seq.canvas[r.q_start : plan.q_end]
+            if i >= len(rows):  # classifier-free guidance: the prompt replaced by masks
+                toks = toks.clone()
+                toks[: max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
+            ids[i, :span] = toks
+            lim = plan.key_limit.to(dev)
+            if r.q_start < plan.q_start:  # the extra query that shift_logits needs
+                extra = plan.logits_start if seq.params.cache == "committed" else int(lim[0])
+                lim = torch.cat([lim.new_tensor([extra]), lim])
+            limits[i, :span] = lim
+            starts[i] = r.q_start
+            first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
+        positions = starts[:, None] + torch.arange(q_len, device=dev)
+        valid_q = (
+            torch.arange(q_len, device=dev)[None, :]
+            < torch.tensor(spans + [spans[j] for j in cfg_rows], device=dev)[:, None]
+        )
+        if cached:
+            key_len = int(limits.max())
+            pool = self.pool
+            slots = torch.tensor([r.seq.slot for r in rows], dtype=torch.long, device=dev)
+            kv = pool.view(slots, torch.where(valid_q, positions, pool.sink), key_len)
+        else:
+            key_len = q_len
+            kv = None
+        mask = torch.arange(key_len, device=dev)[None, None, :] < limits[:, :, None]
+        index = (first_logit[:, None] + torch.arange(width, device=dev)).clamp(0, q_len - 1)
+        logits = self.model(ids, positions, mask, kv, index).float()
+        if cfg_rows:
+            cond = logits[cfg_rows]
+            uncond = logits[len(rows) :]
+            scale = torch.tensor([rows[j].seq.params.cfg_scale for j in cfg_rows], device=dev)[:, None, None]
+            logits = logits[: len(rows)].clone()
+            logits[cfg_rows] = uncond + (scale + 1) * (cond - uncond)
+        return logits
+
+    def _block_view(self, rows: list[_Row], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Active-block tokens [B, P] (padding is a non-mask token) and the still-masked ones."""
+        pad = self.roles.eos_token_id
+        block = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            seq = r.seq
+            block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
+        return block, block == self.roles.mask_token_id
+
+    def _decide(
+        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen tokens and the commit mask for each row, each with its own parameters."""
+        dev = self.device
+        params = [r.seq.params for r in rows]
+
+        def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        eos_inf = per_row([p.logits_eos_inf for p in params], torch.bool)
+        if bool(eos_inf.any()):
+            logits[eos_inf, :, self.roles.eos_token_id] = float("-inf")
+        logits = top_p_filter(logits, per_row([p.top_p for p in params]))
+
+        credit_rows = [i for i, p in enumerate(params) if p.rule == "credit"]
+        if credit_rows:
+            logits = self._apply_credit(rows, credit_rows, logits, candidates)
+
+        tokens = logits.argmax(dim=-1)
+        vocab = logits.shape[-1]
+        random_conf: dict[int, torch.Tensor] = {}
+        for i, (r, p) in enumerate(zip(rows, params, strict=True)):
+            seq, bl = r.seq, p.block_length
+            # The reference sampler draws noise for the whole canvas; mirror its stream exactly.
+            full = p.algorithm == "llada"
+            offset = seq.block_start if full else 0
+            if p.temperature > 0:
+                shape = (seq.length if full else bl, vocab)
+                noise = uniform(seq.generator, shape, dev)[offset : offset + bl]
+                tokens[i, :bl] = gumbel_argmax(logits[i, :bl], p.temperature, noise)
+            if p.remasking == "random":
+                draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
+                random_conf[i] = draws[offset : offset + bl]
+
+        conf_logits = logits
+        eot_inf = per_row([p.confidence_eos_eot_inf for p in params], torch.bool)
+        if bool(eot_inf.any()) and self.eot_id is not None:
+            conf_logits = logits.clone()
+            conf_logits[eot_inf, :, self.eot_id] = float("-inf")
+        measure = per_row([MEASURE_INDEX.get(p.remasking, 0) for p in params], torch.long)
+        conf = confidence(conf_logits.softmax(-1), tokens, measure)
+        for i, draws in random_conf.items():
+            conf[i, : draws.shape[0]] = draws.to(conf.dtype)
+
+        masked = candidates.sum(-1).tolist()
+        floor = per_row([r.seq.floor_commits(m) for r, m in zip(rows, masked, strict=True)], torch.long)
+        commit = rules.select_commits(
+            conf,
+            candidates,
+            floor,
+            per_row([RULE_INDEX[p.rule] for p in params], torch.long),
+            per_row([p.threshold for p in params]),
+            per_row([p.factor for p in params]),
+            per_row([p.low_threshold for p in params]),
+        )
+        return tokens, commit
+
+    def _apply_credit(
+        self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Update credit rows' accumulated credit and return logits with it added."""
+        sub = logits[credit_rows]
+        width, vocab = sub.shape[1], sub.shape[2]
+        state = torch.stack(
+            [
+                rows[i].seq.credit
+                if rows[i].seq.credit is not None
+                else torch.zeros((width, vocab), device=self.device)
+                for i in credit_rows
+            ]
+        )[:, :width]
+        ps = [rows[i].seq.params for i in credit_rows]
+        dev = self.device
+        state = rules.credit_update(
+            state,
+            sub.softmax(-1),
+            candidates[credit_rows],
+            torch.tensor([p.credit_beta for p in ps], device=dev),
+            torch.tensor([p.credit_gamma for p in ps], device=dev),
+        )
+        for k, i in enumerate(credit_rows):
+            rows[i].seq.credit = state[k]
+        logits = logits.clone()
+        logits[credit_rows] = rules.credit_logits(
+            sub, state, torch.tensor([p.credit_alpha for p in ps], device=dev)
+        )
+        return logits
+
+    # -- state updates ------------------------------------------------------------------------
+
+    def _apply(self, row: _Row, tokens: torch.Tensor, commit: torch.Tensor) -> int:
+        """Write committed tokens, advance the block, emit the grown prefix. Returns commits made."""
+        seq = row.seq
+        bl = seq.params.block_length
+        commit = commit[:bl]
+        block = seq.canvas[seq.block_start : seq.block_end]
+        block[commit] = tokens[:bl][commit]
+        seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
+        seq.refresh_forwards += int(row.plan.refresh)
+        seq.step_in_block += 1
+        if seq.params.cache == "committed":
+            seq.committed_context = max(seq.committed_context, seq.block_start)
+        if not bool((block == seq.mask_id).any()):
+            seq.block += 1
+            seq.step_in_block = 0
+            seq.credit = None
+        self._emit(seq)
+        return int(commit.sum())
+
+    def _emit(self, seq: Sequence) -> None:
+        """Send the newly committed left-to-right prefix; finish when the output is final."""
+        p = seq.params
+        canvas_done = seq.block >= p.num_blocks
+        if seq.pending_finish is None:
+            region = seq.canvas[seq.prompt_len + seq.emitted : seq.prompt_len + seq.request.max_new_tokens]
+            masked = (region == seq.mask_id).nonzero()
+            ready = region[: int(masked[0]) if len(masked) else region.shape[0]].tolist()
+            stop_at = next((i for i, t in enumerate(ready) if t in seq.stop_ids), None)
+            if stop_at is not None:
+                ready = ready[:stop_at]
+            seq.emitted += len(ready)
+            if stop_at is not None:
+                seq.pending_finish, seq.stopped_on_token = "stop", True
+            elif seq.emitted >= seq.request.max_new_tokens:
+                seq.pending_finish = "length"
+            if ready and not (seq.pending_finish and (p.early_stop or canvas_done)):
+                seq.push(SequenceEvent(seq.request.request_id, ready, prompt_tokens=seq.prompt_len))
+                ready = []
+        else:
+            ready = []
+        if seq.pending_finish and (p.early_stop or canvas_done):
+            self._finish(seq, seq.pending_finish, ready)
+
+    def _finish(self, seq: Sequence, reason: str, tokens: list[int]) -> None:
+        seq.finish_reason = reason
+        seq.push(
+            SequenceEvent(
+                seq.request.request_id,
+                tokens,
+                finish_reason=reason,
+                stopped_on_token=seq.stopped_on_token,
+                error=seq.error,
+                forwards=seq.forwards,
+                prompt_tokens=seq.prompt_len,
+            )
+        )

@@ -1,0 +1,180 @@
+"""Continuous batching: requests join the running batch between iterations and leave at once.
+
+Each iteration: apply aborts, admit waiting requests while there is room (batch size, token
+budget, KV slots), run one runner step, deliver events, retire finished sequences and free their
+cache slots. Only ``submit``/``abort``/``counts``/``wake`` are called from other threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dllm_serve.config import EngineConfig
+from dllm_serve.engine.runner import Runner, StepInfo
+from dllm_serve.engine.sequence import GenerationRequest, Sequence, SequenceEvent
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[SequenceEvent], None]
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at --max-queue (the server answers 429)."""
+
+
+@dataclass
+class _Waiting:
+    request: GenerationRequest
+    sink: EventSink
+    arrived: float
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, config: EngineConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiting: deque[_Waiting] = deque()
+        self._aborts: set[str] = set()
+        self._running: list[Sequence] = []
+        self._sinks: dict[str, EventSink] = {}
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def submit(
+        self, request: GenerationRequest, sink: EventSink, *, ignore_queue_limit: bool = False
+    ) -> None:
+        with self._work:
+            if not ignore_queue_limit and len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(f"the server's queue is full ({self.config.max_queue} waiting requests)")
+            self._waiting.append(_Waiting(request, sink, time.monotonic()))
+            self._work.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._work:
+            self._aborts.add(request_id)
+            self._work.notify()
+
+    def abort_all(self) -> None:
+        with self._work:
+            self._aborts.update(w.request.request_id for w in self._waiting)
+            self._aborts.update(s.request.request_id for s in self._running)
+        self._apply_aborts()
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._waiting), len(self._running)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._work:
+            if not (self._waiting or self._aborts):
+                self._work.wait(timeout)
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def step(self) -> StepInfo | None:
+        """One iteration; None when there is nothing to run."""
+        self._apply_aborts()
+        self._wait_for_arrivals()
+        self._admit()
+        if not self._running:
+            return None
+        info = self.runner.step(self._running)
+        for seq in self._running:
+            self._deliver(seq)
+        self._retire()
+        return info
+
+    def _wait_for_arrivals(self) -> None:
+        """--max-wait-time: before starting an idle engine, let a batch gather (old batch server)."""
+        wait = self.config.max_wait_time
+        if wait <= 0 or self._running:
+            return
+        with self._work:
+            if not self._waiting:
+                return
+            deadline = self._waiting[0].arrived + wait
+            while len(self._waiting) < self.config.max_batch_size and time.monotonic() < deadline:
+                self._work.wait(max(0.0, deadline - time.monotonic()))
+
+    def _admit(self) -> None:
+        budget = self.config.max_num_tokens - sum(s.length for s in self._running)
+        while len(self._running) < self.config.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                head = self._waiting[0]
+                need = len(head.request.prompt_ids) + head.request.params.gen_length
+                if (self._running and need > budget) or not self.runner.can_admit(head.request):
+                    return
+                self._waiting.popleft()
+            try:
+                seq = self.runner.new_sequence(head.request)
+            except ValueError as exc:
+                self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=str(exc)))
+                continue
+            budget -= seq.length
+            self._sinks[seq.request.request_id] = head.sink
+            self._running.append(seq)
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return
+            dropped = [w for w in self._waiting if w.request.request_id in aborts]
+            self._waiting = deque(w for w in self._waiting if w.request.request_id not in aborts)
+        for w in dropped:
+            self._send(w.sink, SequenceEvent(w.request.request_id, [], "abort"))
+        for seq in self._running:
+            if seq.request.request_id in aborts and not seq.finished:
+                seq.cancelled = True
+                seq.finish_reason = "abort"
+                seq.push(
+                    SequenceEvent(
+                        seq.request.request_id,
+                        [],
+                        "abort",
+                        forwards=seq.forwards,
+                        prompt_tokens=seq.prompt_len,
+                    )
+                )
+                self._deliver(seq)
+        self._retire()
+
+    def _deliver(self, seq: Sequence) -> None:
+        sink = self._sinks.get(seq.request.request_id)
+        for event in seq.pop_events():
+            if sink is not None:
+                self._send(sink, event)
+
+    def _retire(self) -> None:
+        done = [s for s in self._running if s.finished]
+        if not done:
+            return
+        for seq in done:
+            self.runner.release(seq)
+            self._sinks.pop(seq.request.request_id, None)
+        with self._lock:
+            self._running = [s for s in self._running if not s.finished]
+
+    @staticmethod
+    def _send(sink: EventSink, event: SequenceEvent) -> None:
+        try:
+            sink(event)
+        except Exception:  # a consumer's failure must not stop the engine
+            log.exception("event consumer failed for request %s", event.request_id)

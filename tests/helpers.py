@@ -1,0 +1,73 @@
+"""Small builders shared by tests: random tiny LLaDA checkpoints in the official format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dllm_serve.config import DEFAULT_MODEL
+from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LLADA = DEFAULT_MODEL
+
+
+def random_llada_config(vocab: int = 368, **overrides) -> LLaDAConfig:
+    base = dict(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=4,
+        mlp_hidden_size=96,
+        vocab_size=vocab,
+        embedding_size=vocab,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_sequence_length=256,
+        mask_token_id=5,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    base.update(overrides)
+    return LLaDAConfig(**base)
+
+
+def random_official_weights(cfg: LLaDAConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Official-name tensors with norms away from 1, so a wrong mapping shows."""
+    gen = torch.Generator().manual_seed(seed)
+    model = LLaDAModel(cfg)
+    out = {}
+    for name, t in model.export_state_dict().items():
+        if t.dim() == 1:
+            out[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+        else:
+            out[name] = torch.randn(t.shape, generator=gen) * scale
+    return out
+
+
+def write_llada_checkpoint(
+    directory: Path, cfg: LLaDAConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
+) -> Path:
+    """A checkpoint directory in GSAI-ML/LLaDA's format, with the bundled model's tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(llada_config_dict(cfg)))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TINY_LLADA / name, directory / name)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+        return directory
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(directory / fname))
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return directory

@@ -1,0 +1,178 @@
+"""The native LLaDA model against an independent, deliberately slow reference written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.models.llada import PREFIX, LLaDAConfig
+from dllm_serve.models.loader import load_model
+from tests.helpers import random_llada_config, random_official_weights, write_llada_checkpoint
+
+
+def reference_logits(
+    cfg: LLaDAConfig,
+    w: dict[str, torch.Tensor],
+    ids: list[int],
+    positions: list[int],
+    key_valid: list[bool] | None = None,
+) -> torch.Tensor:
+    """LLaDA's forward for one sequence, one head and one token at a time, in float64."""
+
+    def g(name: str) -> torch.Tensor:
+        return w[PREFIX + name].double()
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps) * weight
+
+    hd = cfg.d_model // cfg.n_heads
+    n = len(ids)
+    valid = key_valid or [True] * n
+
+    def rope(vec: torch.Tensor, pos: int) -> torch.Tensor:
+        out = torch.empty_like(vec)
+        half = hd // 2
+        for i in range(half):
+            angle = pos / (cfg.rope_theta ** (2 * i / hd))
+            c, s = math.cos(angle), math.sin(angle)
+            out[i] = vec[i] * c - vec[i + half] * s
+            out[i + half] = vec[i + half] * c + vec[i] * s
+        return out
+
+    x = torch.stack([g("wte.weight")[t] for t in ids])
+    group = cfg.n_heads // cfg.n_kv_heads
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}."
+        h = norm(x, g(p + "attn_norm.weight"))
+        q = h @ g(p + "q_proj.weight").T
+        k = h @ g(p + "k_proj.weight").T
+        v = h @ g(p + "v_proj.weight").T
+        heads = []
+        for head in range(cfg.n_heads):
+            kv_head = head // group
+            qs = [rope(q[i, head * hd : (head + 1) * hd], positions[i]) for i in range(n)]
+            ks = [rope(k[j, kv_head * hd : (kv_head + 1) * hd], positions[j]) for j in range(n)]
+            vs = [v[j, kv_head * hd : (kv_head + 1) * hd] for j in range(n)]
+            rows = []
+            for i in range(n):
+                scores = torch.tensor(
+                    [float(qs[i] @ ks[j]) / math.sqrt(hd) if valid[j] else -math.inf for j in range(n)],
+                    dtype=torch.float64,
+                )
+                probs = torch.softmax(scores, 0)
+                rows.append(sum(probs[j] * vs[j] for j in range(n)))
+            heads.append(torch.stack(rows))
+        x = x + torch.cat(heads, dim=-1) @ g(p + "attn_out.weight").T
+        h = norm(x, g(p + "ff_norm.weight"))
+        gate = h @ g(p + "ff_proj.weight").T
+        up = h @ g(p + "up_proj.weight").T
+        x = x + (torch.nn.functional.silu(gate) * up) @ g(p + "ff_out.weight").T
+    x = norm(x, g("ln_f.weight"))
+    head = g("wte.weight") if cfg.weight_tying else g("ff_out.weight")
+    return x @ head.T
+
+
+CONFIGS = {
+    "mha": {},
+    "gqa": {"n_kv_heads": 2},
+    "tied": {"weight_tying": True, "n_layers": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_forward_matches_slow_reference(tmp_path, name):
+    cfg = random_llada_config(**CONFIGS[name])
+    w = random_official_weights(cfg, seed=len(name))
+    assert (PREFIX + "ff_out.weight" in w) != cfg.weight_tying
+    model = load_model(write_llada_checkpoint(tmp_path / name, cfg, w)).model
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=gen)
+    positions = torch.tensor([list(range(9)), list(range(3, 12))])
+    got = model(ids, positions)
+    for row in range(2):
+        want = reference_logits(cfg, w, ids[row].tolist(), positions[row].tolist())
+        assert (got[row].double() - want).abs().max() < 1e-4
+
+
+def test_padding_mask_and_logits_index(tmp_path):
+    """Masked keys are invisible, and logits_index returns exactly the asked positions."""
+    cfg = random_llada_config()
+    w = random_official_weights(cfg)
+    model = load_model(write_llada_checkpoint(tmp_path / "m", cfg, w)).model
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(8)[None]
+    key_valid = torch.tensor([[True] * 6 + [False] * 2])
+    index = torch.tensor([[5, 0, 2]])
+    got = model(ids, positions, key_valid, None, index)[0]
+    want = reference_logits(cfg, w, ids[0].tolist(), list(range(8)), key_valid[0].tolist())[[5, 0, 2]]
+    assert (got.double() - want).abs().max() < 1e-4
+
+
+def test_sharded_and_single_file_load_identically(tmp_path):
+    cfg = random_llada_config(n_kv_heads=2)
+    w = random_official_weights(cfg, seed=7)
+    single = load_model(write_llada_checkpoint(tmp_path / "single", cfg, w)).model
+    sharded = load_model(write_llada_checkpoint(tmp_path / "sharded", cfg, w, shards=3)).model
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    pos = torch.arange(12)[None]
+    assert torch.equal(single(ids, pos), sharded(ids, pos))
+    exported = single.export_state_dict()
+    assert set(exported) == set(w)
+    for name, tensor in w.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_dtype_and_dummy_load(tmp_path):
+    cfg = random_llada_config()
+    path = write_llada_checkpoint(tmp_path / "m", cfg, random_official_weights(cfg))
+    bf16 = load_model(path, dtype="bfloat16").model
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(0, cfg.vocab_size, (1, 6))
+    assert torch.isfinite(bf16(ids, torch.arange(6)[None]).float()).all()
+    dummy = load_model(path, load_format="dummy").model
+    assert torch.isfinite(dummy(ids, torch.arange(6)[None])).all()
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path):
+    cfg = random_llada_config()
+    w = random_official_weights(cfg)
+    w.pop(PREFIX + "blocks.1.up_proj.weight")
+    with pytest.raises(KeyError, match=r"blocks\.1\.up_proj\.weight"):
+        load_model(write_llada_checkpoint(tmp_path / "m", cfg, w))
+
+
+def test_missing_model_names_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download GSAI-ML/LLaDA-8B-Instruct"):
+        load_model("GSAI-ML/LLaDA-8B-Instruct")
+
+
+def test_hub_cache_snapshot_resolves(tmp_path, monkeypatch):
+    cfg = random_llada_config()
+    snap = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    write_llada_checkpoint(snap, cfg, random_official_weights(cfg))
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert load_model("org/tiny").path == snap
+
+
+def test_cached_span_equals_full_forward(tmp_path):
+    """A block step against K/V cached by a full forward equals the full forward when nothing changed."""
+    cfg = random_llada_config(n_kv_heads=2)
+    model = load_model(write_llada_checkpoint(tmp_path / "m", cfg, random_official_weights(cfg))).model
+    n = 20
+    ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(n)[None]
+    full = model(ids, pos)
+    pool = KVPool(cfg.n_layers, 2, cfg.n_kv_heads, 64, cfg.head_dim, torch.float32, "cpu")
+    slot = torch.tensor([pool.allocate()])
+    model(ids, pos, torch.ones(1, n, dtype=torch.bool), pool.view(slot, pos, n))
+    block = slice(8, 12)
+    span_pos = pos[:, block]
+    step = model(ids[:, block], span_pos, torch.ones(1, 4, n, dtype=torch.bool), pool.view(slot, span_pos, n))
+    assert (step - full[:, block]).abs().max() < 1e-5
