@@ -104,6 +104,29 @@ def encode_batch(tok: ChatTokenizer, examples, eos: int, eot: int) -> tuple[torc
     return ids, torch.tensor(starts)
 
 
+def save_checkpoint(
+    model: LLaDAModel, cfg: LLaDAConfig, args: argparse.Namespace, step: int, seconds: float, loss: float
+) -> None:
+    """Weights under the official names, config.json, generation_config.json and a training record."""
+    save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
+    (args.out / "config.json").write_text(json.dumps(llada_config_dict(cfg), indent=2))
+    roles = {
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "mask_token_id": cfg.mask_token_id,
+    }
+    (args.out / "generation_config.json").write_text(json.dumps(roles, indent=2))
+    record = {
+        "script": "scripts/train_tiny.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "tasks": list(TASKS),
+        "step": step,
+        "train_seconds": round(seconds, 1),
+        "final_loss": loss,
+    }
+    (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("models/tiny-llada"))
@@ -117,6 +140,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -180,6 +204,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if step % args.save_every == 0 and step < args.steps:
+            save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
         if step % 50 == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
@@ -187,24 +213,7 @@ def main() -> None:
                 flush=True,
             )
 
-    model.eval()
-    save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    (args.out / "config.json").write_text(json.dumps(llada_config_dict(cfg), indent=2))
-    (args.out / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [eos, eot], "pad_token_id": eos, "mask_token_id": mask}, indent=2)
-    )
-    (args.out / "TRAINING.json").write_text(
-        json.dumps(
-            {
-                "script": "scripts/train_tiny.py",
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "tasks": list(TASKS),
-                "train_seconds": round(time.time() - t0, 1),
-                "final_loss": loss.item(),
-            },
-            indent=2,
-        )
-    )
+    save_checkpoint(model, cfg, args, args.steps, time.time() - t0, loss.item())
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 
 

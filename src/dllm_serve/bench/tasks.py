@@ -1,9 +1,11 @@
 """The synthetic chat task set the bundled tiny models are trained and evaluated on.
 
-Every task has one checkable answer of 10 to 60 tokens, so answers span several 16- or 32-token
+Every task has one checkable answer of 10 to 52 tokens, so answers span several 16- or 32-token
 blocks. Items are single characters separated by spaces, which the bundled BPE tokenizer turns
-into one token each. Training and held-out examples come from disjoint seeds, and the held-out
-generator skips any prompt the training stream could have produced from its first draws.
+into one token each. Letter lists never repeat a letter: each item then has one unambiguous
+successor, which a tiny model can learn to follow (copy, reverse, double); digit lists repeat.
+Training and held-out examples come from disjoint seeds, and ``heldout_examples`` can exclude
+any prompts given to it.
 """
 
 from __future__ import annotations
@@ -27,24 +29,29 @@ class Example:
     answer: str
 
 
-def _items(rng: random.Random, alphabet: str, low: int, high: int) -> list[str]:
-    return [rng.choice(alphabet) for _ in range(rng.randint(low, high))]
+def _letters(rng: random.Random, low: int, high: int) -> list[str]:
+    """Distinct letters in random order."""
+    return rng.sample(LETTERS, rng.randint(low, high))
+
+
+def _digits(rng: random.Random, low: int, high: int) -> list[str]:
+    return [rng.choice(DIGITS) for _ in range(rng.randint(low, high))]
 
 
 def make_example(rng: random.Random, task: str | None = None) -> Example:
     """Draw one example; ``task`` None picks a task uniformly."""
     task = task or rng.choice(TASKS)
     if task == "copy":
-        items = _items(rng, LETTERS, 10, 48)
+        items = _letters(rng, 10, 26)
         return Example(task, "Copy the list: " + " ".join(items), " ".join(items))
     if task == "reverse":
-        items = _items(rng, LETTERS, 10, 40)
+        items = _letters(rng, 10, 26)
         return Example(task, "Reverse the list: " + " ".join(items), " ".join(reversed(items)))
     if task == "sort":
-        items = _items(rng, DIGITS, 10, 40)
+        items = _digits(rng, 10, 30)
         return Example(task, "Sort the digits: " + " ".join(items), " ".join(sorted(items)))
     if task == "double":
-        items = _items(rng, LETTERS, 5, 28)
+        items = _letters(rng, 5, 26)
         return Example(
             task, "Repeat each letter twice: " + " ".join(items), " ".join(c for c in items for _ in (0, 1))
         )

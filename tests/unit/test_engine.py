@@ -1,0 +1,186 @@
+"""Engine behaviour on the CPU: cache exactness, batch invariance, early stop, isolation, aborts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dllm_serve.config import EngineConfig
+from dllm_serve.engine.algorithms import resolve_params
+from dllm_serve.engine.engine import Engine
+from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
+from dllm_serve.models.loader import load_model
+from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
+
+LLADA_PRESETS = (
+    "llada",
+    "prefix_cache",
+    "dual_cache",
+    "dinfer_blockwise",
+    "dinfer_hierarchy",
+    "dinfer_credit",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(TINY_LLADA)
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    cfg = random_llada_config(n_kv_heads=2)
+    path = tmp_path_factory.mktemp("eng") / "m"
+    return load_model(write_llada_checkpoint(path, cfg, random_official_weights(cfg, scale=0.3)))
+
+
+def _chat(loaded, text: str) -> list[int]:
+    return loaded.tokenizer.render_chat([{"role": "user", "content": text}])
+
+
+def _run(loaded, requests, **config):
+    return Engine(loaded, EngineConfig(**config)).run_to_completion(requests)
+
+
+@pytest.mark.parametrize("preset", ["prefix_cache", "dual_cache", "dinfer_blockwise"])
+def test_cache_is_exact_when_every_forward_refreshes(random_model, preset):
+    """One step per block: every forward rebuilds the cache, so a cached preset equals no cache."""
+    prompt = [0, 40, 41, 42, 43, 44]
+    opts = {"rule": "schedule", "steps": 3, "block_length": 8, "early_stop": False, "logits_eos_inf": True}
+    want = _run(
+        random_model, [GenerationRequest("a", prompt, resolve_params("llada", "llada", 24, opts), 24)]
+    )
+    got = _run(random_model, [GenerationRequest("a", prompt, resolve_params(preset, "llada", 24, opts), 24)])
+    assert got["a"].token_ids == want["a"].token_ids
+    assert len(got["a"].token_ids) == 24
+
+
+def test_vicinity_with_full_warmup_equals_no_cache(random_model):
+    """dInfer with warm-up covering the whole block does full forwards only: equal to no cache."""
+    prompt = [0, 9, 8, 7]
+    opts = {"rule": "schedule", "steps": 16, "block_length": 8, "early_stop": False, "logits_eos_inf": True}
+    want = _run(
+        random_model, [GenerationRequest("a", prompt, resolve_params("llada", "llada", 16, opts), 16)]
+    )
+    vic = resolve_params("dinfer_blockwise", "llada", 16, {**opts, "warmup_steps": 8})
+    assert _run(random_model, [GenerationRequest("a", prompt, vic, 16)])["a"].token_ids == want["a"].token_ids
+
+
+def test_cached_block_steps_really_use_the_cache(random_model):
+    """With several steps per block, dual cache's block steps see a stale suffix: results may differ,
+    but forwards are the same count and refresh forwards are one per block."""
+    prompt = [0, 50, 51]
+    params = resolve_params(
+        "dual_cache", "llada", 16, {"rule": "schedule", "steps": 16, "block_length": 8, "early_stop": False}
+    )
+    engine = Engine(random_model, EngineConfig())
+    infos = []
+    engine.step_observers.append(infos.append)
+    res = engine.run_to_completion([GenerationRequest("a", prompt, params, 16)])["a"]
+    assert res.forwards == 16
+    assert sum(i.refresh_forwards for i in infos) == 2
+
+
+def _mixed_requests(loaded):
+    texts = [
+        "Copy the list: a b c d e f g h i j k",
+        "Reverse the list: q w e r t y u i o p",
+        "Sort the digits: 5 3 9 1 0 2 8 7 6 4",
+        "Repeat each letter twice: a b c d e",
+    ]
+    requests = []
+    for i, preset in enumerate(LLADA_PRESETS):
+        for j, temperature in enumerate((0.0, 0.8)):
+            text = texts[(i + j) % len(texts)]
+            block = (16, 32)[(i + j) % 2]
+            max_tokens = (24, 48, 40)[(i + j) % 3]
+            params = resolve_params(
+                preset,
+                "llada",
+                max_tokens,
+                {"temperature": temperature, "seed": 10 * i + j, "block_length": block},
+            )
+            requests.append(GenerationRequest(f"{preset}-{j}", _chat(loaded, text), params, max_tokens))
+    return requests
+
+
+def test_batch_invariance_across_presets(tiny):
+    """A request's tokens are the same alone and in a mixed batch of every preset (float32)."""
+    requests = _mixed_requests(tiny)
+    together = _run(tiny, requests, max_batch_size=len(requests))
+    for req in requests:
+        alone = _run(tiny, [req])[req.request_id]
+        assert together[req.request_id].token_ids == alone.token_ids, req.request_id
+        assert together[req.request_id].forwards == alone.forwards, req.request_id
+
+
+def test_early_stop_saves_forwards_and_keeps_tokens(tiny):
+    prompt = _chat(tiny, "Copy the list: a b c d e f g h i j")
+    runs = {}
+    for early in (True, False):
+        params = resolve_params("dual_cache", "llada", 128, {"early_stop": early, "block_length": 16})
+        runs[early] = _run(tiny, [GenerationRequest("a", prompt, params, 128)])["a"]
+    assert runs[True].token_ids == runs[False].token_ids
+    assert runs[True].finish_reason == runs[False].finish_reason == "stop"
+    assert runs[True].forwards < runs[False].forwards
+
+
+def test_max_tokens_shortens_the_canvas(tiny):
+    params = resolve_params("llada", "llada", 5, {"block_length": 4})
+    assert params.gen_length == 8
+    res = _run(
+        tiny, [GenerationRequest("a", _chat(tiny, "Copy the list: a b c d e f g h i j k l"), params, 5)]
+    )["a"]
+    assert len(res.token_ids) <= 5
+    assert res.forwards <= 8
+    if not res.stopped_on_token:
+        assert res.finish_reason == "length" and len(res.token_ids) == 5
+
+
+def test_one_bad_request_fails_alone(random_model):
+    """A token id outside the vocabulary breaks the batched forward; only its request fails."""
+    good = [
+        GenerationRequest(f"g{i}", [0, 10 + i, 11], resolve_params("dual_cache", "llada", 8, {}), 8)
+        for i in range(3)
+    ]
+    bad = GenerationRequest("bad", [0, 10_000], resolve_params("dual_cache", "llada", 8, {}), 8)
+    results = _run(random_model, [*good, bad], max_batch_size=4)
+    assert results["bad"].finish_reason == "error" and results["bad"].error
+    alone = _run(random_model, good)
+    for g in good:
+        assert results[g.request_id].finish_reason != "error"
+        assert results[g.request_id].token_ids == alone[g.request_id].token_ids
+
+
+def test_too_long_request_is_refused_with_numbers(random_model):
+    params = resolve_params("llada", "llada", 256, {})
+    res = _run(random_model, [GenerationRequest("a", [0] * 10, params, 256)])["a"]
+    assert res.finish_reason == "error"
+    assert "10" in res.error and "256" in res.error
+
+
+def test_abort_frees_the_cache_slot_within_one_iteration(tiny):
+    """On the engine thread: an aborted request ends with 'abort' and its KV slot is free again."""
+    engine = Engine(tiny, EngineConfig(max_batch_size=2))
+    engine.start()
+    try:
+        events: list[SequenceEvent] = []
+        done = threading.Event()
+
+        def sink(event: SequenceEvent) -> None:
+            events.append(event)
+            if event.finished:
+                done.set()
+
+        params = resolve_params("dual_cache", "llada", 256, {"early_stop": False, "threshold": 1.0})
+        engine.add_request(GenerationRequest("long", _chat(tiny, "Copy the list: a b c"), params, 256), sink)
+        while engine.stats().running == 0:
+            done.wait(0.01)
+        assert engine.runner.pool.free_slots == 1
+        engine.abort("long")
+        assert done.wait(10)
+        assert events[-1].finish_reason == "abort"
+        assert engine.runner.pool.free_slots == 2
+    finally:
+        engine.shutdown(drain_timeout=1)
