@@ -19,10 +19,14 @@ _NEG = float("-inf")
 def confidence_ranks(conf: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Rank of each position by descending confidence among candidates (0 = most confident).
 
-    Stable sort: equal confidences rank left to right. Non-candidates rank last.
+    Stable sort: equal confidences rank left to right. Non-candidates rank last, even behind a
+    candidate whose confidence is -inf (so top_k_mask always finds k candidates when they exist).
     """
     masked = conf.masked_fill(~candidates, _NEG)
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    # Second stable pass on the candidate flag alone: candidates first, confidence order kept.
+    cand_first = torch.sort((~candidates.gather(-1, order)).to(torch.uint8), dim=-1, stable=True).indices
+    order = order.gather(-1, cand_first)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
     return ranks

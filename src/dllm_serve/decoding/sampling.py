@@ -9,10 +9,11 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set logits outside each row's nucleus to -inf. logits [B, P, V]; top_p [B] (1.0 = off)."""
     if bool((top_p >= 1.0).all()):
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Stable: among equal logits the lower token id is kept first, a fixed, documented tie-break.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    probs = sorted_logits.softmax(dim=-1)
     # Keep a token while the mass before it is below top_p (the top token is always kept).
-    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None, None]
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None, None]
     drop_sorted &= (top_p < 1.0)[:, None, None]
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -162,9 +162,11 @@ def presets_for(family: str) -> list[Preset]:
 
 def canonical_name(name: str, family: str) -> str:
     """The preset a name or alias refers to; a ParamError lists the valid names otherwise."""
-    key = name.strip().lower()
     valid = presets_for(family)
     listing = ", ".join(f"{p.name} ({', '.join(p.aliases)})" if p.aliases else p.name for p in valid)
+    if not isinstance(name, str):
+        raise ParamError("algorithm", f"algorithm must be a string; valid for this model: {listing}")
+    key = name.strip().lower()
     if key not in ALIASES:
         raise ParamError("algorithm", f"unknown algorithm {name!r}; valid for this model: {listing}")
     preset = PRESETS[ALIASES[key]]
@@ -207,7 +209,7 @@ def resolve_params(
     unknown = sorted(set(given) - set(OVERRIDABLE))
     if unknown:
         raise ParamError(unknown[0], f"unknown decoding parameter {unknown[0]!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ParamError("max_tokens", f"max_tokens must be a positive integer, got {max_new_tokens!r}")
 
     explicit_rule = given.pop("rule", None)
@@ -219,9 +221,15 @@ def resolve_params(
         elif "threshold" in given and preset.rule == "schedule":
             rule = "threshold"
     values: dict[str, Any] = dict(preset.defaults)
-    values.update(model_defaults or {})
+    values.update({k: v for k, v in (model_defaults or {}).items() if v is not None})
     values.update(given)
-    block_length = int(values.pop("block_length", None) or DEFAULT_BLOCK_LENGTH)
+    threshold = values.get("threshold")
+    if "low_threshold" not in values and type(threshold) in (int, float):
+        # A threshold below the default low_threshold must not fail on a field nobody set. Capping
+        # it at the threshold commits exactly the same positions: with low_threshold >= threshold
+        # the hierarchy rule's per-run pick only finds positions the threshold already commits.
+        values["low_threshold"] = min(DecodeParams.low_threshold, threshold)
+    block_length = values.pop("block_length", DEFAULT_BLOCK_LENGTH)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length
     steps = values.pop("steps", None)
