@@ -97,7 +97,11 @@ def add_engine_arguments(parser) -> None:
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
     )
     g.add_argument("--base-model", default=None, help="config and tokenizer for --dcp-path")
-    g.add_argument("--dcp-cache-dir", default=None)
+    g.add_argument(
+        "--dcp-cache-dir",
+        default=None,
+        help="cache of converted DCP checkpoints (default: $DLLM_SERVE_CACHE or ~/.cache/dllm-serve/dcp)",
+    )
     g.add_argument(
         "--trust-remote-code",
         action="store_true",
