@@ -1,0 +1,258 @@
+"""OpenAI request schemas plus the diffusion extension fields, and the response builders.
+
+Requests are validated strictly (no string-to-number coercion, no unknown fields) so a client's
+mistake is a 400 naming the field instead of a silently different generation. OpenAI fields this
+server cannot honour are refused by name (``unsupported_field``) unless their value asks for
+nothing (``logprobs: false``, ``presence_penalty: 0`` ...), which clients often send by default.
+
+The diffusion fields are exactly the request-overridable fields of ``DecodeParams``
+(``algorithms.OVERRIDABLE``), generated from that dataclass so the two cannot drift apart, plus
+``algorithm`` and its alias ``generation_algorithm``.
+"""
+
+from __future__ import annotations
+
+import time
+import typing
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+
+from dllm_serve.engine.algorithms import OVERRIDABLE, DecodeParams
+
+DEFAULT_MAX_TOKENS = 128  # a request without max_tokens / max_completion_tokens generates at most this
+MAX_N = 64
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+# OpenAI fields this server does not implement, with the values that request nothing.
+_HARMLESS: dict[str, typing.Callable[[Any], bool]] = {
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: v is None,
+    "logit_bias": lambda v: v is None or v == {},
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: v is None,
+    "functions": lambda v: v is None or v == [],
+    "function_call": lambda v: v is None or v == "none",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "best_of": lambda v: v is None or v == 1,
+    "echo": lambda v: v is None or v is False,
+    "suffix": lambda v: v is None or v == "",
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "store": lambda v: v is None or v is False,
+    "metadata": lambda v: v is None,
+    "service_tier": lambda v: v is None or v in ("auto", "default"),
+}
+
+
+class UnsupportedFieldError(ValueError):
+    """An OpenAI field the server cannot honour (400 naming it)."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(f"'{param}' is not supported by this server")
+        self.param = param
+
+
+def strip_unsupported(body: dict[str, Any]) -> dict[str, Any]:
+    """Drop unsupported OpenAI fields whose value asks for nothing; raise for any that asks for something."""
+    out = {}
+    for key, value in body.items():
+        harmless = _HARMLESS.get(key)
+        if harmless is None:
+            out[key] = value
+        elif not harmless(value):
+            raise UnsupportedFieldError(key)
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _diffusion_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(DecodeParams)
+    return {name: (hints[name] | None, None) for name in OVERRIDABLE}
+
+
+# One optional field per DecodeParams override (steps, block_length, threshold, temperature, seed ...).
+DiffusionFields: type[BaseModel] = create_model("DiffusionFields", __base__=_Strict, **_diffusion_fields())
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: Any = Field(default=None, validate_default=True)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    algorithm: str | None = None
+    generation_algorithm: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings")
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return items
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, value: int) -> int:
+        if not 1 <= value <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}")
+        return value
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("generation_algorithm")
+    @classmethod
+    def _one_algorithm(cls, value: str | None, info: ValidationInfo) -> str | None:
+        other = info.data.get("algorithm")
+        if value and other and value != other:
+            raise ValueError("algorithm and generation_algorithm disagree; send one of them")
+        return value
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def algorithm_name(self) -> str | None:
+        return self.algorithm or self.generation_algorithm
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def decode_overrides(self) -> dict[str, Any]:
+        """The DecodeParams overrides this request sets (None: the preset's default)."""
+        return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None
+    name: str | None = None  # accepted for compatibility; chat templates here do not use it
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> str:
+        """Plain text: a string, or an array of text parts joined (other part types are refused)."""
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or an array of text parts")
+        texts = []
+        for part in value:
+            is_text = isinstance(part, dict) and part.get("type") == "text"
+            if not is_text or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
+            if set(part) - {"type", "text"}:
+                raise ValueError(f"unknown content part fields: {sorted(set(part) - {'type', 'text'})}")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    def template_dict(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.content}
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("messages must contain at least one message")
+        return value
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Any
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> list[str | list[int]]:
+        """Normalised to a list of prompts, each text or token ids (OpenAI's four prompt forms)."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value:
+            if all(isinstance(p, str) for p in value):
+                return list(value)
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+                return [list(value)]
+            if all(
+                isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                for p in value
+            ):
+                return [list(p) for p in value]
+        raise ValueError(
+            "prompt must be a non-empty string, a list of strings, a list of token ids "
+            "or a list of such lists"
+        )
+
+
+# ------------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def diffusion_dict(algorithm: str, forwards: int, tokens: int) -> dict[str, Any]:
+    """The extension object: how much model work the answer took."""
+    return {
+        "algorithm": algorithm,
+        "forwards": forwards,
+        "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
+    }

@@ -1,0 +1,102 @@
+"""`dllm-serve serve`: the OpenAI-compatible server.
+
+With no arguments it serves the bundled tiny-llada on the best device present, on 127.0.0.1:8000.
+Flags keep the old batch server's names where they exist. ``--gpus N`` / ``--replicas N`` (N > 1)
+hand over to Ray Serve (``dllm_serve.cluster.replicas``), imported only then, so the single-replica
+path never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from dllm_serve.config import ServerConfig, add_engine_arguments, engine_config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a diffusion LM over an OpenAI-compatible HTTP API (default: bundled tiny-llada).",
+    )
+    add_engine_arguments(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $DLLM_SERVE_API_KEY; none if unset)",
+    )
+    s.add_argument("--max-queue", type=int, default=1024, help="waiting requests beyond this get HTTP 429")
+    s.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds before a request is cut off (504)"
+    )
+    s.add_argument("--no-chat-template", action="store_true", help="send chat messages as raw text")
+    s.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open")
+    s.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    r = p.add_argument_group("scale-out (Ray Serve)")
+    r.add_argument("--gpus", type=int, default=0, help="N > 1: one replica per GPU under Ray Serve")
+    r.add_argument("--replicas", type=int, default=1, help="N > 1: N replicas under Ray Serve")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.set_defaults(func=run_serve)
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine = engine_config_from_args(args)
+    engine.max_queue = args.max_queue
+    return ServerConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key if args.api_key is not None else (os.environ.get("DLLM_SERVE_API_KEY") or None),
+        served_model_name=args.served_model_name,
+        use_chat_template=not args.no_chat_template,
+        request_timeout=args.request_timeout,
+        timeout_keep_alive=args.timeout_keep_alive,
+        verbose=bool(getattr(args, "verbose", False)),
+        gpus=args.gpus,
+        replicas=args.replicas,
+        ray_address=args.ray_address,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = server_config_from_args(args)
+    if config.gpus > 1 or config.replicas > 1:
+        from dllm_serve.cluster.replicas import serve_replicas
+
+        return serve_replicas(config)
+    return serve_single(config)
+
+
+def serve_single(config: ServerConfig) -> int:
+    """One engine in this process under uvicorn; returns 1 when the model fails to load."""
+    import uvicorn
+
+    from dllm_serve.server.app import create_app
+
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            timeout_keep_alive=config.timeout_keep_alive,
+            log_level="debug" if config.verbose else "info",
+            access_log=config.verbose,
+        )
+    )
+
+    def stop(_: BaseException) -> None:
+        server.should_exit = True
+
+    app.state.server.on_load_failed.append(stop)
+    log.info("serving %s on http://%s:%d", app.state.server.model_id, config.host, config.port)
+    server.run()
+    return 1 if app.state.server.load_error is not None else 0

@@ -1,0 +1,158 @@
+"""Bad requests: each gets its status and OpenAI-shaped error naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+MODEL = "tiny-llada"
+MSG = [{"role": "user", "content": "Copy the list: a b"}]
+
+
+def chat(**fields):
+    return ("/v1/chat/completions", {"model": MODEL, "messages": MSG, "max_tokens": 8, **fields})
+
+
+def completion(**fields):
+    return ("/v1/completions", {"model": MODEL, "prompt": "Copy: a b", "max_tokens": 8, **fields})
+
+
+INV = "invalid_request_error"
+
+# (id, (path, body), status, error.type, error.param)
+CASES = [
+    ("unknown-field", chat(foo=1), 400, INV, "foo"),
+    ("logprobs", chat(logprobs=True), 400, INV, "logprobs"),
+    ("top-logprobs", chat(top_logprobs=2), 400, INV, "top_logprobs"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, INV, "tools"),
+    ("tool-choice", chat(tool_choice="auto"), 400, INV, "tool_choice"),
+    ("response-format", chat(response_format={"type": "json_object"}), 400, INV, "response_format"),
+    ("presence-penalty", chat(presence_penalty=0.5), 400, INV, "presence_penalty"),
+    ("logit-bias", chat(logit_bias={"1": 5}), 400, INV, "logit_bias"),
+    ("echo", completion(echo=True), 400, INV, "echo"),
+    ("best-of", completion(best_of=3), 400, INV, "best_of"),
+    ("max-tokens-zero", chat(max_tokens=0), 400, INV, "max_tokens"),
+    ("max-tokens-string", chat(max_tokens="12"), 400, INV, "max_tokens"),
+    ("temperature-negative", chat(temperature=-1), 400, INV, "temperature"),
+    ("top-p-zero", chat(top_p=0), 400, INV, "top_p"),
+    ("unknown-algorithm", chat(algorithm="nope"), 400, INV, "algorithm"),
+    ("unknown-generation-algorithm", chat(generation_algorithm="nope"), 400, INV, "algorithm"),
+    (
+        "algorithm-conflict",
+        chat(algorithm="llada", generation_algorithm="dual"),
+        400,
+        INV,
+        "generation_algorithm",
+    ),
+    ("steps-not-multiple", chat(max_tokens=32, block_length=8, steps=6), 400, INV, "steps"),
+    ("block-length-zero", chat(block_length=0), 400, INV, "block_length"),
+    ("remasking", chat(remasking="bogus"), 400, INV, "remasking"),
+    (
+        "low-above-threshold",
+        chat(algorithm="dinfer_hierarchy", threshold=0.5, low_threshold=0.8),
+        400,
+        INV,
+        "low_threshold",
+    ),
+    ("cfg-with-cache", chat(cfg_scale=1.0), 400, INV, "cfg_scale"),
+    ("seed-negative", chat(seed=-1), 400, INV, "seed"),
+    ("early-stop-not-bool", chat(early_stop="yes"), 400, INV, "early_stop"),
+    ("messages-missing", ("/v1/chat/completions", {"model": MODEL}), 400, INV, "messages"),
+    ("messages-empty", chat(messages=[]), 400, INV, "messages"),
+    ("role-tool", chat(messages=[{"role": "tool", "content": "x"}]), 400, INV, "messages[0].role"),
+    (
+        "image-part",
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+        400,
+        INV,
+        "messages[0].content",
+    ),
+    ("n-zero", chat(n=0), 400, INV, "n"),
+    ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 400, INV, "stop"),
+    ("empty-stop", chat(stop=[""]), 400, INV, "stop"),
+    (
+        "stream-options-without-stream",
+        chat(stream_options={"include_usage": True}),
+        400,
+        INV,
+        "stream_options",
+    ),
+    ("context-too-long", chat(max_tokens=600), 400, INV, "messages"),
+    ("prompt-bad-type", completion(prompt=123), 400, INV, "prompt"),
+    ("prompt-token-out-of-range", completion(prompt=[1, 99999]), 400, INV, "prompt"),
+    ("wrong-model", chat(model="gpt-4o"), 404, INV, "model"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(server_factory):
+    return server_factory("--load-format", "dummy")
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
+
+
+def _check(resp: httpx.Response, status: int, kind: str, param: str | None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["type"] == kind, body
+    assert body["error"]["param"] == param, body
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("path_body", "status", "kind", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request(http, path_body, status, kind, param) -> None:
+    path, body = path_body
+    _check(http.post(path, json=body), status, kind, param)
+
+
+def test_context_error_names_both_numbers(http) -> None:
+    path, body = chat(max_tokens=600)
+    err = _check(http.post(path, json=body), 400, INV, "messages")
+    assert "512" in err["message"] and "600" in err["message"] and err["code"] == "context_length_exceeded"
+
+
+def test_not_json_unknown_route_and_method(http) -> None:
+    resp = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    _check(resp, 400, INV, None)
+    _check(http.post("/v1/chat/completions", json=[1, 2]), 400, INV, None)
+    _check(http.get("/v1/nope"), 404, INV, None)
+    _check(http.get("/v1/chat/completions"), 405, INV, None)
+
+
+def test_openai_client_sees_typed_errors(server) -> None:
+    client = openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model=MODEL, messages=MSG, max_tokens=32, extra_body={"steps": 3, "block_length": 8}
+        )
+    assert bad.value.param == "steps" and bad.value.type == INV
+    with pytest.raises(openai.BadRequestError) as tools:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MSG,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    assert tools.value.param == "tools"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="other", messages=MSG)
+    assert missing.value.code == "model_not_found"
+
+
+def test_still_serving_after_all_errors(server, http) -> None:
+    assert len(CASES) >= 15
+    path, body = chat(max_tokens=8)
+    resp = http.post(path, json=body)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert server.health()["status"] == "ready"
+    assert "Traceback" not in server.log()
