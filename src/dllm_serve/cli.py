@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-# Modules exposing ``register(subparsers)``; a module that is absent is skipped.
+# Modules exposing ``register(subparsers)``.
 COMMAND_MODULES = (
     "dllm_serve.commands",  # generate, eval, models
     "dllm_serve.server.cli",  # serve
@@ -26,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

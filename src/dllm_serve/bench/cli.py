@@ -38,13 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=run_bench_serve)
 
-    try:
-        from dllm_serve.bench import engine_bench
-    except ModuleNotFoundError as exc:
-        if exc.name != "dllm_serve.bench.engine_bench":
-            raise
-    else:
-        engine_bench.register(bsub)
+    from dllm_serve.bench import engine_bench
+
+    engine_bench.register(bsub)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,259 @@
+"""`dllm-serve bench engine` on the CPU: exact step accounting, FLOP/byte model, peak rates, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dllm_serve.bench import engine_bench
+from dllm_serve.bench.engine_bench import BenchError, BenchSettings, fixed_step_overrides, run_engine_bench
+from dllm_serve.bench.hardware import (
+    PeakRates,
+    forward_cost,
+    measure_matmul_rate,
+    measure_read_bandwidth,
+    shape_from_config,
+)
+from dllm_serve.cli import main
+from dllm_serve.config import EngineConfig
+from dllm_serve.engine.engine import Engine
+from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.models.llada import LLaDAConfig, LLaDAModel
+from dllm_serve.models.loader import load_model
+from tests.helpers import TINY_LLADA, random_llada_config
+
+# Rates given, not measured: the step accounting must not depend on the machine.
+RATES = PeakRates("test", "float32", 1e10, 1e10, 0, 0, source="given")
+SMALL_8B_WIDTH = ["n_layers=1", "d_model=256", "n_heads=2", "n_kv_heads=2", "mlp_hidden_size=512"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model(TINY_LLADA)
+
+
+def _bench(loaded, algorithm: str, batch: int = 3, k: int = 4, gen: int = 32, block: int = 16) -> dict:
+    engine = Engine(loaded, EngineConfig(max_batch_size=batch, max_model_len=128))
+    settings = BenchSettings(
+        batch_size=batch,
+        prompt_len=10,
+        gen_length=gen,
+        block_length=block,
+        fixed_tokens_per_step=k,
+        algorithm=algorithm,
+        progress=False,
+    )
+    report = run_engine_bench(engine, settings, RATES)
+    assert not engine.scheduler.has_work()
+    assert engine.runner.pool.free_slots == batch  # warm-up and timed requests released their slots
+    return report
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "refresh_steps"),
+    [("llada", 0), ("dual_cache", 2), ("dinfer_blockwise", 8)],
+)
+def test_fixed_tokens_per_step_commits_exactly_k(tiny, algorithm, refresh_steps):
+    """K=4, 32 tokens, blocks of 16: 8 steps of 3 rows x 4 tokens; refreshes per the cache policy
+    (dual: one per block; dInfer: its 4 warm-up steps cover all 4 steps of a block)."""
+    report = _bench(tiny, algorithm)
+    tot, steps = report["totals"], report["steps"]
+    assert tot["steps"] == 8
+    assert tot["committed_tokens"] == 3 * 32
+    assert tot["forwards"] == 3 * 8
+    assert tot["tokens_per_forward"] == 4.0
+    assert set(report["step_kinds"]) <= {"block", "refresh"}
+    assert steps["refresh"]["steps"] == refresh_steps
+    assert steps["block"]["steps"] == 8 - refresh_steps
+    assert steps["all"]["tokens_per_step"] == 12.0
+    assert set(tot["finish_reasons"]) <= {"stop", "length"}  # the canvas runs to the end either way
+    assert len(report["step_seconds"]) == 8 and min(report["step_seconds"]) > 0
+    # A refresh forwards the whole canvas, a block step of dual cache only the block.
+    if refresh_steps and steps["block"]["steps"]:
+        assert steps["refresh"]["flops"] / refresh_steps > steps["block"]["flops"] / steps["block"]["steps"]
+
+
+def test_dummy_weights_take_the_same_steps(tiny):
+    """The point of --fixed-tokens-per-step: the step count and work do not depend on the weights."""
+    real = _bench(tiny, "dual_cache", batch=2, k=8)
+    dummy = _bench(load_model(TINY_LLADA, load_format="dummy"), "dual_cache", batch=2, k=8)
+    for key in ("steps", "committed_tokens", "forwards", "refresh_forwards", "model_calls"):
+        assert real["totals"][key] == dummy["totals"][key]
+    assert real["steps"]["all"]["flops"] == dummy["steps"]["all"]["flops"]
+
+
+def test_fixed_step_overrides_validate():
+    assert fixed_step_overrides(64, 32, 8) == {
+        "rule": "schedule",
+        "steps": 8,
+        "block_length": 32,
+        "early_stop": False,
+    }
+    with pytest.raises(BenchError, match="divide the block length"):
+        fixed_step_overrides(64, 32, 5)
+    with pytest.raises(BenchError, match="multiple of the block length"):
+        fixed_step_overrides(40, 32, 8)
+
+
+def _counted_flops(model, *args) -> int:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def test_forward_flops_match_torch_flop_counter():
+    """The analytic FLOPs equal what torch counts, op by op, for a GQA model with and without a cache."""
+    cfg = random_llada_config(n_kv_heads=2, n_layers=2)
+    model = LLaDAModel(cfg).eval()
+    shape = shape_from_config({**cfg.__dict__})
+    b, q = 2, 12
+    ids = torch.randint(0, cfg.vocab_size, (b, q))
+    pos = torch.arange(q).expand(b, q)
+    mask = torch.ones(b, q, q, dtype=torch.bool)
+    index = torch.arange(4, 12).expand(b, 8)
+    with torch.inference_mode():
+        counted = _counted_flops(model, ids, pos, mask, None, index)
+    assert forward_cost(shape, b, q, q, 8, 4).flops == counted
+
+    # A block step: 5 queries attend to 20 cached keys, logits for the 5 positions.
+    pool = KVPool(cfg.n_layers, b, cfg.n_kv_heads, 32, cfg.head_dim, torch.float32, "cpu")
+    slots = torch.tensor([pool.allocate() for _ in range(b)])
+    qpos = torch.arange(15, 20).expand(b, 5)
+    view = pool.view(slots, qpos, 20)
+    mask = torch.ones(b, 5, 20, dtype=torch.bool)
+    with torch.inference_mode():
+        counted = _counted_flops(model, ids[:, :5], qpos, mask, view, torch.arange(5).expand(b, 5))
+    cost = forward_cost(shape, b, 5, 20, 5, 4)
+    assert cost.flops == counted
+    assert cost.kv_bytes == 2 * cfg.n_layers * b * cfg.n_kv_heads * 20 * cfg.head_dim * 4
+
+
+def test_shipped_llada_config_has_the_real_shape():
+    """The streamed-weight count from config.json equals the real LLaDA-8B model's matrices."""
+    path = engine_bench.SHIPPED_CONFIGS / "llada-8b-instruct" / "config.json"
+    raw = json.loads(path.read_text())
+    shape = shape_from_config(raw)
+    with torch.device("meta"):
+        model = LLaDAModel(LLaDAConfig.from_dict(raw))
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("wte"))
+    assert shape.streamed_params == matrices
+    assert 7.4e9 < shape.streamed_params + shape.d_model * shape.vocab_size < 8.1e9  # "8B" with embeddings
+    assert (raw["mask_token_id"], raw["eos_token_id"], raw["vocab_size"]) == (126336, 126081, 126464)
+
+
+def test_nemotron_config_reads_hugging_face_keys():
+    raw = json.loads(
+        (engine_bench.SHIPPED_CONFIGS / "nemotron-diffusion-research-4b" / "config.json").read_text()
+    )
+    shape = shape_from_config(raw)
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim) == (32, 8, 128)
+    assert shape.head_dim * shape.n_heads != shape.d_model  # head_dim comes from the config, not d / heads
+    assert 3.5e9 < shape.streamed_params < 4.5e9
+
+
+def test_peak_rates_are_measured_on_the_cpu():
+    flops, size = measure_matmul_rate(torch.device("cpu"), torch.float32, size=256, repeats=2)
+    bandwidth, nbytes = measure_read_bandwidth(torch.device("cpu"), torch.float32, 32 << 20, repeats=2)
+    assert size == 256 and nbytes == 32 << 20
+    assert 1e8 < flops < 1e14
+    assert 1e8 < bandwidth < 1e13
+
+
+def test_cli_on_the_shipped_8b_config_reduced(tmp_path):
+    """The real entry point, a shipped config with dummy weights narrowed by overrides, JSON out."""
+    out = tmp_path / "r.json"
+    args = ["--model-path", "llada-8b-instruct", "--load-format", "dummy", "--batch-size", "2"]
+    args += [a for o in SMALL_8B_WIDTH for a in ("--config-override", o)]
+    args += ["--prompt-len", "8", "--gen-length", "16", "--block-length", "8", "--fixed-tokens-per-step", "4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dllm_serve.cli", "bench", "engine", *args, "--json", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report
+    model, tot = report["model"], report["results"]["totals"]
+    assert model["shape"]["vocab_size"] == 126464 and model["shape"]["d_model"] == 256
+    assert model["mask_token_id"] == 126336
+    assert model["config_overrides"]["n_layers"] == 1
+    assert tot["committed_tokens"] == 2 * 16 and tot["steps"] == 4
+    assert tot["peak_rss_bytes"] > 0
+    hw = report["hardware"]
+    assert hw["source"] == "measured" and hw["matmul_flops_per_s"] > 0 and hw["read_bytes_per_s"] > 0
+    every = report["results"]["steps"]["all"]
+    assert every["binding_limit"] in {"compute", "memory"}
+    assert 0 < every["fraction_of_limit"] < 2
+
+
+def test_table_output_on_tiny_llada(capsys):
+    code = main(
+        [
+            "bench",
+            "engine",
+            "--batch-size",
+            "2",
+            "--prompt-len",
+            "8",
+            "--gen-length",
+            "32",
+            "--block-length",
+            "16",
+            "--fixed-tokens-per-step",
+            "8",
+            "--algorithm",
+            "dual_cache",
+            "--peak-flops",
+            "1e10",
+            "--peak-bandwidth",
+            "1e10",
+            "--no-progress",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| block | 2 |" in out and "| refresh | 2 |" in out
+    assert "64 tokens in" in out and "8.00 tokens/forward" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model-path", "llada-8b-instruct"], "pass --load-format dummy"),
+        (["--config-override", "n_layers=1"], "pass --load-format dummy"),
+        (["--block-length", "16", "--fixed-tokens-per-step", "5"], "must divide the block length"),
+        (["--model-path", "no-such-model"], "not a model directory or a shipped config"),
+    ],
+)
+def test_cli_errors_are_clear(capsys, extra, message):
+    fixed = ["--no-progress", "--peak-flops", "1", "--peak-bandwidth", "1"]
+    assert main(["bench", "engine", *fixed, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_nemotron_config_runs_or_says_why(capsys):
+    """Until the native Nemotron model lands, the shipped config fails with a clear message."""
+    args = ["bench", "engine", "--model-path", "nemotron-diffusion-research-4b", "--load-format", "dummy"]
+    args += ["--config-override", "num_hidden_layers=1", "--config-override", "hidden_size=256"]
+    args += ["--config-override", "intermediate_size=512", "--config-override", "head_dim=32"]
+    args += ["--batch-size", "1", "--prompt-len", "8", "--gen-length", "32", "--fixed-tokens-per-step", "8"]
+    args += ["--peak-flops", "1e10", "--peak-bandwidth", "1e10", "--no-progress", "--json"]
+    try:
+        import dllm_serve.models.nemotron  # noqa: F401
+    except ImportError:
+        assert main(args) == 2
+        assert "native Nemotron model" in capsys.readouterr().err
+        return
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["family"] == "nemotron"
+    assert report["results"]["totals"]["committed_tokens"] == 32
