@@ -2,7 +2,7 @@
 # `dllm-serve bench engine` figures on the CPU: the bundled tiny-llada (its trained weights), and
 # dummy-weight LLaDA-8B / Nemotron-4B shapes cut to 2 layers at full width. One thread, K = 4.
 # Writes one raw JSON per run to benchmarks/raw/ and the markdown table to stdout:
-#   OMP_NUM_THREADS=1 benchmarks/engine_cpu.sh > benchmarks/engine_cpu.table.md
+#   OMP_NUM_THREADS=1 benchmarks/bench_engine_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -25,4 +25,4 @@ dllm-serve bench engine "${common[@]}" --model-path nemotron-diffusion-research-
   --config-override num_hidden_layers=2 --algorithm nemotron --batch-size 1 --prompt-len 64 --gen-length 64 \
   -o "$out/engine_cpu_nemotron-4b-2layers_nemotron_bs1.json" >/dev/null
 
-python benchmarks/engine_table.py "$out"/engine_cpu_*.json
+python benchmarks/bench_engine_table.py "$out"/engine_cpu_*.json
