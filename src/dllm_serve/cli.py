@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (OSError, ValueError) as exc:  # bad paths, refused checkpoints, invalid settings
+        if args.verbose:
+            raise
+        print(f"dllm-serve {args.command}: error: {exc} (--verbose for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

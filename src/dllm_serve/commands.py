@@ -39,7 +39,7 @@ _BOOL_FLAGS = ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate one completion on this machine and print it")
     add_engine_arguments(gen)
-    _add_decoding_arguments(gen)
+    add_decoding_arguments(gen)
     gen.add_argument(
         "--gen-length",
         "--max-tokens",
@@ -55,9 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("eval", help="accuracy and speed on the bundled synthetic task set")
     add_engine_arguments(ev)
-    _add_decoding_arguments(ev)
+    add_decoding_arguments(ev)
     ev.add_argument("--limit", type=int, default=200, help="held-out prompts to run")
-    ev.add_argument("--gen-length", dest="gen_length", type=int, default=64)
+    ev.add_argument("--gen-length", dest="gen_length", type=int, default=48)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=run_eval)
 
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.set_defaults(func=run_models)
 
 
-def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("decoding (defaults come from the algorithm preset)")
     for name, kind in _DECODING_FLAGS:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
@@ -82,7 +82,7 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from dllm_serve.engine.algorithms import ParamError, resolve_params
+    from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.engine import build_engine
     from dllm_serve.engine.sequence import GenerationRequest
 
@@ -93,9 +93,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         ids = tok.render_chat([{"role": "user", "content": args.prompt}])
     try:
-        params = resolve_params(
-            engine.default_algorithm, engine.loaded.family, args.gen_length, decoding_overrides(args)
-        )
+        params = engine.resolve_params(args.gen_length, decoding_overrides(args))
     except ParamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -123,12 +121,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the held-out synthetic tasks through ``engine``; accuracy and throughput figures."""
     from dllm_serve.bench.tasks import heldout_examples, is_correct
-    from dllm_serve.engine.algorithms import resolve_params
     from dllm_serve.engine.sequence import GenerationRequest
 
     tok = engine.loaded.tokenizer
     examples = heldout_examples(limit)
-    params = resolve_params(algorithm, engine.loaded.family, gen_length, {"seed": 0, **overrides})
+    params = engine.resolve_params(gen_length, {"seed": 0, **overrides}, algorithm)
     requests = [
         GenerationRequest(
             f"eval-{i}", tok.render_chat([{"role": "user", "content": ex.prompt}]), params, gen_length

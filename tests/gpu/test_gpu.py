@@ -19,7 +19,7 @@ import torch
 from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.cli import main
 from dllm_serve.config import BUNDLED_MODELS_DIR, EngineConfig
-from dllm_serve.engine.algorithms import default_preset, presets_for, resolve_params
+from dllm_serve.engine.algorithms import presets_for
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
@@ -43,30 +43,30 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _requests(loaded, algorithm: str, n: int) -> list[GenerationRequest]:
-    tok = loaded.tokenizer
-    defaults = dict(getattr(loaded.model, "decode_defaults", None) or {})
-    params = resolve_params(algorithm, loaded.family, GEN, {"seed": 0}, model_defaults=defaults)
+def _requests(engine: Engine, algorithm: str, n: int) -> list[GenerationRequest]:
+    """Held-out chat prompts with the engine's own resolution (checkpoint defaults included)."""
+    tok = engine.loaded.tokenizer
+    params = engine.resolve_params(GEN, {"seed": 0}, algorithm)
     return [
         GenerationRequest(f"r{i}", tok.render_chat([{"role": "user", "content": ex.prompt}]), params, GEN)
         for i, ex in enumerate(heldout_examples(n))
     ]
 
 
-def _tokens(loaded, requests, batch: int) -> list[list[int]]:
-    results = Engine(loaded, EngineConfig(max_batch_size=batch)).run_to_completion(requests)
+def _tokens(engine: Engine, requests) -> list[list[int]]:
+    results = engine.run_to_completion(requests)
     assert not any(r.error for r in results.values())
     return [results[r.request_id].token_ids for r in requests]
 
 
 @pytest.mark.parametrize("path", TINY_MODELS, ids=lambda p: p.name)
 def test_bf16_agrees_with_float32(path):
-    fp32 = load_model(path, dtype="float32", device="cuda")
-    bf16 = load_model(path, dtype="bfloat16", device="cuda")
-    algorithm = default_preset("auto", fp32.family)
+    fp32 = Engine(load_model(path, dtype="float32", device="cuda"), EngineConfig(max_batch_size=32))
+    bf16 = Engine(load_model(path, dtype="bfloat16", device="cuda"), EngineConfig(max_batch_size=32))
+    algorithm = fp32.default_algorithm
     n = 100
-    want = _tokens(fp32, _requests(fp32, algorithm, n), batch=32)
-    got = _tokens(bf16, _requests(bf16, algorithm, n), batch=32)
+    want = _tokens(fp32, _requests(fp32, algorithm, n))
+    got = _tokens(bf16, _requests(bf16, algorithm, n))
     same = sum(a == b for a, b in zip(want, got, strict=True))
     assert same >= 0.95 * n, f"bf16 matched float32 on only {same}/{n} prompts"
 
@@ -75,10 +75,12 @@ def test_bf16_agrees_with_float32(path):
 def test_batch_invariance_float32_on_cuda(path):
     """Each request alone, then all together (different prompt lengths, so padding differs)."""
     loaded = load_model(path, dtype="float32", device="cuda")
+    single = Engine(loaded, EngineConfig(max_batch_size=1))
+    batched = Engine(loaded, EngineConfig(max_batch_size=12))
     for preset in presets_for(loaded.family):
-        requests = _requests(loaded, preset.name, 12)
-        alone = [_tokens(loaded, [r], batch=1)[0] for r in requests]
-        together = _tokens(loaded, requests, batch=len(requests))
+        requests = _requests(single, preset.name, 12)
+        alone = [_tokens(single, [r])[0] for r in requests]
+        together = _tokens(batched, requests)
         for i, (a, b) in enumerate(zip(alone, together, strict=True)):
             assert a == b, f"{preset.name}: request {i} changed when batched"
 

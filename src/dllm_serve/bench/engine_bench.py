@@ -218,24 +218,20 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
     import torch
 
     from dllm_serve.bench.hardware import ForwardRecorder, shape_from_config, synchronize
-    from dllm_serve.engine.algorithms import DEFAULT_BLOCK_LENGTH, ParamError, resolve_params
+    from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.sequence import GenerationRequest
 
     loaded = engine.loaded
     model = loaded.model
-    algorithm = settings.algorithm or engine.default_algorithm
-    model_defaults = dict(getattr(model, "decode_defaults", None) or {})
     overrides = dict(settings.overrides)
     if settings.block_length is not None:
         overrides["block_length"] = settings.block_length
-    if settings.fixed_tokens_per_step is not None:
-        block = overrides.get("block_length") or model_defaults.get("block_length") or DEFAULT_BLOCK_LENGTH
-        overrides.update(fixed_step_overrides(settings.gen_length, block, settings.fixed_tokens_per_step))
     overrides.setdefault("seed", settings.seed)
     try:
-        params = resolve_params(
-            algorithm, loaded.family, settings.gen_length, overrides, model_defaults=model_defaults
-        )
+        if settings.fixed_tokens_per_step is not None:
+            block = engine.resolve_params(settings.gen_length, overrides, settings.algorithm).block_length
+            overrides.update(fixed_step_overrides(settings.gen_length, block, settings.fixed_tokens_per_step))
+        params = engine.resolve_params(settings.gen_length, overrides, settings.algorithm)
     except ParamError as exc:
         raise BenchError(f"{exc.param}: {exc}") from exc
 
@@ -484,6 +480,8 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
         why = "--config-override changes the shapes" if config_overrides else f"{model_dir} has no weights"
         raise BenchError(f"{why}: pass --load-format dummy (random weights built from the config)")
     check_family_available(model_dir)
+    if args.trust_remote_code:
+        raise BenchError("bench engine measures the native engine; --trust-remote-code is not supported")
 
     with tempfile.TemporaryDirectory(prefix="dllm-bench-") as tmp:
         if config_overrides:

@@ -1,4 +1,4 @@
-"""The engine: one loop on a dedicated thread, and the asyncio-facing API the server uses.
+"""The engine: one loop on a dedicated thread; the server bridges its events to asyncio (server/routes.py).
 
 Thread-safety: ``add_request`` and ``abort`` may be called from any thread; they only touch the
 scheduler's locked inbox. Everything else runs on the engine thread (or, for offline use,
@@ -7,23 +7,31 @@ scheduler's locked inbox. Everything else runs on the engine thread (or, for off
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.engine.algorithms import canonical_name, default_preset
+from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import QueueFullError, Scheduler
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models.loader import LoadedModel, load_model
+from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "Engine", "EngineStats", "QueueFullError", "RequestResult", "build_engine"]
+__all__ = [
+    "Engine",
+    "EngineBase",
+    "EngineStats",
+    "QueueFullError",
+    "RequestResult",
+    "build_engine",
+]
 
 
 @dataclass
@@ -46,7 +54,12 @@ class RequestResult:
     error: str | None = None
 
 
-class Engine:
+class EngineBase:
+    """What the server, the CLI and the benchmarks rely on, shared by the native ``Engine`` and the
+    remote-code ``RemoteEngine``: the loaded model, the default preset, per-request parameter
+    resolution, step observers and counters. Both also implement ``add_request``, ``abort``,
+    ``stats``, ``start``, ``is_running``, ``shutdown`` and ``run_to_completion``."""
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
@@ -56,15 +69,38 @@ class Engine:
             if self.config.algorithm
             else default_preset(self.config.engine, family)
         )
-        self.runner = Runner(loaded, self.config)
-        self.scheduler = Scheduler(self.runner, self.config)
+        # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).
+        self.model_defaults: dict[str, Any] = dict(getattr(loaded.model, "decode_defaults", None) or {})
         self.step_observers: list[Callable[[StepInfo], None]] = []
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._draining = False
         self.forwards = 0
         self.steps = 0
         self.finished = 0
+
+    def resolve_params(
+        self, max_new_tokens: int, overrides: dict[str, Any] | None = None, algorithm: str | None = None
+    ) -> DecodeParams:
+        """A request's decoding parameters for the loaded model (raises ``ParamError``).
+
+        Precedence: request overrides > the checkpoint's defaults > the preset's defaults;
+        ``algorithm`` None means the engine's default preset.
+        """
+        return resolve_params(
+            algorithm or self.default_algorithm,
+            self.loaded.family,
+            max_new_tokens,
+            overrides,
+            model_defaults=self.model_defaults,
+        )
+
+
+class Engine(EngineBase):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        super().__init__(loaded, config)
+        self.runner = Runner(loaded, self.config)
+        self.scheduler = Scheduler(self.runner, self.config)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._draining = False
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -158,8 +194,13 @@ class Engine:
         return {rid: results[rid] for rid in ids}
 
 
-def build_engine(config: EngineConfig) -> Engine:
-    """Load the configured checkpoint (converting a DCP checkpoint first) and build its engine."""
+def build_engine(config: EngineConfig) -> EngineBase:
+    """Load the configured checkpoint (converting a DCP checkpoint first) and build its engine.
+
+    With ``trust_remote_code`` a checkpoint that ships modeling code (``auto_map``) is served
+    through that code (``RemoteEngine``); otherwise the native model is built, and a checkpoint of
+    an unknown family is an error that says so.
+    """
     path = config.model_path
     if config.dcp_path:
         from dllm_serve.checkpoints.dcp import ensure_converted
@@ -167,35 +208,22 @@ def build_engine(config: EngineConfig) -> Engine:
         if not config.base_model:
             raise ValueError("--dcp-path needs --base-model (config and tokenizer of the trained model)")
         path = str(ensure_converted(config.dcp_path, config.base_model, config.dcp_cache_dir))
+    if config.trust_remote_code:
+        resolved = resolve_model_path(path)
+        if has_remote_code(json.loads((resolved / "config.json").read_text())):
+            from dllm_serve.engine.remote import RemoteEngine
+            from dllm_serve.models.remote_code import load_remote_model
+
+            if config.load_format != "safetensors":
+                raise ValueError("--load-format dummy builds native models only, not remote code")
+            remote = load_remote_model(
+                resolved,
+                trust_remote_code=True,
+                dtype=config.resolved_dtype(),
+                device=config.resolved_device(),
+            )
+            return RemoteEngine(remote, config)
     loaded = load_model(
         path, dtype=config.resolved_dtype(), device=config.resolved_device(), load_format=config.load_format
     )
     return Engine(loaded, config)
-
-
-class AsyncEngine:
-    """Asyncio front of an ``Engine`` running on its thread."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[SequenceEvent]:
-        """Events for one request. Leaving the iteration early (client gone) aborts the request."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
-
-        def on_event(event: SequenceEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        self.engine.add_request(request, on_event)
-        finished = False
-        try:
-            while True:
-                event = await queue.get()
-                finished = event.finished
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.engine.abort(request.request_id)

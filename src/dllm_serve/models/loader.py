@@ -13,13 +13,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.tokenizer import ChatTokenizer
+
+if TYPE_CHECKING:
+    from dllm_serve.models.remote_code import RemoteModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass
 class LoadedModel:
-    model: DiffusionLM
+    model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
     tokenizer: ChatTokenizer
     family: str  # "llada" | "nemotron"
     path: Path
@@ -67,6 +70,16 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
     raise ModelNotFoundError(f"model path {path} does not exist")
 
 
+# transformers auto classes a checkpoint's auto_map may name for its own model code, preferred first.
+REMOTE_AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
+
+
+def has_remote_code(config: dict[str, Any]) -> bool:
+    """Whether config.json points transformers at modeling code shipped with the checkpoint."""
+    auto_map = config.get("auto_map") or {}
+    return any(key in auto_map for key in REMOTE_AUTO_CLASSES)
+
+
 def detect_family(config: dict[str, Any]) -> str:
     """The architecture named by config.json (model_type / architectures), never by the path."""
     model_type = str(config.get("model_type", "")).lower()
@@ -75,10 +88,15 @@ def detect_family(config: dict[str, Any]) -> str:
         return "llada"
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
         return "nemotron"
+    hint = (
+        "; it ships its own modeling code (auto_map): pass --trust-remote-code to serve it through that code"
+        if has_remote_code(config)
+        else ""
+    )
     raise ValueError(
         f"unsupported model: model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')}; "
-        "supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel)"
+        f"supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel){hint}"
     )
 
 

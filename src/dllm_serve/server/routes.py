@@ -1,8 +1,9 @@
 """HTTP endpoints: OpenAI chat/completions/models, the algorithm catalogue, health and metrics.
 
 A generation request goes: parse strictly -> prompt token ids -> length check -> preset
-resolution (``resolve_params``; a ``ParamError`` is a 400 naming the field) -> one engine request
-per choice (``n``; seed+i per choice when a seed is given) -> JSON, or SSE as text commits.
+resolution (``engine.resolve_params``: request > checkpoint > preset defaults; a ``ParamError``
+is a 400 naming the field) -> one engine request per choice (``n``; seed+i per choice when a seed
+is given) -> JSON, or SSE as text commits.
 Prompts and outputs are never logged above DEBUG.
 """
 
@@ -21,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from dllm_serve.engine.algorithms import ParamError, describe_presets, resolve_params
+from dllm_serve.engine.algorithms import ParamError, describe_presets
 from dllm_serve.engine.scheduler import QueueFullError
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.protocol import (
@@ -177,12 +178,7 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
                 "context_length_exceeded",
             )
     try:
-        params = resolve_params(
-            req.algorithm_name or engine.default_algorithm,
-            engine.loaded.family,
-            max_tokens,
-            req.decode_overrides(),
-        )
+        params = engine.resolve_params(max_tokens, req.decode_overrides(), req.algorithm_name)
     except ParamError as exc:
         raise bad_request(str(exc), exc.param, "invalid_value") from None
     for ids in prompts:

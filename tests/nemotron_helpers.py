@@ -1,0 +1,79 @@
+"""Builders for Nemotron-diffusion test checkpoints (DiffEncoderModel format) with random weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def random_nemotron_config(**overrides) -> NemotronConfig:
+    """Tiny Qwen3-shaped config with the bundled tokenizer's special ids (GQA 4:2 by default)."""
+    vocab = json.loads((TINY_NEMOTRON / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    base = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        vocab_size=len(vocab["model"]["vocab"]),
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        mask_token_id=ids["<|mask|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        dlm_paradigm="block_diff",
+        block_size=8,
+    )
+    base.update(overrides)
+    return NemotronConfig(**base)
+
+
+def random_nemotron_weights(
+    cfg: NemotronConfig, seed: int = 0, scale: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """Published-name tensors; norms away from 1 so a wrong mapping shows."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in NemotronModel(cfg).export_state_dict().items():
+        if t.dim() == 1:
+            out[name] = 1.0 + 0.2 * torch.randn(t.shape, generator=gen)
+        else:
+            out[name] = torch.randn(t.shape, generator=gen) * scale
+    return out
+
+
+def write_nemotron_checkpoint(
+    directory: Path, cfg: NemotronConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
+) -> Path:
+    """A checkpoint directory in the published layout, with the bundled tokenizer and chat template."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(nemotron_config_dict(cfg), indent=2))
+    for name in TOKENIZER_FILES:
+        shutil.copy(TINY_NEMOTRON / name, directory / name)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+        return directory
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(directory / fname))
+        weight_map.update({n: fname for n in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    return directory
