@@ -1,11 +1,27 @@
-"""Train the bundled tiny checkpoint in LLaDA's real format on the synthetic chat task set.
+"""Train a bundled tiny checkpoint in a real published format on the synthetic chat task set.
 
-    python scripts/train_tiny.py --out models/tiny-llada
+    python scripts/train_tiny.py --out models/tiny-llada                        # LLaDA
+    python scripts/train_tiny.py --family nemotron --out models/tiny-nemotron   # Nemotron diffusion
 
-Objective: LLaDA's masked-diffusion SFT. Only the response is masked, with ratio
-p = (1 - eps) * t + eps, t ~ U(0, 1) per example; the loss is the cross-entropy on masked tokens
-weighted by 1/p and normalised by the response length; the response is padded with EOS to a fixed
-canvas (end-of-turn, then EOS) exactly as the sampler sees it. Deterministic for a given seed.
+Both families share the tokenizer recipe (a byte-level BPE trained on task text, with the family's
+special tokens and chat template), the task stream, the response canvases (CANVAS_LENGTHS, cycled
+per step: answer, end-of-turn, then EOS padding, exactly as the sampler sees it) and the training
+loop (AdamW, warm-up + cosine, clipping, periodic checkpoints). They differ in model/format and
+objective:
+
+- ``llada``: LLaDA's masked-diffusion SFT. Only the response is masked, with ratio
+  p = (1 - eps) * t + eps, t ~ U(0, 1) per example; the loss is the cross-entropy on masked tokens
+  weighted by 1/p and normalised by the response length.
+- ``nemotron`` (DiffEncoderModel, Qwen ChatML): block diffusion over a committed context, the way
+  the ``nemotron`` preset decodes. Each row is ``[prompt | clean response | noisy response]`` with
+  the response positions repeated (BD3LM's two-copy layout). The clean copy attends block-causally
+  (the prompt is one block, then response blocks of ``bs`` tokens), which gives exactly the K/V the
+  engine caches for committed blocks; a noisy block attends to the clean context before it and to
+  itself, as the active block does at inference. Inside each noisy block the masking ratio is
+  p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
+  tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
+
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -13,16 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dllm_serve.bench.tasks import TASKS, make_example, training_stream
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
+from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 LLADA_SPECIALS = [
@@ -43,13 +64,95 @@ LLADA_CHAT_TEMPLATE = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-GEN_LENGTH = 64  # response canvas during training: answer, end-of-turn, EOS padding
+NEMOTRON_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
+# ends answers cleanly on any canvas a user picks, not just one.
+CANVAS_LENGTHS = (32, 64, 48, 96)
+# Nemotron: block sizes drawn per row, so any of them decodes well.
+BLOCK_SIZES = (8, 16, 32)
+BLOCK_WEIGHTS = (0.25, 0.25, 0.5)
 
 
-def build_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
+@dataclass(frozen=True)
+class Format:
+    """A family's tokenizer files: special tokens (eos, end-of-turn, mask by name) and chat template."""
+
+    specials: list[str]
+    eos: str
+    eot: str
+    mask: str
+    tokenizer_config: dict[str, Any]
+    special_tokens_map: dict[str, Any]
+
+
+FORMATS = {
+    "llada": Format(
+        LLADA_SPECIALS,
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|mdm_mask|>",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mdm_mask|>",
+            "model_max_length": 512,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": LLADA_CHAT_TEMPLATE,
+        },
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+    ),
+    "nemotron": Format(
+        NEMOTRON_SPECIALS,
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|mask|>",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": 512,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": QWEN_CHAT_TEMPLATE,
+        },
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
+    ),
+}
+# Per-family defaults of the flags whose default is None.
+DEFAULTS = {
+    "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
+    "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
+}
+OBJECTIVES = {
+    "llada": "masked diffusion SFT (1/p-weighted, response masked)",
+    "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+}
+
+
+@dataclass(frozen=True)
+class Ids:
+    eos: int
+    eot: int
+    mask: int
+
+
+def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     """Train a byte-level BPE on task-like text and write tokenizer.json + tokenizer_config.json."""
-    import random
-
     rng = random.Random(seed)
     corpus = []
     for _ in range(4000):
@@ -61,150 +164,302 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=LLADA_SPECIALS,
+        special_tokens=fmt.specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "mask_token": "<|mdm_mask|>",
-                "model_max_length": 512,
-                "clean_up_tokenization_spaces": False,
-                "chat_template": LLADA_CHAT_TEMPLATE,
-            },
-            indent=2,
-        )
-    )
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(
-            {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-        )
-    )
+    (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
 
 
-def encode_batch(tok: ChatTokenizer, examples, eos: int, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of prompt + response; response = answer, eot, EOS to GEN_LENGTH, then EOS to the batch width."""
-    rows, starts = [], []
+def encode_rows(
+    tok: ChatTokenizer, examples, eos: int, eot: int, canvas: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and ``canvas``-long responses (answer, end-of-turn, EOS padding) per example."""
+    prompts, responses = [], []
     for ex in examples:
-        prompt = tok.render_chat([{"role": "user", "content": ex.prompt}])
         answer = [*tok.encode(ex.answer), eot]
-        if len(answer) > GEN_LENGTH:
+        if len(answer) > canvas:
             raise ValueError(f"answer too long for the training canvas: {len(answer)}")
-        rows.append(prompt + answer + [eos] * (GEN_LENGTH - len(answer)))
-        starts.append(len(prompt))
+        prompts.append(tok.render_chat([{"role": "user", "content": ex.prompt}]))
+        responses.append(answer + [eos] * (canvas - len(answer)))
+    return prompts, responses
+
+
+def encode_batch(
+    tok: ChatTokenizer, examples, eos: int, eot: int, canvas: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of prompt + response; response = answer, eot, EOS to ``canvas``, then EOS to the batch width."""
+    prompts, responses = encode_rows(tok, examples, eos, eot, canvas)
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
-    return ids, torch.tensor(starts)
+    return ids, torch.tensor([len(p) for p in prompts])
 
 
-def save_checkpoint(
-    model: LLaDAModel, cfg: LLaDAConfig, args: argparse.Namespace, step: int, seconds: float, loss: float
-) -> None:
+# -- objectives ---------------------------------------------------------------------------------
+
+
+def llada_loss(
+    model: LLaDAModel, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
+) -> torch.Tensor:
+    """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring)."""
+    eps = 1e-3
+    ids, starts = encode_batch(tok, examples, ids_.eos, ids_.eot, canvas)
+    b, width = ids.shape
+    response = torch.arange(width)[None, :] >= starts[:, None]
+    # Stratified mask ratios: each t is still U(0, 1), but a batch covers the range evenly.
+    t = (torch.arange(b) + torch.rand(b, generator=gen)) / b
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(b, width)
+    masked = (torch.rand(b, width, generator=gen) < p_mask) & response
+    noisy = torch.where(masked, torch.full_like(ids, ids_.mask), ids)
+    positions = torch.arange(width)[None, :].expand(b, width)
+    logits = model(noisy, positions)
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
+    row = torch.arange(b)[:, None].expand(b, width)[masked]
+    per_row = torch.zeros(b).index_add_(0, row, ce) / response.sum(1)
+    return per_row.mean()
+
+
+def block_diffusion_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    block_sizes: list[int],
+    mask_id: int,
+    pad_id: int,
+    gen: torch.Generator,
+    eps: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """Inputs, positions, [B, W, W] attention mask, noisy-copy indices, targets and mask ratios.
+
+    All responses have the same length; a block size need not divide it (the last block is short).
+    """
+    b, rl = len(prompts), len(responses[0])
+    plen = torch.tensor([len(p) for p in prompts])
+    width = int(plen.max()) + 2 * rl
+    idx = torch.arange(width)[None, :].expand(b, width)
+    clean_end = plen[:, None] + rl
+    is_clean = idx < clean_end  # prompt and clean response
+    is_noisy = (idx >= clean_end) & (idx < clean_end + rl)
+    bs = torch.tensor(block_sizes)[:, None]
+    offset = torch.where(is_noisy, idx - clean_end, idx - plen[:, None])  # response offset
+    block = torch.where(idx < plen[:, None], torch.full_like(idx, -1), offset // bs)
+    blk_q, blk_k = block[:, :, None], block[:, None, :]
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    noisy_q = is_noisy[:, :, None] & (
+        (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
+    )
+    mask = clean_q | noisy_q
+
+    targets = torch.tensor(responses)
+    # One masking ratio per (row, block), stratified over the batch for each block slot.
+    n_blocks = -(-rl // min(block_sizes))
+    t = (torch.arange(b)[:, None] + torch.rand(b, n_blocks, generator=gen)) / b
+    t = torch.gather(t, 0, torch.rand(b, n_blocks, generator=gen).argsort(0))
+    resp_block = torch.arange(rl)[None, :] // bs
+    p_mask = (1 - eps) * torch.gather(t, 1, resp_block) + eps
+    masked = torch.rand(b, rl, generator=gen) < p_mask
+    noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    noisy_index = clean_end + torch.arange(rl)[None, :]
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n = len(p)
+        ids[i, : n + rl] = torch.tensor(p + r)
+        ids[i, n + rl : n + 2 * rl] = noisy[i]
+        positions[i, : n + rl] = torch.arange(n + rl)
+        positions[i, n + rl : n + 2 * rl] = torch.arange(n, n + rl)
+    return {
+        "ids": ids,
+        "positions": positions,
+        "mask": mask,
+        "noisy_index": noisy_index,
+        "targets": targets,
+        "masked": masked,
+        "p_mask": p_mask,
+    }
+
+
+def block_diffusion_loss(
+    model: NemotronModel,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Mean cross-entropy on the masked tokens of the noisy copy (see the module docstring)."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    sizes = rng.choices(BLOCK_SIZES, weights=BLOCK_WEIGHTS, k=len(examples))
+    batch = block_diffusion_batch(prompts, responses, sizes, ids_.mask, ids_.eos, gen)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
+    masked = batch["masked"]
+    return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
+# -- models and checkpoints ---------------------------------------------------------------------
+
+
+def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
+    """The family's native model with the trainer's shapes, and its config."""
+    if family == "llada":
+        cfg = LLaDAConfig(
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            n_kv_heads=args.kv_heads or args.heads,
+            mlp_hidden_size=args.mlp,
+            vocab_size=n_vocab,
+            embedding_size=n_vocab,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            max_sequence_length=512,
+            mask_token_id=ids.mask,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.eos,
+        )
+        return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
+    cfg = NemotronConfig(
+        hidden_size=args.d_model,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        head_dim=args.d_model // args.heads,
+        intermediate_size=args.mlp,
+        vocab_size=n_vocab,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        mask_token_id=ids.mask,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.eos,
+        dlm_paradigm="block_diff",
+        block_size=args.block_size,
+    )
+    return NemotronModel(cfg, eot_token_id=ids.eot), cfg
+
+
+def init_weights(model: torch.nn.Module, n_layers: int) -> None:
+    """Matrices at std 0.02, output projections of the residual branches scaled by 1/sqrt(2 layers)."""
+    residual_out = ("ff_out", "attn_out", "o_proj.weight", "down.weight")
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            scaled = any(key in name for key in residual_out)
+            torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
+
+
+def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: float, loss: float) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    (args.out / "config.json").write_text(json.dumps(llada_config_dict(cfg), indent=2))
-    roles = {
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "mask_token_id": cfg.mask_token_id,
-    }
+    if args.family == "llada":
+        config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
+    else:
+        config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
+    roles = {"eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id, "mask_token_id": cfg.mask_token_id}
     (args.out / "generation_config.json").write_text(json.dumps(roles, indent=2))
     record = {
         "script": "scripts/train_tiny.py",
+        "family": args.family,
+        "objective": OBJECTIVES[args.family],
         "args": {k: str(v) for k, v in vars(args).items()},
         "tasks": list(TASKS),
+        "canvas_lengths": list(CANVAS_LENGTHS),
         "step": step,
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
+    if args.family == "nemotron":
+        record["block_sizes"] = list(BLOCK_SIZES)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
 
-def main() -> None:
+def lr_factor(schedule: str, steps: int, step: int) -> float:
+    """Warm-up over the first 1/30 of the steps, then ``cosine`` decay to 0, or ``wsd``: hold the
+    peak until 80 % of the steps and decay linearly to 0. The tiny models learn their alignment
+    tasks in a sudden transition that needs a high learning rate; ``wsd`` keeps it high for longer
+    in a short run."""
+    warmup = min(1.0, (step + 1) / max(1, steps // 30))
+    progress = min(1.0, step / steps)
+    if schedule == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup * min(1.0, (1 - progress) / 0.2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("models/tiny-llada"))
+    ap.add_argument("--family", choices=sorted(FORMATS), default="llada", help="checkpoint format")
+    ap.add_argument("--out", type=Path, default=None, help="default: models/tiny-<family>")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="end after this many steps of the --steps schedule (the bundled tiny-llada: 1000 of 3000)",
+    )
+    ap.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine", help="learning-rate schedule")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (llada), 2 (nemotron)")
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
+    ap.add_argument("--block-size", type=int, default=32, help="nemotron: config.json block_size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
-    args = ap.parse_args()
+    ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights")
+    ap.add_argument("--skip-examples", type=int, default=0, help="skip this many training examples first")
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.family].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fmt = FORMATS[args.family]
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(args.out, args.vocab_size, args.seed)
+    build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
-    eos, eot, mask = vocab["<|endoftext|>"], vocab["<|eot_id|>"], vocab["<|mdm_mask|>"]
-    n_vocab = len(vocab)
-    cfg = LLaDAConfig(
-        d_model=args.d_model,
-        n_layers=args.layers,
-        n_heads=args.heads,
-        n_kv_heads=args.heads,
-        mlp_hidden_size=args.mlp,
-        vocab_size=n_vocab,
-        embedding_size=n_vocab,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_sequence_length=512,
-        mask_token_id=mask,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    model = LLaDAModel(cfg, eot_token_id=eot)
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            torch.nn.init.normal_(
-                p,
-                std=0.02
-                if "ff_out" not in name and "attn_out" not in name
-                else 0.02 / math.sqrt(2 * cfg.n_layers),
-            )
+    ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
+    model, cfg = build_model(args.family, args, len(vocab), ids)
+    init_weights(model, args.layers)
+    if args.init is not None:
+        model.load_official(load_file(str(args.init / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, args.steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream()
+    for _ in range(args.skip_examples):
+        next(stream)
     gen = torch.Generator().manual_seed(args.seed)
-    eps = 1e-3
+    rng = random.Random(args.seed)
     t0 = time.time()
     model.train()
-    for step in range(1, args.steps + 1):
-        ids, starts = encode_batch(tok, [next(stream) for _ in range(args.batch_size)], eos, eot)
-        b, width = ids.shape
-        response = torch.arange(width)[None, :] >= starts[:, None]
-        t = torch.rand(b, generator=gen)
-        p_mask = ((1 - eps) * t + eps)[:, None].expand(b, width)
-        masked = (torch.rand(b, width, generator=gen) < p_mask) & response
-        noisy = torch.where(masked, torch.full_like(ids, mask), ids)
-        positions = torch.arange(width)[None, :].expand(b, width)
-        logits = model(noisy, positions)
-        ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
-        row = torch.arange(b)[:, None].expand(b, width)[masked]
-        per_row = torch.zeros(b).index_add_(0, row, ce) / response.sum(1)
-        loss = per_row.mean()
+    last = args.stop_after or args.steps
+    for step in range(1, last + 1):
+        examples = [next(stream) for _ in range(args.batch_size)]
+        canvas = CANVAS_LENGTHS[step % len(CANVAS_LENGTHS)]
+        if args.family == "llada":
+            loss = llada_loss(model, tok, examples, canvas, ids, gen)
+        else:
+            loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % args.save_every == 0 and step < args.steps:
+        if step % args.save_every == 0 and step < last:
             save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
         if step % 50 == 0 or step == 1:
             print(
@@ -213,7 +468,7 @@ def main() -> None:
                 flush=True,
             )
 
-    save_checkpoint(model, cfg, args, args.steps, time.time() - t0, loss.item())
+    save_checkpoint(model, cfg, args, last, time.time() - t0, loss.item())
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 
 

@@ -1,25 +1,23 @@
 """The synthetic chat task set the bundled tiny models are trained and evaluated on.
 
-Every task has one checkable answer of 10 to 52 tokens, so answers span several 16- or 32-token
-blocks. Items are single characters separated by spaces, which the bundled BPE tokenizer turns
-into one token each. Letter lists never repeat a letter: each item then has one unambiguous
-successor, which a tiny model can learn to follow (copy, reverse, double); digit lists repeat.
-Training and held-out examples come from disjoint seeds, and ``heldout_examples`` can exclude
-any prompts given to it.
+Every task maps a list of single characters item by item (copy, shift each letter by one, upper-case,
+add one to each digit), so each answer token sits a fixed distance after its source token in the
+prompt: an alignment a 4-layer model learns in minutes on a CPU, where variable-offset tasks
+(reverse, sort) need far longer training. List lengths differ per task, so answers are 12 to 20
+tokens and end at different places, spanning several 8- or 16-token blocks. Items are separated by
+spaces, which the bundled BPE tokenizer turns into one token each. Training and held-out examples
+come from disjoint seeds, and ``heldout_examples`` can exclude any prompts given to it.
 """
 
 from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 
-TASKS = ("copy", "reverse", "sort", "double")
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
-
-TRAIN_SEED = 1234
-HELDOUT_SEED = 987_654_321
 
 
 @dataclass(frozen=True)
@@ -29,33 +27,43 @@ class Example:
     answer: str
 
 
-def _letters(rng: random.Random, low: int, high: int) -> list[str]:
-    """Distinct letters in random order."""
-    return rng.sample(LETTERS, rng.randint(low, high))
+@dataclass(frozen=True)
+class _Task:
+    instruction: str
+    alphabet: str
+    length: int
+    transform: Callable[[str], str]
 
 
-def _digits(rng: random.Random, low: int, high: int) -> list[str]:
-    return [rng.choice(DIGITS) for _ in range(rng.randint(low, high))]
+def _shift_letter(c: str) -> str:
+    return LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)]
+
+
+def _add_one(c: str) -> str:
+    return DIGITS[(DIGITS.index(c) + 1) % len(DIGITS)]
+
+
+_TASKS = {
+    "copy": _Task("Copy the list:", LETTERS, 16, lambda c: c),
+    "shift": _Task("Replace each letter by the next one:", LETTERS, 12, _shift_letter),
+    "upper": _Task("Upper-case the list:", LETTERS, 14, str.upper),
+    "increment": _Task("Add one to each digit:", DIGITS, 20, _add_one),
+}
+TASKS = tuple(_TASKS)
+
+TRAIN_SEED = 1234
+HELDOUT_SEED = 987_654_321
 
 
 def make_example(rng: random.Random, task: str | None = None) -> Example:
     """Draw one example; ``task`` None picks a task uniformly."""
     task = task or rng.choice(TASKS)
-    if task == "copy":
-        items = _letters(rng, 10, 26)
-        return Example(task, "Copy the list: " + " ".join(items), " ".join(items))
-    if task == "reverse":
-        items = _letters(rng, 10, 26)
-        return Example(task, "Reverse the list: " + " ".join(items), " ".join(reversed(items)))
-    if task == "sort":
-        items = _digits(rng, 10, 30)
-        return Example(task, "Sort the digits: " + " ".join(items), " ".join(sorted(items)))
-    if task == "double":
-        items = _letters(rng, 5, 26)
-        return Example(
-            task, "Repeat each letter twice: " + " ".join(items), " ".join(c for c in items for _ in (0, 1))
-        )
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task not in _TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    spec = _TASKS[task]
+    items = [rng.choice(spec.alphabet) for _ in range(spec.length)]
+    answer = " ".join(spec.transform(c) for c in items)
+    return Example(task, f"{spec.instruction} {' '.join(items)}", answer)
 
 
 def training_stream(seed: int = TRAIN_SEED):
