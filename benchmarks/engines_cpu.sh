@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every LLaDA preset on the bundled tiny-llada: 200 held-out prompts, 64-token canvas, batch 1 and 16.
 # Writes one raw JSON per run to benchmarks/raw/ and the table to stdout.
-#   OMP_NUM_THREADS=1 benchmarks/engines_cpu.sh > benchmarks/engines_cpu.md
+#   OMP_NUM_THREADS=1 benchmarks/engines_cpu.sh      (results: benchmarks/engines_cpu.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/raw
