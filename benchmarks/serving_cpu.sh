@@ -2,10 +2,12 @@
 # Serving benchmark on the CPU: 32 concurrent clients (`dllm-serve bench serve`) against
 # `dllm-serve serve` on tiny-llada, continuous batching (--max-batch-size 32) vs one sequence at a
 # time (--max-batch-size 1). Same requests in both arms (held-out task prompts, seed + i, greedy).
-#   short:   dual_cache, block_length 8, max_tokens 24, 512 requests (small per-step work: batching pays)
+#   short:   dual_cache, one token per step (rule schedule), block_length 8, max_tokens 24, 256 requests:
+#            many small cached forwards per request, where batching pays on a CPU
 #   default: the server's default preset (dinfer_blockwise), block_length 32, max_tokens 64, 64 requests
+#   reference: the llada preset (one token per step), max_tokens 32, 128 requests
 # Raw JSON reports go to benchmarks/raw/serving_cpu_<workload>_<arm>.json.
-#   OMP_NUM_THREADS=1 benchmarks/serving_cpu.sh            # MODEL=... to serve another checkpoint
+#   OMP_NUM_THREADS=1 benchmarks/serving_cpu.sh   # MODEL=... PORT=... WORKLOADS=...; results: serving_cpu.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
@@ -26,20 +28,24 @@ bench() {  # workload arm max_batch_size requests, then bench flags
   kill -TERM "$pid"; wait "$pid" || true
 }
 
-workloads=${WORKLOADS:-short default}
+workloads=${WORKLOADS:-short default reference}
 for arm in continuous:32 batch1:1; do
   if [[ " $workloads " == *" short "* ]]; then
-    bench short "${arm%%:*}" "${arm##*:}" 512 --algorithm dual_cache --max-tokens 24 --extra '{"block_length": 8}'
+    bench short "${arm%%:*}" "${arm##*:}" 256 --algorithm dual_cache --max-tokens 24 \
+      --extra '{"block_length": 8, "rule": "schedule"}'
   fi
   if [[ " $workloads " == *" default "* ]]; then
     bench default "${arm%%:*}" "${arm##*:}" 64 --max-tokens 64
+  fi
+  if [[ " $workloads " == *" reference "* ]]; then
+    bench reference "${arm%%:*}" "${arm##*:}" 128 --algorithm llada --max-tokens 32
   fi
 done
 
 python - <<'PY'
 import json
 import os
-for w in ("short", "default"):
+for w in ("short", "default", "reference"):
     if not os.path.exists(f"benchmarks/raw/serving_cpu_{w}_continuous.json"):
         continue
     c = json.load(open(f"benchmarks/raw/serving_cpu_{w}_continuous.json"))
