@@ -349,7 +349,7 @@ def test_tied_head_repeated_by_training_is_dropped(tmp_path: Path) -> None:
     _save_single({"model": {**weights, **head}}, tmp_path / "ckpt" / "model")
     out = convert_checkpoint(tmp_path / "ckpt", str(base), tmp_path / "out", show_progress=False)
     _assert_same_tensors(load_safetensors(out), weights)
-    assert load_model(out).model.lm_head is None
+    assert load_model(out).model.head is None
 
 
 def test_nemotron_names_are_mapped_the_same_way(tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ class SequenceEvent:
     ``token_ids``: newly committed tokens extending the returned prefix (stop token excluded).
     ``finish_reason``: None while running; "stop" (a stop token), "length", "abort" (cancelled) or
     "error" (``error`` says what, without internals). ``stopped_on_token`` is True when a stop
-    token ended it (usage counts it).
+    token ended it (usage counts it). ``forwards`` (model forwards the sequence took) is set on the
+    final event only.
     """
 
     request_id: str

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,7 +39,13 @@ class KVView(Protocol):
 
 
 class DiffusionLM(nn.Module):
-    """Base class: a bidirectional (or block-causal) denoiser returning logits."""
+    """Base class: a bidirectional (or block-causal) denoiser returning logits.
+
+    The architectures differ inside their layers only, so the stack's forward lives here. A subclass
+    builds ``embed`` (token embedding), ``layers`` (each called as ``layer(x, cos, sin, bias, kv, i)``),
+    ``norm`` (final RMSNorm weight), ``head`` (output ``nn.Linear``, or None when tied to ``embed``)
+    and ``rotary``, and sets ``norm_eps``.
+    """
 
     roles: TokenRoles
     vocab_size: int
@@ -46,6 +53,12 @@ class DiffusionLM(nn.Module):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    norm_eps: float
+    embed: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Parameter
+    head: nn.Linear | None
+    rotary: RotaryEmbedding
 
     def forward(
         self,
@@ -55,7 +68,15 @@ class DiffusionLM(nn.Module):
         kv: KVView | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        x = self.embed(input_ids)
+        cos, sin = self.rotary.cos_sin(position_ids)
+        bias = attention_bias(attention_mask, input_ids.shape[1])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, bias, kv, i)
+        x = gather_positions(x, logits_index)  # the LM head runs on the requested positions only
+        x = rms_norm(x, self.norm, self.norm_eps)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return F.linear(x, weight)[..., : self.vocab_size]  # LLaDA pads its embedding past the vocab
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,8 +20,6 @@ from dllm_serve.models.base import (
     RotaryEmbedding,
     TokenRoles,
     apply_rope,
-    attention_bias,
-    gather_positions,
     rms_norm,
 )
 
@@ -140,29 +138,12 @@ class LLaDAModel(DiffusionLM):
         self.num_layers = cfg.n_layers
         self.num_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
-        self.blocks = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.Parameter(torch.ones(cfg.d_model))
-        self.lm_head = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+        self.embed = nn.Embedding(cfg.embedding_size, cfg.d_model)
+        self.layers = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.d_model))
+        self.head = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv: KVView | None = None,
-        logits_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.wte(input_ids)
-        cos, sin = self.rotary.cos_sin(position_ids)
-        bias = attention_bias(attention_mask, input_ids.shape[1])
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, bias, kv, i)
-        x = gather_positions(x, logits_index)
-        x = rms_norm(x, self.ln_f, self.cfg.rms_norm_eps)
-        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)[..., : self.cfg.vocab_size]
+        self.norm_eps = cfg.rms_norm_eps
 
     # -- official checkpoint names ------------------------------------------------------------
 
@@ -179,11 +160,11 @@ class LLaDAModel(DiffusionLM):
             return tensors[key]
 
         with torch.no_grad():
-            self.wte.weight.copy_(take("wte.weight"))
-            self.ln_f.copy_(take("ln_f.weight"))
-            if self.lm_head is not None:
-                self.lm_head.weight.copy_(take("ff_out.weight"))
-            for i, blk in enumerate(self.blocks):
+            self.embed.weight.copy_(take("wte.weight"))
+            self.norm.copy_(take("ln_f.weight"))
+            if self.head is not None:
+                self.head.weight.copy_(take("ff_out.weight"))
+            for i, blk in enumerate(self.layers):
                 p = f"blocks.{i}."
                 blk.attn_norm.copy_(take(p + "attn_norm.weight"))
                 blk.ff_norm.copy_(take(p + "ff_norm.weight"))
@@ -205,12 +186,12 @@ class LLaDAModel(DiffusionLM):
         cfg = self.cfg
         hd = cfg.head_dim
         out: dict[str, torch.Tensor] = {
-            PREFIX + "wte.weight": self.wte.weight,
-            PREFIX + "ln_f.weight": self.ln_f,
+            PREFIX + "wte.weight": self.embed.weight,
+            PREFIX + "ln_f.weight": self.norm,
         }
-        if self.lm_head is not None:
-            out[PREFIX + "ff_out.weight"] = self.lm_head.weight
-        for i, blk in enumerate(self.blocks):
+        if self.head is not None:
+            out[PREFIX + "ff_out.weight"] = self.head.weight
+        for i, blk in enumerate(self.layers):
             p = f"{PREFIX}blocks.{i}."
             q, k, v = blk.qkv.weight.split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd])
             gate, up = blk.gate_up.weight.chunk(2)

@@ -26,8 +26,6 @@ from dllm_serve.models.base import (
     RotaryEmbedding,
     TokenRoles,
     apply_rope,
-    attention_bias,
-    gather_positions,
     rms_norm,
 )
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -209,24 +207,7 @@ class NemotronModel(DiffusionLM):
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv: KVView | None = None,
-        logits_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.embed(input_ids)
-        cos, sin = self.rotary.cos_sin(position_ids)
-        bias = attention_bias(attention_mask, input_ids.shape[1])
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias, kv, i)
-        x = gather_positions(x, logits_index)
-        x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(x, weight)
+        self.norm_eps = cfg.rms_norm_eps
 
     # -- official checkpoint names ------------------------------------------------------------
 
