@@ -49,14 +49,21 @@ def random_official_weights(cfg: LLaDAConfig, seed: int = 0, scale: float = 0.2)
     return out
 
 
-def write_llada_checkpoint(
-    directory: Path, cfg: LLaDAConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
+def write_checkpoint(
+    directory: Path,
+    config: dict,
+    tokenizer_from: Path,
+    tokenizer_files: tuple[str, ...],
+    tensors: dict[str, torch.Tensor],
+    *,
+    shards: int = 1,
 ) -> Path:
-    """A checkpoint directory in GSAI-ML/LLaDA's format, with the bundled model's tokenizer."""
+    """A checkpoint directory: config.json, tokenizer files copied from ``tokenizer_from``, and the
+    tensors in one model.safetensors or ``shards`` files with a model.safetensors.index.json."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(llada_config_dict(cfg)))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(TINY_LLADA / name, directory / name)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for name in tokenizer_files:
+        shutil.copy(tokenizer_from / name, directory / name)
     if shards == 1:
         save_file(tensors, str(directory / "model.safetensors"))
         return directory
@@ -71,3 +78,11 @@ def write_llada_checkpoint(
         json.dumps({"metadata": {}, "weight_map": weight_map})
     )
     return directory
+
+
+def write_llada_checkpoint(
+    directory: Path, cfg: LLaDAConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
+) -> Path:
+    """A checkpoint directory in GSAI-ML/LLaDA's format, with the bundled model's tokenizer."""
+    files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return write_checkpoint(directory, llada_config_dict(cfg), TINY_LLADA, files, tensors, shards=shards)

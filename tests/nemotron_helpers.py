@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
+from tests.helpers import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
@@ -59,21 +58,5 @@ def write_nemotron_checkpoint(
     directory: Path, cfg: NemotronConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
 ) -> Path:
     """A checkpoint directory in the published layout, with the bundled tokenizer and chat template."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(nemotron_config_dict(cfg), indent=2))
-    for name in TOKENIZER_FILES:
-        shutil.copy(TINY_NEMOTRON / name, directory / name)
-    if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"))
-        return directory
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        part = names[i::shards]
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in part}, str(directory / fname))
-        weight_map.update({n: fname for n in part})
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
-    return directory
+    config = nemotron_config_dict(cfg)
+    return write_checkpoint(directory, config, TINY_NEMOTRON, TOKENIZER_FILES, tensors, shards=shards)
