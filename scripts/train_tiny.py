@@ -1,12 +1,14 @@
 """Train a bundled tiny checkpoint in a real published format on the synthetic chat task set.
 
-    python scripts/train_tiny.py --out models/tiny-llada                        # LLaDA
-    python scripts/train_tiny.py --family nemotron --out models/tiny-nemotron   # Nemotron diffusion
+The bundled models (their TRAINING.json records the arguments and run time):
+
+    python scripts/train_tiny.py --steps 3000 --stop-after 1000 --threads 2     # models/tiny-llada
+    python scripts/train_tiny.py --family nemotron --steps 1500 --threads 1     # models/tiny-nemotron
 
 Both families share the tokenizer recipe (a byte-level BPE trained on task text, with the family's
 special tokens and chat template), the task stream, the response canvases (CANVAS_LENGTHS, cycled
 per step: answer, end-of-turn, then EOS padding, exactly as the sampler sees it) and the training
-loop (AdamW, warm-up + cosine, clipping, periodic checkpoints). They differ in model/format and
+loop (AdamW, warm-up + cosine or WSD, clipping, periodic checkpoints). They differ in model/format and
 objective:
 
 - ``llada``: LLaDA's masked-diffusion SFT. Only the response is masked, with ratio
@@ -21,7 +23,7 @@ objective:
   p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
   tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
 
-Deterministic for a given seed.
+Deterministic for a given seed and thread count.
 """
 
 from __future__ import annotations
