@@ -141,3 +141,53 @@ def gather_positions(hidden: torch.Tensor, logits_index: torch.Tensor | None) ->
         return hidden
     idx = logits_index[..., None].expand(-1, -1, hidden.shape[-1])
     return torch.gather(hidden, 1, idx)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-RMSNorm attention and SwiGLU MLP with fused QKV and gate/up projections, grouped-query
+    attention, RoPE on q and k, and (Qwen3 / Nemotron) optional per-head RMSNorm of q and k before
+    RoPE. A LLaDA block is this layer without the q/k norms; the models differ in tensor names only,
+    which their ``load_official`` / ``export_state_dict`` map."""
+
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, eps: float, qk_norm: bool
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+        self.attn_norm = nn.Parameter(torch.ones(hidden))
+        self.mlp_norm = nn.Parameter(torch.ones(hidden))
+        self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * mlp, bias=False)
+        self.down = nn.Linear(mlp, hidden, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bias: torch.Tensor | None,
+        kv: KVView | None,
+        layer: int,
+    ) -> torch.Tensor:
+        b, q_len, _ = x.shape
+        hd, nh, nkv = self.head_dim, self.heads, self.kv_heads
+        h = rms_norm(x, self.attn_norm, self.eps)
+        q, k, v = self.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(b, q_len, nh, hd)
+        k = k.view(b, q_len, nkv, hd)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.eps)
+            k = rms_norm(k, self.k_norm, self.eps)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.view(b, q_len, nkv, hd).transpose(1, 2)
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, q_len, nh * hd))
+        h = rms_norm(x, self.mlp_norm, self.eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)

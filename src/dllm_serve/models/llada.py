@@ -11,16 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dllm_serve.models.base import (
+    DecoderLayer,
     DiffusionLM,
-    KVView,
     RotaryEmbedding,
     TokenRoles,
-    apply_rope,
-    rms_norm,
 )
 
 PREFIX = "model.transformer."
@@ -77,48 +74,6 @@ class LLaDAConfig:
         return self.d_model // self.n_heads
 
 
-class LLaDABlock(nn.Module):
-    def __init__(self, cfg: LLaDAConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        hd = cfg.head_dim
-        self.attn_norm = nn.Parameter(torch.ones(cfg.d_model))
-        self.ff_norm = nn.Parameter(torch.ones(cfg.d_model))
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, bias=False)
-        self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bias: torch.Tensor | None,
-        kv: KVView | None,
-        layer: int,
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        b, q_len, _ = x.shape
-        hd = cfg.head_dim
-        h = rms_norm(x, self.attn_norm, cfg.rms_norm_eps)
-        q, k, v = self.qkv(h).split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1)
-        q = q.view(b, q_len, cfg.n_heads, hd).transpose(1, 2)
-        k = k.view(b, q_len, cfg.n_kv_heads, hd).transpose(1, 2)
-        v = v.view(b, q_len, cfg.n_kv_heads, hd).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        if kv is not None:
-            k, v = kv.update(layer, k, v)
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, enable_gqa=cfg.n_kv_heads != cfg.n_heads
-        )
-        x = x + self.attn_out(att.transpose(1, 2).reshape(b, q_len, cfg.d_model))
-        h = rms_norm(x, self.ff_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.ff_out(F.silu(gate) * up)
-
-
 class LLaDAModel(DiffusionLM):
     """LLaDA's masked-diffusion transformer: bidirectional attention, SwiGLU MLP, RMSNorm, RoPE."""
 
@@ -139,7 +94,18 @@ class LLaDAModel(DiffusionLM):
         self.num_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
         self.embed = nn.Embedding(cfg.embedding_size, cfg.d_model)
-        self.layers = nn.ModuleList(LLaDABlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                cfg.d_model,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                cfg.mlp_hidden_size,
+                cfg.rms_norm_eps,
+                qk_norm=False,
+            )
+            for _ in range(cfg.n_layers)
+        )
         self.norm = nn.Parameter(torch.ones(cfg.d_model))
         self.head = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
@@ -167,15 +133,15 @@ class LLaDAModel(DiffusionLM):
             for i, blk in enumerate(self.layers):
                 p = f"blocks.{i}."
                 blk.attn_norm.copy_(take(p + "attn_norm.weight"))
-                blk.ff_norm.copy_(take(p + "ff_norm.weight"))
+                blk.mlp_norm.copy_(take(p + "ff_norm.weight"))
                 blk.qkv.weight.copy_(
                     torch.cat(
                         [take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")]
                     )
                 )
-                blk.attn_out.weight.copy_(take(p + "attn_out.weight"))
+                blk.o_proj.weight.copy_(take(p + "attn_out.weight"))
                 blk.gate_up.weight.copy_(torch.cat([take(p + "ff_proj.weight"), take(p + "up_proj.weight")]))
-                blk.ff_out.weight.copy_(take(p + "ff_out.weight"))
+                blk.down.weight.copy_(take(p + "ff_out.weight"))
         unexpected = sorted(set(tensors) - used)
         if unexpected:
             raise KeyError(f"checkpoint has tensors the LLaDA model does not use: {unexpected[:5]}")
@@ -198,14 +164,14 @@ class LLaDAModel(DiffusionLM):
             out.update(
                 {
                     p + "attn_norm.weight": blk.attn_norm,
-                    p + "ff_norm.weight": blk.ff_norm,
+                    p + "ff_norm.weight": blk.mlp_norm,
                     p + "q_proj.weight": q,
                     p + "k_proj.weight": k,
                     p + "v_proj.weight": v,
-                    p + "attn_out.weight": blk.attn_out.weight,
+                    p + "attn_out.weight": blk.o_proj.weight,
                     p + "ff_proj.weight": gate,
                     p + "up_proj.weight": up,
-                    p + "ff_out.weight": blk.ff_out.weight,
+                    p + "ff_out.weight": blk.down.weight,
                 }
             )
         return {k: v.detach().contiguous().clone() for k, v in out.items()}

@@ -17,16 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dllm_serve.models.base import (
+    DecoderLayer,
     DiffusionLM,
-    KVView,
     RotaryEmbedding,
     TokenRoles,
-    apply_rope,
-    rms_norm,
 )
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -127,55 +124,6 @@ class NemotronConfig:
         )
 
 
-class NemotronLayer(nn.Module):
-    """One Qwen3 decoder layer with fused projections."""
-
-    def __init__(self, cfg: NemotronConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        hd = cfg.head_dim
-        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.post_attn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.q_norm = nn.Parameter(torch.ones(hd)) if cfg.qk_norm else None
-        self.k_norm = nn.Parameter(torch.ones(hd)) if cfg.qk_norm else None
-        self.qkv = nn.Linear(
-            cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd, bias=False
-        )
-        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False)
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bias: torch.Tensor | None,
-        kv: KVView | None,
-        layer: int,
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        b, q_len, _ = x.shape
-        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        h = rms_norm(x, self.input_norm, cfg.rms_norm_eps)
-        q, k, v = self.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(b, q_len, nh, hd)
-        k = k.view(b, q_len, nkv, hd)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(b, q_len, nkv, hd).transpose(1, 2)
-        if kv is not None:
-            k, v = kv.update(layer, k, v)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(b, q_len, nh * hd))
-        h = rms_norm(x, self.post_attn_norm, cfg.rms_norm_eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
 class NemotronModel(DiffusionLM):
     """Qwen3 stack as a diffusion denoiser; logits come from ``diffusion_head`` (or the tied embedding)."""
 
@@ -201,7 +149,18 @@ class NemotronModel(DiffusionLM):
             "shift_logits": cfg.shift_logits,
         }
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(NemotronLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.rms_norm_eps,
+                qk_norm=cfg.qk_norm,
+            )
+            for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -231,8 +190,8 @@ class NemotronModel(DiffusionLM):
             for i, layer in enumerate(self.layers):
                 p = f"{ENCODER}layers.{i}."
                 a = p + "self_attn."
-                layer.input_norm.copy_(take(p + "input_layernorm.weight"))
-                layer.post_attn_norm.copy_(take(p + "post_attention_layernorm.weight"))
+                layer.attn_norm.copy_(take(p + "input_layernorm.weight"))
+                layer.mlp_norm.copy_(take(p + "post_attention_layernorm.weight"))
                 if layer.q_norm is not None:
                     layer.q_norm.copy_(take(a + "q_norm.weight"))
                     layer.k_norm.copy_(take(a + "k_norm.weight"))
@@ -269,8 +228,8 @@ class NemotronModel(DiffusionLM):
             gate, up = layer.gate_up.weight.chunk(2)
             out.update(
                 {
-                    p + "input_layernorm.weight": layer.input_norm,
-                    p + "post_attention_layernorm.weight": layer.post_attn_norm,
+                    p + "input_layernorm.weight": layer.attn_norm,
+                    p + "post_attention_layernorm.weight": layer.mlp_norm,
                     a + "q_proj.weight": q,
                     a + "k_proj.weight": k,
                     a + "v_proj.weight": v,
