@@ -142,7 +142,9 @@ def test_shipped_llada_config_has_the_real_shape():
     shape = shape_from_config(raw)
     with torch.device("meta"):
         model = LLaDAModel(LLaDAConfig.from_dict(raw))
-    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed"))
+    matrices = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed")
+    )
     assert shape.streamed_params == matrices
     assert 7.4e9 < shape.streamed_params + shape.d_model * shape.vocab_size < 8.1e9  # "8B" with embeddings
     assert (raw["mask_token_id"], raw["eos_token_id"], raw["vocab_size"]) == (126336, 126081, 126464)
