@@ -12,7 +12,6 @@ import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.cluster.replicas import merge_prometheus
 from tests.helpers import TINY_LLADA
+from tests.integration.conftest import free_port
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="needs ray[serve] (pip install -e '.[ray]')"
@@ -54,12 +54,6 @@ def test_single_replica_server_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(root: int) -> dict[int, str]:
@@ -108,7 +102,7 @@ def wait_replicas_ready(base: str, proc: subprocess.Popen, n: int, timeout: floa
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DLLM_SERVE_RAY_OBJECT_STORE_MB": "100"}
     argv = [
@@ -130,7 +124,7 @@ def server(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
             raise AssertionError("server did not stop within 90 s of SIGTERM") from None
-        time.sleep(0)  # the ray processes are reaped by the server's shutdown; check they are gone
+        # the ray processes are reaped by the server's shutdown; check they are gone
         alive = [p for p in below if Path(f"/proc/{p}").exists() and "ray::" in below[p]]
         assert not alive, f"ray processes left behind: {alive}"
 

@@ -51,27 +51,31 @@ class ModelShape:
 
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
-    """Read the shape from LLaDA's keys (d_model, n_layers, ...) or Hugging Face's (hidden_size, ...)."""
+    """The shape of a LLaDA (``d_model``, ...) or Nemotron (``hidden_size``, ...) config.json, parsed by
+    the model's own config class so defaults (KV heads, head_dim, padded embedding) match the model."""
+    from dllm_serve.models.llada import LLaDAConfig
+    from dllm_serve.models.nemotron import NemotronConfig
+
     if "d_model" in config:
-        heads = config["n_heads"]
+        c = LLaDAConfig.from_dict(config)
         return ModelShape(
-            d_model=config["d_model"],
-            n_layers=config["n_layers"],
-            n_heads=heads,
-            n_kv_heads=config.get("n_kv_heads") or heads,
-            head_dim=config["d_model"] // heads,
-            mlp_hidden=config["mlp_hidden_size"],
-            vocab_size=config.get("embedding_size") or config["vocab_size"],
+            d_model=c.d_model,
+            n_layers=c.n_layers,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            mlp_hidden=c.mlp_hidden_size,
+            vocab_size=c.embedding_size,
         )
-    heads = config["num_attention_heads"]
+    n = NemotronConfig.from_dict(config)
     return ModelShape(
-        d_model=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        mlp_hidden=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
+        d_model=n.hidden_size,
+        n_layers=n.num_hidden_layers,
+        n_heads=n.num_attention_heads,
+        n_kv_heads=n.num_key_value_heads,
+        head_dim=n.head_dim,
+        mlp_hidden=n.intermediate_size,
+        vocab_size=n.vocab_size,
     )
 
 

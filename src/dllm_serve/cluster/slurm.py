@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dllm_serve.cluster.info import FINAL_STATUSES, create_pending, info_path, read_info, write_info
+from dllm_serve.cluster.info import FINAL_STATUSES, create_pending, info_path, now_iso, read_info, write_info
 from dllm_serve.cluster.sbatch import JobSpec, render_sbatch
 
 JOBS_DIR_ENV = "DLLM_SERVE_JOBS_DIR"
@@ -84,7 +84,7 @@ def submit(spec: JobSpec) -> Submitted:
         job_name=spec.job_name,
         script=str(script),
         log=str(out / f"{spec.job_name}-{job_id}.log"),
-        submitted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        submitted_at=now_iso(),
     )
     return Submitted(job_id, script, info, out / f"{spec.job_name}-{job_id}.log")
 

@@ -25,6 +25,14 @@ class TokenRoles:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     eot_token_id: int | None = None
 
+    @classmethod
+    def from_ids(cls, mask: int, eos: int, pad: int, eot: int | None) -> TokenRoles:
+        """Roles whose stop tokens are eos and, when the tokenizer has one, end-of-turn."""
+        stops = tuple(dict.fromkeys(t for t in (eos, eot) if t is not None))
+        return cls(
+            mask_token_id=mask, eos_token_id=eos, pad_token_id=pad, stop_token_ids=stops, eot_token_id=eot
+        )
+
 
 class KVView(Protocol):
     """A per-forward view of a KV cache.

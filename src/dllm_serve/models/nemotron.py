@@ -130,14 +130,7 @@ class NemotronModel(DiffusionLM):
     def __init__(self, cfg: NemotronConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        stops = tuple(dict.fromkeys(t for t in (cfg.eos_token_id, eot_token_id) if t is not None))
-        self.roles = TokenRoles(
-            mask_token_id=cfg.mask_token_id,
-            eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.pad_token_id,
-            stop_token_ids=stops,
-            eot_token_id=eot_token_id,
-        )
+        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
         self.vocab_size = cfg.vocab_size
         self.max_length = cfg.max_position_embeddings
         self.num_layers = cfg.num_hidden_layers
