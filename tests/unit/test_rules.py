@@ -225,7 +225,7 @@ def _select(rows: list[dict]) -> list[list[int]]:
         t([r["conf"] for r in rows]),
         b([r["cand"] for r in rows]),
         torch.tensor([r["floor"] for r in rows]),
-        torch.tensor([RULE[r["rule"]] for r in rows]),
+        [RULE[r["rule"]] for r in rows],
         torch.tensor([r.get("threshold", 0.9) for r in rows]),
         torch.tensor([r.get("factor", 1.0) for r in rows]),
         torch.tensor([r.get("low", 0.4) for r in rows]),
@@ -299,16 +299,17 @@ def test_select_commits_row_result_independent_of_batch() -> None:
     conf = torch.rand((6, 16), generator=gen)
     cand = torch.rand((6, 16), generator=gen) < 0.6
     cand[:, 0] = True
-    args = (
-        torch.tensor([1, 2, 1, 1, 3, 1]),
-        torch.tensor([0, 1, 2, 3, 4, 1]),
+    floor = torch.tensor([1, 2, 1, 1, 3, 1])
+    rule = [0, 1, 2, 3, 4, 1]
+    knobs = (
         torch.tensor([0.9, 0.8, 0.9, 0.7, 0.6, 0.5]),
         torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 1.0]),
         torch.tensor([0.4, 0.4, 0.4, 0.3, 0.4, 0.4]),
     )
-    batched = rules.select_commits(conf, cand, *args)
+    batched = rules.select_commits(conf, cand, floor, rule, *knobs)
     for i in range(6):
-        alone = rules.select_commits(conf[i : i + 1], cand[i : i + 1], *(a[i : i + 1] for a in args))
+        one = slice(i, i + 1)
+        alone = rules.select_commits(conf[one], cand[one], floor[one], rule[one], *(k[one] for k in knobs))
         assert torch.equal(alone[0], batched[i])
         assert not bool((batched[i] & ~cand[i]).any())
 

@@ -29,7 +29,7 @@ PROBS = [[0.15, 0.5, 0.05, 0.3], [0.05, 0.05, 0.6, 0.3]]
 
 
 def test_top_p_keeps_smallest_nucleus_per_row() -> None:
-    top_p = torch.tensor([0.1, 0.7, 0.85, 0.99, 1.0])
+    top_p = [0.1, 0.7, 0.85, 0.99, 1.0]
     logits = torch.tensor(PROBS).log().expand(5, 2, 4).clone()
     out = top_p_filter(logits, top_p)
     assert kept(out) == [
@@ -46,33 +46,33 @@ def test_top_p_keeps_smallest_nucleus_per_row() -> None:
 
 def test_top_p_top_token_always_kept() -> None:
     logits = torch.tensor([[[0.0, 3.0, 1.0]], [[5.0, 5.0, 0.0]]])
-    out = top_p_filter(logits, torch.tensor([1e-6, 1e-6]))
+    out = top_p_filter(logits, [1e-6, 1e-6])
     # Row 1 has two top tokens tied: exactly one is kept, the lower id.
     assert kept(out) == [[[1]], [[0]]]
 
 
 def test_top_p_ties_keep_lower_token_ids() -> None:
     # Eight equal tokens (0.125 each): mass before them 0, .125, .25, .375 -> 0.3 keeps three.
-    out = top_p_filter(torch.zeros(1, 1, 8), torch.tensor([0.3]))
+    out = top_p_filter(torch.zeros(1, 1, 8), [0.3])
     assert kept(out) == [[[0, 1, 2]]]
     # 1000 equal tokens (0.001 each): 0.0045 keeps five, always ids 0-4 (an unstable sort kept
     # arbitrary ids such as 657, 658, 659, 660, 672).
-    out = top_p_filter(torch.zeros(2, 3, 1000), torch.tensor([0.0045, 0.0045]))
+    out = top_p_filter(torch.zeros(2, 3, 1000), [0.0045, 0.0045])
     assert kept(out) == [[[0, 1, 2, 3, 4]] * 3] * 2
 
 
 def test_top_p_one_leaves_row_untouched_next_to_filtered_row() -> None:
     # A tail so small that the float32 mass before it is exactly 1.0 must still survive top_p=1.
     logits = torch.tensor([[[0.0, -100.0, -100.0, -100.0]], [[0.0, -100.0, -100.0, -100.0]]])
-    out = top_p_filter(logits, torch.tensor([1.0, 0.5]))
+    out = top_p_filter(logits, [1.0, 0.5])
     assert torch.equal(out[0], logits[0])
     assert kept(out) == [[[0, 1, 2, 3]], [[0]]]
-    assert top_p_filter(logits, torch.tensor([1.0, 1.0])) is logits
+    assert top_p_filter(logits, [1.0, 1.0]) is logits
 
 
 def test_top_p_respects_existing_minus_inf() -> None:
     logits = torch.tensor([[[NEG_INF, 0.0, 0.0, NEG_INF]]])
-    assert kept(top_p_filter(logits, torch.tensor([0.9]))) == [[[1, 2]]]
+    assert kept(top_p_filter(logits, [0.9])) == [[[1, 2]]]
 
 
 # -- gumbel_argmax ----------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_confidence_measures_per_row() -> None:
     one = [[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [1.0, 0.0, 0.0]]
     probs = torch.tensor([one, one, one])
     chosen = torch.tensor([[1, 1, 0]] * 3)  # position 0 chose a non-top token (as sampling may)
-    got = confidence(probs, chosen, torch.tensor([0, 1, 2]))
+    got = confidence(probs, chosen, [0, 1, 2])
     expected = torch.tensor(
         [
             [0.25, 0.6, 1.0],  # probability of the chosen token
@@ -145,7 +145,7 @@ def test_confidence_measures_per_row() -> None:
 def test_confidence_row_measure_does_not_leak_across_rows() -> None:
     probs = torch.tensor([[[0.7, 0.2, 0.1]], [[0.7, 0.2, 0.1]]])
     chosen = torch.tensor([[0], [0]])
-    assert torch.allclose(confidence(probs, chosen, torch.tensor([0, 0])), torch.tensor([[0.7], [0.7]]))
+    assert torch.allclose(confidence(probs, chosen, [0, 0]), torch.tensor([[0.7], [0.7]]))
     torch.testing.assert_close(
-        confidence(probs, chosen, torch.tensor([1, 0])), torch.tensor([[0.5], [0.7]]), rtol=0, atol=1e-6
+        confidence(probs, chosen, [1, 0]), torch.tensor([[0.5], [0.7]]), rtol=0, atol=1e-6
     )

@@ -10,6 +10,8 @@ block; 1 when steps = tokens), which also guarantees the most confident position
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
@@ -102,20 +104,24 @@ def select_commits(
     conf: torch.Tensor,
     candidates: torch.Tensor,
     floor: torch.Tensor,
-    rule: torch.Tensor,
+    rule: Sequence[int],
     threshold: torch.Tensor,
     factor: torch.Tensor,
     low_threshold: torch.Tensor,
 ) -> torch.Tensor:
-    """The commit mask [B, P] for rows with different rules (``rule`` indexes RULES per row)."""
+    """The commit mask [B, P] for rows with different rules.
+
+    ``rule`` indexes RULES per row. It is a host list, so which rules to evaluate is decided
+    without waiting for the device (no synchronisation inside a decoding step).
+    """
     floor_mask = top_k_mask(conf, candidates, floor)
     extra = torch.zeros_like(candidates)
-    uses_threshold = (rule == 1) | (rule == 4)
-    if bool(uses_threshold.any()):
-        extra |= threshold_mask(conf, candidates, threshold) & uses_threshold[:, None]
-    if bool((rule == 2).any()):
+    rows = torch.tensor(rule, device=conf.device)[:, None]
+    if 1 in rule or 4 in rule:
+        extra |= threshold_mask(conf, candidates, threshold) & ((rows == 1) | (rows == 4))
+    if 2 in rule:
         n = factor_count(conf, candidates, factor)
-        extra |= top_k_mask(conf, candidates, n) & (rule == 2)[:, None]
-    if bool((rule == 3).any()):
-        extra |= hierarchy_mask(conf, candidates, threshold, low_threshold) & (rule == 3)[:, None]
+        extra |= top_k_mask(conf, candidates, n) & (rows == 2)
+    if 3 in rule:
+        extra |= hierarchy_mask(conf, candidates, threshold, low_threshold) & (rows == 3)
     return floor_mask | extra

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set logits outside each row's nucleus to -inf. logits [B, P, V]; top_p [B] (1.0 = off)."""
-    if bool((top_p >= 1.0).all()):
+def top_p_filter(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
+    """Set logits outside each row's nucleus to -inf. logits [B, P, V]; top_p per row (1.0 = off).
+
+    ``top_p`` is a host list: whether to sort at all is decided without waiting for the device.
+    """
+    if all(p >= 1.0 for p in top_p):
         return logits
+    top_p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
     # Stable: among equal logits the lower token id is kept first, a fixed, documented tie-break.
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
