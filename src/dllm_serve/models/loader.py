@@ -154,24 +154,27 @@ def load_model(
     tokenizer = ChatTokenizer(tokenizer_path or path)
     with torch.device("meta"):
         model = _builders()[family](config, tokenizer)
-    model = model.to_empty(device=device)
+    # Allocate straight in the target dtype (a bf16 8B model never exists in float32 on the device);
+    # weights are cast as they are copied in. RoPE frequencies are computed afterwards, in float32.
+    model = model.to(dtype=DTYPES[dtype]).to_empty(device=device)
     if load_format == "dummy":
         _init_dummy(model)
     else:
         model.load_official(load_safetensors(path))
     model.rotary.reset()
-    model = model.to(dtype=DTYPES[dtype]).eval()
-    model.requires_grad_(False)
+    model.eval().requires_grad_(False)
     log.info("loaded %s model from %s (%s, %s, %s)", family, path, dtype, device, load_format)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=path, config=config)
 
 
 def _init_dummy(model: DiffusionLM) -> None:
-    """Random weights with a fixed seed: norms at 1, matrices at std 0.02."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Random weights with a fixed seed: norms at 1, matrices at std 0.02, drawn on the model's own
+    device (an 8B model's weights take seconds there, a minute on the host)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1 or "norm" in name or name.endswith("ln_f"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.normal_(0.0, 0.02, generator=gen)
