@@ -33,8 +33,9 @@ def main(paths: list[str]) -> None:
         name = Path(m["path"]).name
         if m["config_overrides"]:
             name += " (" + ", ".join(f"{k}={v}" for k, v in m["config_overrides"].items()) + ")"
+        preset = p["algorithm"] + (" + graphs" if w.get("cuda_graphs") else "")
         print(
-            f"| {name} | {p['algorithm']} | {w['batch_size']} | {w['prompt_len']} | {p['gen_length']} | "
+            f"| {name} | {preset} | {w['batch_size']} | {w['prompt_len']} | {p['gen_length']} | "
             f"{p['block_length']} | {w['fixed_tokens_per_step'] or '-'} | {_kind(res['steps'], 'block')} | "
             f"{_kind(res['steps'], 'refresh')} | {tot['tokens_per_s']:.1f} | "
             f"{tot['tokens_per_forward']:.2f} | "

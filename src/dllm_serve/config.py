@@ -29,6 +29,7 @@ class EngineConfig:
     base_model: str | None = None
     dcp_cache_dir: str | None = None
     trust_remote_code: bool = False
+    cuda_graphs: bool = False  # replay cached block steps as CUDA graphs (CUDA only)
 
     def resolved_device(self) -> str:
         import torch
@@ -107,6 +108,11 @@ def add_engine_arguments(parser) -> None:
         action="store_true",
         help="allow a checkpoint's own modeling code (off by default)",
     )
+    g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay cached block steps as CUDA graphs (CUDA only; see docs/serving.md)",
+    )
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -126,4 +132,5 @@ def engine_config_from_args(args) -> EngineConfig:
         base_model=args.base_model,
         dcp_cache_dir=args.dcp_cache_dir,
         trust_remote_code=args.trust_remote_code,
+        cuda_graphs=args.cuda_graphs,
     )

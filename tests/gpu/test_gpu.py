@@ -3,10 +3,10 @@
 - bf16 decoding agrees with float32 on the bundled tiny models (same tokens on >= 95 % of
   held-out prompts);
 - batch invariance holds on CUDA in float32 (a request's tokens do not depend on its batch);
+- the CUDA-graph path (``--cuda-graphs``) gives exactly the eager path's tokens, in float32 and
+  bf16, with every cached preset;
 - `bench engine` on CUDA: synchronised step timing, peak GPU memory, measured peak rates, and a
   fraction of the binding limit that stays physically possible.
-
-There is no CUDA-graph path in the engine yet, so there is no graph-versus-eager test.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.cli import main
 from dllm_serve.config import BUNDLED_MODELS_DIR, EngineConfig
 from dllm_serve.engine.algorithms import presets_for
+from dllm_serve.engine.cuda_graphs import BlockStepGraphs
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
@@ -43,10 +44,10 @@ def _exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _requests(engine: Engine, algorithm: str, n: int) -> list[GenerationRequest]:
+def _requests(engine: Engine, algorithm: str, n: int, **opts) -> list[GenerationRequest]:
     """Held-out chat prompts with the engine's own resolution (checkpoint defaults included)."""
     tok = engine.loaded.tokenizer
-    params = engine.resolve_params(GEN, {"seed": 0}, algorithm)
+    params = engine.resolve_params(GEN, {"seed": 0, **opts}, algorithm)
     return [
         GenerationRequest(f"r{i}", tok.render_chat([{"role": "user", "content": ex.prompt}]), params, GEN)
         for i, ex in enumerate(heldout_examples(n))
@@ -85,6 +86,24 @@ def test_batch_invariance_float32_on_cuda(path):
             assert a == b, f"{preset.name}: request {i} changed when batched"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("path", TINY_MODELS, ids=lambda p: p.name)
+def test_cuda_graphs_give_the_eager_tokens(path, dtype):
+    """Two tokens per step (so every block has cached block steps), 12 requests (padded to 16)."""
+    loaded = load_model(path, dtype=dtype, device="cuda")
+    eager = Engine(loaded, EngineConfig(max_batch_size=16))
+    graphed = Engine(loaded, EngineConfig(max_batch_size=16, cuda_graphs=True))
+    opts = {"rule": "schedule", "steps": GEN // 2, "block_length": 16}
+    for preset in presets_for(loaded.family):
+        if preset.cache == "none":
+            continue
+        requests = _requests(eager, preset.name, 12, **opts)
+        assert _tokens(graphed, requests) == _tokens(eager, requests), preset.name
+    graphs = graphed.runner.graphs
+    assert isinstance(graphs, BlockStepGraphs) and graphs._steps
+    assert all(step.graph is not None for step in graphs._steps.values())
+
+
 def test_bench_engine_on_cuda_tiny(tmp_path, capsys):
     out = tmp_path / "tiny.json"
     args = ["bench", "engine", "--device", "cuda", "--batch-size", "8", "--prompt-len", "32"]
@@ -99,6 +118,18 @@ def test_bench_engine_on_cuda_tiny(tmp_path, capsys):
     assert report["model"]["dtype"] == "bfloat16"
     # Synchronised timing: the timed steps account for nearly all of the wall time.
     assert 0.5 * tot["wall_s"] < sum(report["results"]["step_seconds"]) <= tot["wall_s"]
+
+
+def test_bench_engine_with_cuda_graphs(capsys):
+    """The same run with graphs: same work, every block step replayed, refresh steps eager."""
+    args = ["bench", "engine", "--device", "cuda", "--batch-size", "8", "--prompt-len", "32"]
+    args += ["--gen-length", "64", "--block-length", "32", "--fixed-tokens-per-step", "4"]
+    args += ["--algorithm", "dual_cache", "--no-progress", "--json", "--cuda-graphs"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    tot = report["results"]["totals"]
+    assert tot["committed_tokens"] == 8 * 64 and tot["steps"] == 16 and tot["model_calls"] == 16
+    assert report["results"]["steps"]["block"]["steps"] == 14
 
 
 def test_bench_engine_on_cuda_8b_width(tmp_path, capsys):

@@ -124,7 +124,7 @@ def test_forward_flops_match_torch_flop_counter():
 
     # A block step: 5 queries attend to 20 cached keys, logits for the 5 positions.
     pool = KVPool(cfg.n_layers, b, cfg.n_kv_heads, 32, cfg.head_dim, torch.float32, "cpu")
-    slots = torch.tensor([pool.allocate() for _ in range(b)])
+    slots = [pool.allocate() for _ in range(b)]
     qpos = torch.arange(15, 20).expand(b, 5)
     view = pool.view(slots, qpos, 20)
     mask = torch.ones(b, 5, 20, dtype=torch.bool)
@@ -234,6 +234,7 @@ def test_table_output_on_tiny_llada(capsys):
         (["--config-override", "n_layers=1"], "pass --load-format dummy"),
         (["--block-length", "16", "--fixed-tokens-per-step", "5"], "must divide the block length"),
         (["--model-path", "no-such-model"], "not a model directory or a shipped config"),
+        (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     ],
 )
 def test_cli_errors_are_clear(capsys, extra, message):

@@ -170,7 +170,7 @@ def test_cached_span_equals_full_forward(tmp_path):
     pos = torch.arange(n)[None]
     full = model(ids, pos)
     pool = KVPool(cfg.n_layers, 2, cfg.n_kv_heads, 64, cfg.head_dim, torch.float32, "cpu")
-    slot = torch.tensor([pool.allocate()])
+    slot = [pool.allocate()]
     model(ids, pos, torch.ones(1, n, dtype=torch.bool), pool.view(slot, pos, n))
     block = slice(8, 12)
     span_pos = pos[:, block]

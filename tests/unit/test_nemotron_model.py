@@ -222,7 +222,7 @@ def test_committed_context_cache_equals_uncached_block_causal_pass(tmp_path):
     limits = [prompt] * prompt + [prompt + bl] * bl + [n] * bl
     full = model(ids, torch.arange(n)[None], block_causal(limits, n)[None])
     pool = KVPool(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim, torch.float32, "cpu")
-    slot = torch.tensor([pool.allocate()])
+    slot = [pool.allocate()]
     first = prompt + bl
     pos = torch.arange(first)[None]
     step1 = model(ids[:, :first], pos, block_causal(limits[:first], first)[None], pool.view(slot, pos, first))

@@ -246,7 +246,7 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
 
     device = next(model.parameters()).device
     shape = shape_from_config(loaded.config)
-    recorder = ForwardRecorder(model, shape)
+    recorder = ForwardRecorder(engine.runner, shape)
     infos: list = []
     engine.step_observers.append(infos.append)
     try:
@@ -418,7 +418,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{_si(hw['read_bytes_per_s'], 'B/s')} read ({hw['source']}, {hw['dtype']})",
         f"workload {p['algorithm']}, batch {w['batch_size']}, prompt {w['prompt_len']}, "
         f"generate {p['gen_length']}, block {p['block_length']}, rule {p['rule']} ({p['steps']} steps)"
-        + (f", fixed {fixed} tokens/step" if fixed else ""),
+        + (f", fixed {fixed} tokens/step" if fixed else "")
+        + (", CUDA graphs" if w.get("cuda_graphs") else ""),
         "",
         "| step kind | steps | mean ms | median ms | p90 ms | tokens/step | FLOP/step | bytes/step "
         "| bound | % of bound |",
@@ -545,6 +546,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             "fixed_tokens_per_step": settings.fixed_tokens_per_step,
             "warmup_steps": settings.warmup_steps,
             "seed": settings.seed,
+            "cuda_graphs": config.cuda_graphs,
         },
         "hardware": rates.to_dict(),
         "results": results,

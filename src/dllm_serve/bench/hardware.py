@@ -4,7 +4,8 @@ The engine benchmark divides a step's FLOPs and bytes by these rates to say how 
 to the limit that binds it: compute (a large matmul in the model's dtype) or memory bandwidth (a
 weight-streaming GEMV, which is what a small-batch forward does). Shapes come from config.json
 (LLaDA's key names or the Hugging Face ones Nemotron/Qwen3 use); the per-call sizes come from the
-forward itself, so padding and cache spans are counted exactly as the engine runs them.
+runner's own report of each forward, so padding and cache spans are counted as the engine runs them
+(batch padding for a CUDA graph aside: only real rows count).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from dllm_serve.engine.runner import ForwardShape, Runner
 
 
 @dataclass(frozen=True)
@@ -121,26 +125,20 @@ def forward_cost(
 
 
 class ForwardRecorder:
-    """Records the cost of every model call (a forward pre-hook reading the call's tensor shapes)."""
+    """Records the cost of every model forward the engine's runner makes (eager or replayed)."""
 
-    def __init__(self, model: torch.nn.Module, shape: ModelShape) -> None:
+    def __init__(self, runner: Runner, shape: ModelShape) -> None:
         self.shape = shape
-        self.elem_bytes = next(model.parameters()).element_size()
+        self.elem_bytes = runner.dtype.itemsize
         self.calls = 0
         self.pending = ZERO_COST
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._runner = runner
+        runner.forward_observers.append(self._record)
 
-    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        names = ("input_ids", "position_ids", "attention_mask", "kv", "logits_index")
-        bound = {**dict(zip(names, args, strict=False)), **kwargs}
-        input_ids = bound["input_ids"]
-        mask = bound.get("attention_mask")
-        index = bound.get("logits_index")
-        batch, queries = input_ids.shape
-        keys = mask.shape[-1] if mask is not None else queries
-        logits = index.shape[1] if index is not None else queries
+    def _record(self, fwd: ForwardShape) -> None:
         self.calls += 1
-        self.pending = self.pending + forward_cost(self.shape, batch, queries, keys, logits, self.elem_bytes)
+        cost = forward_cost(self.shape, fwd.batch, fwd.queries, fwd.keys, fwd.logits, self.elem_bytes)
+        self.pending = self.pending + cost
 
     def take(self) -> tuple[ForwardCost, int]:
         """The cost recorded since the last call, and how many model calls it was."""
@@ -149,7 +147,7 @@ class ForwardRecorder:
         return cost, calls
 
     def close(self) -> None:
-        self._handle.remove()
+        self._runner.forward_observers.remove(self._record)
 
 
 # -- peak rates ---------------------------------------------------------------------------------

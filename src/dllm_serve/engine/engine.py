@@ -202,6 +202,8 @@ def build_engine(config: EngineConfig) -> EngineBase:
     an unknown family is an error that says so.
     """
     path = config.model_path
+    if config.cuda_graphs and not config.resolved_device().startswith("cuda"):
+        raise ValueError(f"--cuda-graphs needs a CUDA device, not {config.resolved_device()!r}")
     if config.dcp_path:
         from dllm_serve.checkpoints.dcp import ensure_converted
 
@@ -214,8 +216,8 @@ def build_engine(config: EngineConfig) -> EngineBase:
             from dllm_serve.engine.remote import RemoteEngine
             from dllm_serve.models.remote_code import load_remote_model
 
-            if config.load_format != "safetensors":
-                raise ValueError("--load-format dummy builds native models only, not remote code")
+            if config.load_format != "safetensors" or config.cuda_graphs:
+                raise ValueError("--load-format dummy and --cuda-graphs apply to native models only")
             remote = load_remote_model(
                 resolved,
                 trust_remote_code=True,

@@ -34,6 +34,10 @@ class KVPool:
         self._free = list(range(slots - 1, -1, -1))
 
     @property
+    def size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
     def free_slots(self) -> int:
         return len(self._free)
 
@@ -45,20 +49,32 @@ class KVPool:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def view(self, slots: torch.Tensor, write_positions: torch.Tensor, key_len: int) -> PoolView:
-        return PoolView(self, slots, write_positions, key_len)
+    def view(self, slots: list[int], write_positions: torch.Tensor, key_len: int) -> PoolView:
+        """A view for rows in ``slots``. Consecutive slots (the usual case once the runner orders
+        rows by slot) are read through a slice, a view of the pool; any others are gathered, a copy
+        of every layer's cache for those rows."""
+        index = torch.tensor(slots, dtype=torch.long, device=write_positions.device)
+        run = slice(slots[0], slots[0] + len(slots))
+        read = run if slots == list(range(run.start, run.stop)) else index
+        return PoolView(self, index, write_positions, key_len, read)
 
 
 class PoolView:
     """What one batched forward sees: rows' slots, where their queries live, how many keys."""
 
     def __init__(
-        self, pool: KVPool, slots: torch.Tensor, write_positions: torch.Tensor, key_len: int
+        self,
+        pool: KVPool,
+        slots: torch.Tensor,
+        write_positions: torch.Tensor,
+        key_len: int,
+        read: slice | torch.Tensor,
     ) -> None:
         self.pool = pool
         self.slots = slots  # [B]
         self.write_positions = write_positions  # [B, Q]; padding queries point at the sink
         self.key_len = key_len
+        self.read = read  # the rows' slots as a slice (no copy) or an index tensor (a gather)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the queries' fresh K/V, return keys/values [B, H, key_len, D] for attention."""
@@ -66,4 +82,4 @@ class PoolView:
         kbuf, vbuf = self.pool.keys[layer], self.pool.values[layer]
         kbuf[rows, :, self.write_positions] = k.transpose(1, 2)
         vbuf[rows, :, self.write_positions] = v.transpose(1, 2)
-        return kbuf[self.slots, :, : self.key_len], vbuf[self.slots, :, : self.key_len]
+        return kbuf[self.read, :, : self.key_len], vbuf[self.read, :, : self.key_len]

@@ -5,6 +5,11 @@ step is never padded to a full canvas. Within a group every row keeps its own pa
 random generator and its own span, right-padded; the attention mask hides padding, so a row's
 tokens do not depend on its batch. A group that raises is retried row by row, so one bad request
 fails alone.
+
+Canvases live on the host. A group's step uploads its inputs, runs the forward and the decoding
+rules on the device, and reads back one small tensor (each row's new block, commit count and a
+NaN flag): one synchronisation per forward, whatever the batch size. Per-row bookkeeping (block
+advance, streaming, stop detection) then runs on host memory without touching the device.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
 from dllm_serve.models.loader import LoadedModel
@@ -42,6 +49,16 @@ class StepInfo:
     duration_s: float
 
 
+@dataclass(frozen=True)
+class ForwardShape:
+    """One model forward as run: rows, query tokens per row, keys attended, logits per row."""
+
+    batch: int
+    queries: int
+    keys: int
+    logits: int
+
+
 @dataclass
 class _Row:
     seq: Sequence
@@ -60,6 +77,9 @@ class Runner:
         self.dtype = next(self.model.parameters()).dtype
         self.max_len = min(config.max_model_len or self.model.max_length, self.model.max_length)
         self._pool: KVPool | None = None
+        # Static-shape replay of cached block steps (CUDA graphs); created with the pool.
+        self.graphs: BlockStepGraphs | None = None
+        self.forward_observers: list[Callable[[ForwardShape], None]] = []  # e.g. bench engine's cost
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -76,6 +96,8 @@ class Runner:
                 self.dtype,
                 self.device,
             )
+            if self.config.cuda_graphs:
+                self.graphs = BlockStepGraphs(self.model, self._pool, capture=True)
         return self._pool
 
     def can_admit(self, request: GenerationRequest) -> bool:
@@ -93,9 +115,7 @@ class Runner:
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
         mask = self.roles.mask_token_id
-        canvas = torch.tensor(
-            request.prompt_ids + [mask] * params.gen_length, dtype=torch.long, device=self.device
-        )
+        canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
@@ -122,6 +142,7 @@ class Runner:
             groups.setdefault((seq.params.cache != "none", plan.refresh), []).append(_Row(seq, plan, q_start))
         forwards = refresh = committed = 0
         for (_, is_refresh), rows in groups.items():
+            rows.sort(key=lambda r: r.seq.slot or 0)  # consecutive slots read the cache without a copy
             for done_rows, n_committed in self._run_isolated(rows):
                 forwards += done_rows
                 refresh += done_rows if is_refresh else 0
@@ -144,26 +165,29 @@ class Runner:
         self._finish(seq, "error", [])
 
     def _run_group(self, rows: list[_Row]) -> int:
+        block = self._block_view(rows)
         logits = self._forward(rows)
-        block_tokens, candidates = self._block_view(rows, logits.shape[1])
-        bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1).tolist()
-        keep = [i for i, b in enumerate(bad) if not b]
-        for i, b in enumerate(bad):
-            if b:
-                self._fail(rows[i].seq, "numerical error: the model produced NaN or infinite logits")
-        if not keep:
-            return 0
-        if len(keep) < len(rows):
-            rows = [rows[i] for i in keep]
-            logits, block_tokens, candidates = logits[keep], block_tokens[keep], candidates[keep]
-        tokens, commit = self._decide(rows, logits, candidates)
+        masked = (block == self.roles.mask_token_id).sum(-1).tolist()
+        block = block.to(self.device)
+        candidates = block == self.roles.mask_token_id
+        tokens, commit = self._decide(rows, logits, candidates, masked)
+        bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)
+        new_block = torch.where(commit, tokens, block)
+        # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
+        host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
         committed = 0
-        for i, row in enumerate(rows):
-            committed += self._apply(row, tokens[i], commit[i])
+        for row, out in zip(rows, host, strict=True):
+            if out[-1]:
+                self._fail(row.seq, "numerical error: the model produced NaN or infinite logits")
+            else:
+                committed += self._apply(row, out[:-2], int(out[-2]))
         return committed
 
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
-        """One batched forward; returns float32 logits [B, P, V] for each row's active block."""
+        """One batched forward; returns float32 logits [B, P, V] for each row's active block.
+
+        Inputs are assembled on the host and uploaded once; key lengths are host integers.
+        """
         dev = self.device
         cached = rows[0].seq.params.cache != "none"
         spans = [r.plan.q_end - r.q_start for r in rows]
@@ -171,40 +195,50 @@ class Runner:
         width = max(r.seq.params.block_length for r in rows)
         cfg_rows = [i for i, r in enumerate(rows) if r.seq.params.cfg_scale > 0]
         n = len(rows) + len(cfg_rows)
-        ids = torch.full((n, q_len), self.roles.mask_token_id, dtype=torch.long, device=dev)
-        limits = torch.zeros((n, q_len), dtype=torch.long, device=dev)
-        starts = torch.zeros(n, dtype=torch.long, device=dev)
-        first_logit = torch.zeros(n, dtype=torch.long, device=dev)
+        ids = torch.full((n, q_len), self.roles.mask_token_id, dtype=torch.long)
+        limits = torch.zeros((n, q_len), dtype=torch.long)
+        starts = torch.zeros(n, dtype=torch.long)
+        first_logit = torch.zeros(n, dtype=torch.long)
+        valid_q = torch.zeros((n, q_len), dtype=torch.bool)
+        max_limit = 0
         for i, r in enumerate(rows + [rows[j] for j in cfg_rows]):
             seq, plan, span = r.seq, r.plan, r.plan.q_end - r.q_start
-            toks = seq.canvas[r.q_start : plan.q_end]
+            ids[i, :span] = seq.canvas[r.q_start : plan.q_end]
             if i >= len(rows):  # classifier-free guidance: the prompt replaced by masks
-                toks = toks.clone()
-                toks[: max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
-            ids[i, :span] = toks
-            lim = plan.key_limit.to(dev)
+                ids[i, : max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
+            lim = plan.key_limit
             if r.q_start < plan.q_start:  # the extra query that shift_logits needs
                 extra = plan.logits_start if seq.params.cache == "committed" else int(lim[0])
                 lim = torch.cat([lim.new_tensor([extra]), lim])
             limits[i, :span] = lim
+            max_limit = max(max_limit, int(lim.max()))
+            valid_q[i, :span] = True
             starts[i] = r.q_start
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
-        positions = starts[:, None] + torch.arange(q_len, device=dev)
-        valid_q = (
-            torch.arange(q_len, device=dev)[None, :]
-            < torch.tensor(spans + [spans[j] for j in cfg_rows], device=dev)[:, None]
-        )
-        if cached:
-            key_len = int(limits.max())
-            pool = self.pool
-            slots = torch.tensor([r.seq.slot for r in rows], dtype=torch.long, device=dev)
-            kv = pool.view(slots, torch.where(valid_q, positions, pool.sink), key_len)
-        else:
-            key_len = q_len
-            kv = None
+        positions = starts[:, None] + torch.arange(q_len)
+        index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
+        sink = self.pool.sink if cached else 0
+        write = torch.where(valid_q, positions, sink)  # padding queries write to the pool's sink
+        # One upload: token ids, positions, key limits, cache write positions, logits index.
+        packed = torch.cat([ids, positions, limits, write, index], dim=1).to(dev)
+        ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
+        # Cached forwards attend to a key length rounded up to a bucket (masked beyond each
+        # row's limit), so eager and graph-replayed steps have the same shapes.
+        key_len = key_bucket(max_limit, self.pool.max_len) if cached else q_len
         mask = torch.arange(key_len, device=dev)[None, None, :] < limits[:, :, None]
-        index = (first_logit[:, None] + torch.arange(width, device=dev)).clamp(0, q_len - 1)
-        logits = self.model(ids, positions, mask, kv, index).float()
+        for observe in self.forward_observers:
+            observe(ForwardShape(n, q_len, key_len, width))
+        if not cached:
+            hidden = self.model.hidden_states(ids, positions, mask, None, index)
+        else:
+            slots = [r.seq.slot for r in rows]
+            hidden = None
+            if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
+                hidden = self.graphs.hidden_states(ids, positions, mask, write, slots, index)
+            if hidden is None:
+                kv = self.pool.view(slots, write, key_len)
+                hidden = self.model.hidden_states(ids, positions, mask, kv, index)
+        logits = self.model.logits(hidden).float()
         if cfg_rows:
             cond = logits[cfg_rows]
             uncond = logits[len(rows) :]
@@ -213,29 +247,31 @@ class Runner:
             logits[cfg_rows] = uncond + (scale + 1) * (cond - uncond)
         return logits
 
-    def _block_view(self, rows: list[_Row], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Active-block tokens [B, P] (padding is a non-mask token) and the still-masked ones."""
-        pad = self.roles.eos_token_id
-        block = torch.full((len(rows), width), pad, dtype=torch.long, device=self.device)
+    def _block_view(self, rows: list[_Row]) -> torch.Tensor:
+        """Active-block tokens [B, P] on the host; padding past a row's block is a non-mask token."""
+        width = max(r.seq.params.block_length for r in rows)
+        block = torch.full((len(rows), width), self.roles.eos_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             seq = r.seq
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
-        return block, block == self.roles.mask_token_id
+        return block
 
     def _decide(
-        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor
+        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen tokens and the commit mask for each row, each with its own parameters."""
+        """Chosen tokens and the commit mask for each row, each with its own parameters.
+
+        ``masked`` is each row's count of masked block positions, known on the host. Every branch
+        here is decided from host values, so nothing waits for the device.
+        """
         dev = self.device
         params = [r.seq.params for r in rows]
 
         def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        eos_inf = per_row([p.logits_eos_inf for p in params], torch.bool)
-        if bool(eos_inf.any()):
-            logits[eos_inf, :, self.roles.eos_token_id] = float("-inf")
-        logits = top_p_filter(logits, per_row([p.top_p for p in params]))
+        logits = self._forbid(logits, [p.logits_eos_inf for p in params], self.roles.eos_token_id)
+        logits = top_p_filter(logits, [p.top_p for p in params])
 
         credit_rows = [i for i, p in enumerate(params) if p.rule == "credit"]
         if credit_rows:
@@ -257,28 +293,32 @@ class Runner:
                 draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
                 random_conf[i] = draws[offset : offset + bl]
 
-        conf_logits = logits
-        eot_inf = per_row([p.confidence_eos_eot_inf for p in params], torch.bool)
-        if bool(eot_inf.any()) and self.eot_id is not None:
-            conf_logits = logits.clone()
-            conf_logits[eot_inf, :, self.eot_id] = float("-inf")
-        measure = per_row([MEASURE_INDEX.get(p.remasking, 0) for p in params], torch.long)
+        conf_logits = self._forbid(logits, [p.confidence_eos_eot_inf for p in params], self.eot_id)
+        measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
         conf = confidence(conf_logits.softmax(-1), tokens, measure)
         for i, draws in random_conf.items():
             conf[i, : draws.shape[0]] = draws.to(conf.dtype)
 
-        masked = candidates.sum(-1).tolist()
         floor = per_row([r.seq.floor_commits(m) for r, m in zip(rows, masked, strict=True)], torch.long)
         commit = rules.select_commits(
             conf,
             candidates,
             floor,
-            per_row([RULE_INDEX[p.rule] for p in params], torch.long),
+            [RULE_INDEX[p.rule] for p in params],
             per_row([p.threshold for p in params]),
             per_row([p.factor for p in params]),
             per_row([p.low_threshold for p in params]),
         )
         return tokens, commit
+
+    def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
+        """Logits with ``token`` set to -inf in the flagged rows (a new tensor when any is)."""
+        if token is None or not any(rows):
+            return logits
+        flagged = torch.tensor(rows, device=logits.device)[:, None]
+        logits = logits.clone()
+        logits[..., token] = logits[..., token].masked_fill(flagged, float("-inf"))
+        return logits
 
     def _apply_credit(
         self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
@@ -313,24 +353,22 @@ class Runner:
 
     # -- state updates ------------------------------------------------------------------------
 
-    def _apply(self, row: _Row, tokens: torch.Tensor, commit: torch.Tensor) -> int:
-        """Write committed tokens, advance the block, emit the grown prefix. Returns commits made."""
+    def _apply(self, row: _Row, block: torch.Tensor, n_committed: int) -> int:
+        """Write the row's new block (host tensor), advance, emit the grown prefix. Returns commits."""
         seq = row.seq
         bl = seq.params.block_length
-        commit = commit[:bl]
-        block = seq.canvas[seq.block_start : seq.block_end]
-        block[commit] = tokens[:bl][commit]
+        seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
         if seq.params.cache == "committed":
             seq.committed_context = max(seq.committed_context, seq.block_start)
-        if not bool((block == seq.mask_id).any()):
+        if not bool((block[:bl] == seq.mask_id).any()):
             seq.block += 1
             seq.step_in_block = 0
             seq.credit = None
         self._emit(seq)
-        return int(commit.sum())
+        return n_committed
 
     def _emit(self, seq: Sequence) -> None:
         """Send the newly committed left-to-right prefix; finish when the output is final."""

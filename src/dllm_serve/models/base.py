@@ -76,13 +76,32 @@ class DiffusionLM(nn.Module):
         kv: KVView | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv, logits_index)
+        return self.logits(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv: KVView | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last layer's output at the requested positions (before the final norm).
+
+        Split from ``logits`` so a CUDA graph can hold the layers while its static output stays
+        small; the vocabulary-wide logits are produced outside it.
+        """
         x = self.embed(input_ids)
         cos, sin = self.rotary.cos_sin(position_ids)
         bias = attention_bias(attention_mask, input_ids.shape[1])
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, bias, kv, i)
-        x = gather_positions(x, logits_index)  # the LM head runs on the requested positions only
-        x = rms_norm(x, self.norm, self.norm_eps)
+        return gather_positions(x, logits_index)  # the LM head runs on the requested positions only
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head."""
+        x = rms_norm(hidden, self.norm, self.norm_eps)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)[..., : self.vocab_size]  # LLaDA pads its embedding past the vocab
 
