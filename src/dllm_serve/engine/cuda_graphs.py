@@ -104,7 +104,8 @@ class _StaticStep:
                 self.run_eager()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool):
+        # thread_local: CUDA calls on other threads (the server's) do not invalidate the capture.
+        with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
             self.output = self.run_eager()
         self.graph = graph
 
