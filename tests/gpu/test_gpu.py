@@ -3,6 +3,8 @@
 - bf16 decoding agrees with float32 on the bundled tiny models (same tokens on >= 95 % of
   held-out prompts);
 - batch invariance holds on CUDA in float32 (a request's tokens do not depend on its batch);
+- an engine step synchronises with the device once per forward (the read-back of its decisions),
+  whatever the batch size;
 - the CUDA-graph path (``--cuda-graphs``) gives exactly the eager path's tokens, in float32 and
   bf16, with every cached preset;
 - `bench engine` on CUDA: synchronised step timing, peak GPU memory, measured peak rates, and a
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -102,6 +105,32 @@ def test_cuda_graphs_give_the_eager_tokens(path, dtype):
     graphs = graphed.runner.graphs
     assert isinstance(graphs, BlockStepGraphs) and graphs._steps
     assert all(step.graph is not None for step in graphs._steps.values())
+
+
+@pytest.mark.parametrize(
+    ("preset", "opts"),
+    [("dual_cache", {"rule": "schedule", "steps": GEN // 2, "block_length": 16}), ("dinfer_credit", {})],
+)
+def test_one_device_sync_per_forward(preset, opts):
+    """torch's sync debug mode warns at every host-device synchronisation: a whole run of 8
+    requests (admission, refresh and block steps, streaming, retirement) makes exactly as many
+    as it makes forwards."""
+    loaded = load_model(TINY_MODELS[0], dtype="bfloat16", device="cuda")
+    engine = Engine(loaded, EngineConfig(max_batch_size=8))
+    calls = []
+    engine.runner.forward_observers.append(calls.append)
+    requests = _requests(engine, preset, 8, **opts)
+    _tokens(engine, requests[:1])  # first-use work (the KV pool, cuBLAS handles) is not counted
+    calls.clear()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _tokens(engine, requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == len(calls), [str(w.message) for w in syncs[:5]]
 
 
 def test_bench_engine_on_cuda_tiny(tmp_path, capsys):

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dllm_serve.tensors import upload
+
 MEASURES = ("low_confidence", "margin", "entropy")
 
 
@@ -17,7 +19,7 @@ def confidence(probs: torch.Tensor, chosen: torch.Tensor, measure: Sequence[int]
     list, so which measures to compute is decided without waiting for the device.
     """
     out = probs.gather(-1, chosen[..., None]).squeeze(-1)
-    rows = torch.tensor(measure, device=probs.device)[:, None]
+    rows = upload(measure, probs.device, torch.long)[:, None]
     if 1 in measure:
         top2 = probs.topk(2, dim=-1).values
         out = torch.where(rows == 1, top2[..., 0] - top2[..., 1], out)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dllm_serve.tensors import upload
+
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 _NEG = float("-inf")
 
@@ -116,7 +118,7 @@ def select_commits(
     """
     floor_mask = top_k_mask(conf, candidates, floor)
     extra = torch.zeros_like(candidates)
-    rows = torch.tensor(rule, device=conf.device)[:, None]
+    rows = upload(rule, conf.device, torch.long)[:, None]
     if 1 in rule or 4 in rule:
         extra |= threshold_mask(conf, candidates, threshold) & ((rows == 1) | (rows == 4))
     if 2 in rule:

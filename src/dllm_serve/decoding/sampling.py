@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dllm_serve.tensors import upload
+
 
 def top_p_filter(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     """Set logits outside each row's nucleus to -inf. logits [B, P, V]; top_p per row (1.0 = off).
@@ -14,7 +16,7 @@ def top_p_filter(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     """
     if all(p >= 1.0 for p in top_p):
         return logits
-    top_p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device)
+    top_p = upload(top_p, logits.device, logits.dtype)
     # Stable: among equal logits the lower token id is kept first, a fixed, documented tie-break.
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)

@@ -26,6 +26,7 @@ import torch
 
 from dllm_serve.engine.kv_cache import KVPool, PoolView
 from dllm_serve.models.base import DiffusionLM
+from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class _StaticStep:
         self.mask[n:] = False
         self.write[n:] = self.view.pool.sink
         if self.shape.first_slot is None:  # padding rows keep slot 0: they write to its sink only
-            self.slots[:n].copy_(torch.tensor(slots, dtype=torch.long))
+            self.slots[:n].copy_(upload(slots, self.slots.device, torch.long))
 
     def run_eager(self) -> torch.Tensor:
         return self.model.hidden_states(self.ids, self.positions, self.mask, self.view, self.index)

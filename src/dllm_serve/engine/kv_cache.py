@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from dllm_serve.tensors import upload
+
 
 class SlotsExhaustedError(RuntimeError):
     pass
@@ -53,7 +55,7 @@ class KVPool:
         """A view for rows in ``slots``. Consecutive slots (the usual case once the runner orders
         rows by slot) are read through a slice, a view of the pool; any others are gathered, a copy
         of every layer's cache for those rows."""
-        index = torch.tensor(slots, dtype=torch.long, device=write_positions.device)
+        index = upload(slots, write_positions.device, torch.long)
         run = slice(slots[0], slots[0] + len(slots))
         read = run if slots == list(range(run.start, run.stop)) else index
         return PoolView(self, index, write_positions, key_len, read)

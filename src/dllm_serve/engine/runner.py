@@ -30,6 +30,7 @@ from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
 from dllm_serve.models.loader import LoadedModel
+from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Runner:
         block = self._block_view(rows)
         logits = self._forward(rows)
         masked = (block == self.roles.mask_token_id).sum(-1).tolist()
-        block = block.to(self.device)
+        block = upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         tokens, commit = self._decide(rows, logits, candidates, masked)
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)
@@ -220,7 +221,7 @@ class Runner:
         sink = self.pool.sink if cached else 0
         write = torch.where(valid_q, positions, sink)  # padding queries write to the pool's sink
         # One upload: token ids, positions, key limits, cache write positions, logits index.
-        packed = torch.cat([ids, positions, limits, write, index], dim=1).to(dev)
+        packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
         # Cached forwards attend to a key length rounded up to a bucket (masked beyond each
         # row's limit), so eager and graph-replayed steps have the same shapes.
@@ -242,7 +243,8 @@ class Runner:
         if cfg_rows:
             cond = logits[cfg_rows]
             uncond = logits[len(rows) :]
-            scale = torch.tensor([rows[j].seq.params.cfg_scale for j in cfg_rows], device=dev)[:, None, None]
+            scale = upload([rows[j].seq.params.cfg_scale for j in cfg_rows], dev, torch.float32)
+            scale = scale[:, None, None]
             logits = logits[: len(rows)].clone()
             logits[cfg_rows] = uncond + (scale + 1) * (cond - uncond)
         return logits
@@ -268,7 +270,7 @@ class Runner:
         params = [r.seq.params for r in rows]
 
         def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev)
+            return upload(values, dev, dtype)
 
         logits = self._forbid(logits, [p.logits_eos_inf for p in params], self.roles.eos_token_id)
         logits = top_p_filter(logits, [p.top_p for p in params])
@@ -315,7 +317,7 @@ class Runner:
         """Logits with ``token`` set to -inf in the flagged rows (a new tensor when any is)."""
         if token is None or not any(rows):
             return logits
-        flagged = torch.tensor(rows, device=logits.device)[:, None]
+        flagged = upload(rows, logits.device, torch.bool)[:, None]
         logits = logits.clone()
         logits[..., token] = logits[..., token].masked_fill(flagged, float("-inf"))
         return logits
@@ -340,14 +342,14 @@ class Runner:
             state,
             sub.softmax(-1),
             candidates[credit_rows],
-            torch.tensor([p.credit_beta for p in ps], device=dev),
-            torch.tensor([p.credit_gamma for p in ps], device=dev),
+            upload([p.credit_beta for p in ps], dev, torch.float32),
+            upload([p.credit_gamma for p in ps], dev, torch.float32),
         )
         for k, i in enumerate(credit_rows):
             rows[i].seq.credit = state[k]
         logits = logits.clone()
         logits[credit_rows] = rules.credit_logits(
-            sub, state, torch.tensor([p.credit_alpha for p in ps], device=dev)
+            sub, state, upload([p.credit_alpha for p in ps], dev, torch.float32)
         )
         return logits
 
