@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import resolve_params
@@ -150,6 +151,26 @@ def test_one_bad_request_fails_alone(random_model):
     alone = _run(random_model, good)
     for g in good:
         assert results[g.request_id].finish_reason != "error"
+        assert results[g.request_id].token_ids == alone[g.request_id].token_ids
+
+
+@pytest.mark.parametrize("preset", ["llada", "dual_cache"])
+def test_nan_logits_fail_only_their_request(preset):
+    """A token whose embedding is NaN poisons its own row's logits (attention never mixes rows):
+    that request ends with a numerical error, the others in its batch are untouched."""
+    loaded = load_model(TINY_LLADA)
+    poison = 50
+    with torch.no_grad():
+        loaded.model.embed.weight[poison] = float("nan")
+    params = resolve_params(preset, "llada", 16, {"block_length": 16})
+    good = [GenerationRequest(f"g{i}", _chat(loaded, f"Copy: {'abc'[i]} b c"), params, 16) for i in range(3)]
+    bad = GenerationRequest("bad", [*good[0].prompt_ids, poison], params, 16)
+    results = _run(loaded, [good[0], bad, *good[1:]], max_batch_size=4)
+    assert results["bad"].finish_reason == "error"
+    assert "NaN or infinite logits" in results["bad"].error
+    alone = _run(loaded, good)
+    for g in good:
+        assert results[g.request_id].finish_reason in {"stop", "length"}
         assert results[g.request_id].token_ids == alone[g.request_id].token_ids
 
 

@@ -89,7 +89,7 @@ class _StaticStep:
         self.index[:n].copy_(index)
         self.mask[n:] = False
         self.write[n:] = self.view.pool.sink
-        if self.shape.first_slot is None:  # padding rows keep slot 0: they write to its sink only
+        if self.shape.first_slot is None:  # padding rows keep any valid slot: they write its sink only
             self.slots[:n].copy_(upload(slots, self.slots.device, torch.long))
 
     def run_eager(self) -> torch.Tensor:

@@ -171,8 +171,8 @@ class Runner:
         masked = (block == self.roles.mask_token_id).sum(-1).tolist()
         block = upload(block, self.device)
         candidates = block == self.roles.mask_token_id
+        bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         tokens, commit = self._decide(rows, logits, candidates, masked)
-        bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
@@ -264,7 +264,8 @@ class Runner:
         """Chosen tokens and the commit mask for each row, each with its own parameters.
 
         ``masked`` is each row's count of masked block positions, known on the host. Every branch
-        here is decided from host values, so nothing waits for the device.
+        here is decided from host values, so nothing waits for the device. ``logits`` (the step's
+        own tensor) is edited in place: copying [B, P, vocab] costs as much as the edits.
         """
         dev = self.device
         params = [r.seq.params for r in rows]
@@ -295,6 +296,7 @@ class Runner:
                 draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
                 random_conf[i] = draws[offset : offset + bl]
 
+        # Tokens are chosen; from here on logits only rank confidence.
         conf_logits = self._forbid(logits, [p.confidence_eos_eot_inf for p in params], self.eot_id)
         measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
         conf = confidence(conf_logits.softmax(-1), tokens, measure)
@@ -314,18 +316,16 @@ class Runner:
         return tokens, commit
 
     def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
-        """Logits with ``token`` set to -inf in the flagged rows (a new tensor when any is)."""
-        if token is None or not any(rows):
-            return logits
-        flagged = upload(rows, logits.device, torch.bool)[:, None]
-        logits = logits.clone()
-        logits[..., token] = logits[..., token].masked_fill(flagged, float("-inf"))
+        """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
+        if token is not None and any(rows):
+            flagged = upload(rows, logits.device, torch.bool)[:, None]
+            logits[..., token].masked_fill_(flagged, float("-inf"))
         return logits
 
     def _apply_credit(
         self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
-        """Update credit rows' accumulated credit and return logits with it added."""
+        """Update credit rows' accumulated credit and add it to their logits (in place)."""
         sub = logits[credit_rows]
         width, vocab = sub.shape[1], sub.shape[2]
         state = torch.stack(
@@ -347,7 +347,6 @@ class Runner:
         )
         for k, i in enumerate(credit_rows):
             rows[i].seq.credit = state[k]
-        logits = logits.clone()
         logits[credit_rows] = rules.credit_logits(
             sub, state, upload([p.credit_alpha for p in ps], dev, torch.float32)
         )
