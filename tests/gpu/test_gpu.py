@@ -103,8 +103,8 @@ def test_cuda_graphs_give_the_eager_tokens(path, dtype):
         requests = _requests(eager, preset.name, 12, **opts)
         assert _tokens(graphed, requests) == _tokens(eager, requests), preset.name
     graphs = graphed.runner.graphs
-    assert isinstance(graphs, BlockStepGraphs) and graphs._steps
-    assert all(step.graph is not None for step in graphs._steps.values())
+    assert isinstance(graphs, BlockStepGraphs) and graphs.shapes
+    assert graphs.captured == len(graphs.shapes)
 
 
 @pytest.mark.parametrize(

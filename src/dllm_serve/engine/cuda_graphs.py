@@ -128,6 +128,16 @@ class BlockStepGraphs:
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self._steps: dict[StepShape, _StaticStep] = {}
 
+    @property
+    def shapes(self) -> list[StepShape]:
+        """The shapes met so far, each with its static buffers."""
+        return list(self._steps)
+
+    @property
+    def captured(self) -> int:
+        """How many of those shapes have a captured CUDA graph."""
+        return sum(step.graph is not None for step in self._steps.values())
+
     def hidden_states(
         self,
         ids: torch.Tensor,
