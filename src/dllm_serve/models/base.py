@@ -8,7 +8,7 @@ the caller wants. Rows never need left padding: the engine right-pads spans and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +68,9 @@ class DiffusionLM(nn.Module):
     head: nn.Linear | None
     rotary: RotaryEmbedding
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        kv: KVView | None = None,
-        logits_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, kv, logits_index)
-        return self.logits(hidden)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Logits at the requested positions; takes ``hidden_states``'s arguments."""
+        return self.logits(self.hidden_states(*args, **kwargs))
 
     def hidden_states(
         self,
