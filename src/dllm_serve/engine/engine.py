@@ -53,12 +53,24 @@ class RequestResult:
     forwards: int
     error: str | None = None
 
+    def add(self, event: SequenceEvent) -> None:
+        """Fold one of the request's events in (tokens extend; the final event sets the rest)."""
+        self.token_ids.extend(event.token_ids)
+        if event.finished:
+            self.finish_reason = event.finish_reason or ""
+            self.stopped_on_token = event.stopped_on_token
+            self.forwards = event.forwards
+            self.error = event.error
+
 
 class EngineBase:
     """What the server, the CLI and the benchmarks rely on, shared by the native ``Engine`` and the
     remote-code ``RemoteEngine``: the loaded model, the default preset, per-request parameter
-    resolution, step observers and counters. Both also implement ``add_request``, ``abort``,
-    ``stats``, ``start``, ``is_running``, ``shutdown`` and ``run_to_completion``."""
+    resolution, step observers, counters and the worker thread. Each implements ``_loop`` (the
+    thread's body, which returns once ``_stop`` is set), ``add_request``, ``abort``, ``stats``,
+    ``shutdown`` and ``run_to_completion``."""
+
+    thread_name = "dllm-engine"
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -75,6 +87,23 @@ class EngineBase:
         self.forwards = 0
         self.steps = 0
         self.finished = 0
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._draining = False
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.is_running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
 
     def resolve_params(
         self, max_new_tokens: int, overrides: dict[str, Any] | None = None, algorithm: str | None = None
@@ -98,9 +127,6 @@ class Engine(EngineBase):
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)
         self.scheduler = Scheduler(self.runner, self.config)
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._draining = False
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -120,17 +146,6 @@ class Engine(EngineBase):
     def stats(self) -> EngineStats:
         waiting, running = self.scheduler.counts()
         return EngineStats(waiting, running, self.finished, self.forwards, self.steps)
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.is_running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
-        self._thread.start()
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting work, let running requests finish (up to the timeout), stop the thread."""
@@ -177,13 +192,7 @@ class Engine(EngineBase):
         results: dict[str, RequestResult] = {}
 
         def collect(event: SequenceEvent) -> None:
-            res = results.setdefault(event.request_id, RequestResult([], "", False, 0))
-            res.token_ids.extend(event.token_ids)
-            if event.finished:
-                res.finish_reason = event.finish_reason or ""
-                res.stopped_on_token = event.stopped_on_token
-                res.forwards = event.forwards
-                res.error = event.error
+            results.setdefault(event.request_id, RequestResult([], "", False, 0)).add(event)
 
         pending = list(requests)
         ids = [r.request_id for r in pending]

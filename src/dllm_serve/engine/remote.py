@@ -29,6 +29,8 @@ OnEvent = Callable[[SequenceEvent], None]
 
 
 class RemoteEngine(EngineBase):
+    thread_name = "dllm-remote-engine"
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         if not isinstance(loaded.model, remote_code.RemoteModel):
             raise TypeError("RemoteEngine serves models loaded by remote_code.load_remote_model")
@@ -38,9 +40,6 @@ class RemoteEngine(EngineBase):
         self._waiting: deque[tuple[GenerationRequest, OnEvent]] = deque()
         self._aborted: set[str] = set()
         self._running: str | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self._draining = False
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -66,17 +65,6 @@ class RemoteEngine(EngineBase):
                 len(self._waiting), int(self._running is not None), self.finished, self.forwards, self.steps
             )
 
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.is_running:
-            return
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="dllm-remote-engine", daemon=True)
-        self._thread.start()
-
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Refuse new work, let queued calls finish (up to the timeout), abort the rest."""
         with self._cond:
@@ -88,7 +76,7 @@ class RemoteEngine(EngineBase):
                     break
             time.sleep(0.01)
         with self._cond:
-            self._stop = True
+            self._stop.set()
             left = list(self._waiting)
             self._waiting.clear()
             self._cond.notify_all()
@@ -102,9 +90,9 @@ class RemoteEngine(EngineBase):
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stop:
+                while not self._waiting and not self._stop.is_set():
                     self._cond.wait()
-                if self._stop:
+                if self._stop.is_set():
                     return
                 request, on_event = self._waiting.popleft()
                 self._running = request.request_id
@@ -154,8 +142,6 @@ class RemoteEngine(EngineBase):
             raise RuntimeError("run_to_completion needs the worker thread to be stopped")
         results: dict[str, RequestResult] = {}
         for request in requests:
-            e = self._run(request)
-            results[request.request_id] = RequestResult(
-                e.token_ids, e.finish_reason or "", e.stopped_on_token, e.forwards, e.error
-            )
+            result = results[request.request_id] = RequestResult([], "", False, 0)
+            result.add(self._run(request))
         return results
