@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm_serve.engine.kv_cache import KVPool, PoolView
+from dllm_serve.engine.kv_cache import KVPool, PoolView, consecutive_from
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.tensors import upload
 
@@ -151,9 +151,10 @@ class BlockStepGraphs:
         graph (the graph budget is spent); the caller then runs it eagerly."""
         n, queries = ids.shape
         batch = batch_bucket(n, self.pool.size)
-        first = slots[0]
-        consecutive = slots == list(range(first, first + n)) and first + batch <= self.pool.size
-        shape = StepShape(batch, queries, mask.shape[-1], index.shape[1], first if consecutive else None)
+        first = consecutive_from(slots)
+        if first is not None and first + batch > self.pool.size:  # padding rows would run past the pool
+            first = None
+        shape = StepShape(batch, queries, mask.shape[-1], index.shape[1], first)
         step = self._steps.get(shape)
         if step is None:
             if len(self._steps) >= self.max_graphs:

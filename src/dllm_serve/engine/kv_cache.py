@@ -56,9 +56,14 @@ class KVPool:
         rows by slot) are read through a slice, a view of the pool; any others are gathered, a copy
         of every layer's cache for those rows."""
         index = upload(slots, write_positions.device, torch.long)
-        run = slice(slots[0], slots[0] + len(slots))
-        read = run if slots == list(range(run.start, run.stop)) else index
+        consecutive = consecutive_from(slots)
+        read = index if consecutive is None else slice(consecutive, consecutive + len(slots))
         return PoolView(self, index, write_positions, key_len, read)
+
+
+def consecutive_from(slots: list[int]) -> int | None:
+    """The first slot when ``slots`` are consecutive and ascending (readable as a slice), else None."""
+    return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 class PoolView:
