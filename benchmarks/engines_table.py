@@ -6,15 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = [
-    "llada",
-    "prefix_cache",
-    "dual_cache",
-    "dinfer_blockwise",
-    "dinfer_hierarchy",
-    "dinfer_credit",
-    "nemotron",
-]
+from dllm_serve.engine.algorithms import PRESETS
+
+ORDER = list(PRESETS)  # presets in the order algorithms.py defines them
 
 
 def main(paths: list[str]) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from dllm_serve.commands import evaluate
 from dllm_serve.config import EngineConfig
+from dllm_serve.engine.algorithms import presets_for
 from dllm_serve.engine.engine import Engine
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA
@@ -23,14 +24,7 @@ GEN_LENGTH = 64
 def reports():
     loaded = load_model(TINY_LLADA)
     out = {}
-    for preset in (
-        "llada",
-        "prefix_cache",
-        "dual_cache",
-        "dinfer_blockwise",
-        "dinfer_hierarchy",
-        "dinfer_credit",
-    ):
+    for preset in (p.name for p in presets_for("llada")):  # the set is pinned in test_algorithms
         engine = Engine(loaded, EngineConfig(max_batch_size=64))
         out[preset] = evaluate(engine, preset, PROMPTS, GEN_LENGTH, {})
     return out

@@ -8,20 +8,13 @@ import pytest
 import torch
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.engine.algorithms import resolve_params
+from dllm_serve.engine.algorithms import presets_for, resolve_params
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
 
-LLADA_PRESETS = (
-    "llada",
-    "prefix_cache",
-    "dual_cache",
-    "dinfer_blockwise",
-    "dinfer_hierarchy",
-    "dinfer_credit",
-)
+LLADA_PRESETS = tuple(p.name for p in presets_for("llada"))  # the set is pinned in test_algorithms
 
 
 @pytest.fixture(scope="module")
