@@ -36,17 +36,24 @@ def random_llada_config(vocab: int = 368, **overrides) -> LLaDAConfig:
     return LLaDAConfig(**base)
 
 
-def random_official_weights(cfg: LLaDAConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
-    """Official-name tensors with norms away from 1, so a wrong mapping shows."""
+def random_like(
+    reference: dict[str, torch.Tensor], seed: int, scale: float, norm_jitter: float
+) -> dict[str, torch.Tensor]:
+    """Random tensors with ``reference``'s names and shapes: norm vectors 1 + jitter (away from 1, so
+    a wrong mapping shows), matrices N(0, scale)."""
     gen = torch.Generator().manual_seed(seed)
-    model = LLaDAModel(cfg)
     out = {}
-    for name, t in model.export_state_dict().items():
+    for name, t in reference.items():
         if t.dim() == 1:
-            out[name] = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
+            out[name] = 1.0 + norm_jitter * torch.randn(t.shape, generator=gen)
         else:
             out[name] = torch.randn(t.shape, generator=gen) * scale
     return out
+
+
+def random_official_weights(cfg: LLaDAConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Official-name tensors of a random LLaDA."""
+    return random_like(LLaDAModel(cfg).export_state_dict(), seed, scale, norm_jitter=0.1)
 
 
 def write_checkpoint(

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
-from tests.helpers import write_checkpoint
+from tests.helpers import random_like, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
@@ -43,15 +43,8 @@ def random_nemotron_config(**overrides) -> NemotronConfig:
 def random_nemotron_weights(
     cfg: NemotronConfig, seed: int = 0, scale: float = 0.2
 ) -> dict[str, torch.Tensor]:
-    """Published-name tensors; norms away from 1 so a wrong mapping shows."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, t in NemotronModel(cfg).export_state_dict().items():
-        if t.dim() == 1:
-            out[name] = 1.0 + 0.2 * torch.randn(t.shape, generator=gen)
-        else:
-            out[name] = torch.randn(t.shape, generator=gen) * scale
-    return out
+    """Published-name tensors of a random Nemotron."""
+    return random_like(NemotronModel(cfg).export_state_dict(), seed, scale, norm_jitter=0.2)
 
 
 def write_nemotron_checkpoint(
