@@ -32,11 +32,22 @@ class EngineConfig:
     cuda_graphs: bool = False  # replay cached block steps as CUDA graphs (CUDA only)
 
     def resolved_device(self) -> str:
+        """The torch device to load on; an explicit CUDA device torch cannot use is a clear error."""
         import torch
 
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = self.device.partition(":")[2]
+            if count == 0 or (index.isdigit() and int(index) >= count):
+                why = (
+                    f"torch {torch.__version__} is a CPU-only build"
+                    if torch.version.cuda is None
+                    else f"torch sees {count} GPU(s)"
+                )
+                raise ValueError(f"--device {self.device} is not available: {why}; use --device cpu")
+        return self.device
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -67,17 +78,27 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--model-path",
         default=str(DEFAULT_MODEL),
-        help="checkpoint directory or hub id in the local HF cache (default: bundled tiny-llada)",
+        help="checkpoint directory or hub id in the local HF cache (the default is the bundled tiny-llada)",
     )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--engine", default="auto", choices=["auto", "fast-dllm", "dinfer", "nemotron"])
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "fast-dllm", "dinfer", "nemotron"],
+        help="engine whose default preset is used (auto: by model family)",
+    )
     g.add_argument(
         "--algorithm",
         "--generation-algorithm",
         dest="algorithm",
         default=None,
-        help="default decoding preset (see `dllm-serve models --algorithms`)",
+        help="default decoding preset (None: the engine's; `dllm-serve models --model-path M` lists them)",
     )
     g.add_argument(
         "--load-format",
@@ -85,7 +106,14 @@ def add_engine_arguments(parser) -> None:
         choices=["safetensors", "dummy"],
         help="dummy: random weights from config.json alone (benchmarks of real shapes)",
     )
-    g.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32)
+    g.add_argument(
+        "--max-batch-size",
+        "--batch-size",
+        dest="max_batch_size",
+        type=int,
+        default=32,
+        help="sequences decoded together at most",
+    )
     g.add_argument("--max-num-tokens", type=int, default=65536, help="token budget of the running batch")
     g.add_argument(
         "--max-wait-time",
@@ -93,7 +121,9 @@ def add_engine_arguments(parser) -> None:
         default=0.0,
         help="seconds to wait for more arrivals before a step when the batch is not full",
     )
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument(
+        "--max-model-len", type=int, default=None, help="context limit (None: the model's own maximum)"
+    )
     g.add_argument(
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
     )
@@ -101,7 +131,7 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--dcp-cache-dir",
         default=None,
-        help="cache of converted DCP checkpoints (default: $DLLM_SERVE_CACHE or ~/.cache/dllm-serve/dcp)",
+        help="cache of converted DCP checkpoints (None: $DLLM_SERVE_CACHE or ~/.cache/dllm-serve/dcp)",
     )
     g.add_argument(
         "--trust-remote-code",

@@ -147,7 +147,7 @@ def test_missing_tensor_is_a_clear_error(tmp_path):
 
 def test_missing_model_names_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download GSAI-ML/LLaDA-8B-Instruct"):
+    with pytest.raises(FileNotFoundError, match="hf download GSAI-ML/LLaDA-8B-Instruct"):
         load_model("GSAI-ML/LLaDA-8B-Instruct")
 
 

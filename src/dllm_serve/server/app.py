@@ -82,8 +82,9 @@ async def _load(state: ServerState) -> None:
 
     try:
         engine = await asyncio.to_thread(build_engine, state.config.engine)
-    except Exception as exc:
-        log.exception("failed to load the model")
+    except Exception as exc:  # one line naming the file and cause; the traceback with --verbose
+        log.error("failed to load the model: %s", exc if str(exc) else type(exc).__name__)
+        log.debug("load failure traceback", exc_info=exc)
         state.status = "failed"
         state.load_error = exc
         for callback in state.on_load_failed:
@@ -93,7 +94,13 @@ async def _load(state: ServerState) -> None:
         engine.shutdown(0)
         return
     state.attach(engine)
-    log.info("engine ready: model %s, default algorithm %s", state.model_id, engine.default_algorithm)
+    log.info(
+        "serving %s on http://%s:%d (default algorithm %s)",
+        state.model_id,
+        state.config.host,
+        state.config.port,
+        engine.default_algorithm,
+    )
 
 
 def create_app(config: ServerConfig, engine=None) -> FastAPI:
