@@ -136,7 +136,7 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="allow a checkpoint's own modeling code (off by default)",
+        help="allow a checkpoint's own modeling code",
     )
     g.add_argument(
         "--cuda-graphs",

@@ -379,5 +379,5 @@ def test_remote_code_served_over_the_api(server_factory, remote_checkpoint, voca
 
 def test_remote_code_server_refuses_without_the_flag(server_factory, remote_checkpoint):
     server = server_factory("--model-path", str(remote_checkpoint), wait=False)
-    assert server.proc.wait(timeout=120) == 1
+    assert server.proc.wait(timeout=120) == 2  # refused by the checks before loading (dllm_serve.preflight)
     assert "pass --trust-remote-code" in server.log()
