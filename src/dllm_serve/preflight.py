@@ -63,20 +63,14 @@ def _has_weights(path: Path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound now (uvicorn serves on it once the app starts)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def check_port_free(host: str, port: int) -> None:
-    """Fail now if ``host:port`` is taken (for Ray Serve, whose proxy binds it much later)."""
-    bind_socket(host, port).close()
+    """Fail now if ``host:port`` is taken, instead of after the model has loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port"
+            ) from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 
 from dllm_serve.config import ServerConfig, add_engine_arguments, engine_config_from_args
 
@@ -82,22 +81,22 @@ def run_serve(args: argparse.Namespace) -> int:
     from dllm_serve import preflight
 
     config = server_config_from_args(args)
-    if config.gpus > 1 or config.replicas > 1:
-        if not config.ray_address:  # a cluster we join may hold GPUs and files this node lacks
-            preflight.check_gpus(config.gpus)
-            preflight.check_model(config.engine)
-        preflight.check_port_free(config.host, config.port)
+    replicated = config.gpus > 1 or config.replicas > 1
+    if not (replicated and config.ray_address):  # a cluster we join may hold GPUs and files we lack
+        preflight.check_gpus(config.gpus)
+        config.engine.resolved_device()  # --device cuda without CUDA: say so now, not after loading
+        preflight.check_model(config.engine)
+    # Bound and released at once: uvicorn (or Ray's proxy) binds it again within a second or so.
+    preflight.check_port_free(config.host, config.port)
+    if replicated:
         from dllm_serve.cluster.replicas import serve_replicas
 
         return serve_replicas(config)
-    preflight.check_gpus(config.gpus)
-    config.engine.resolved_device()  # --device cuda without CUDA: say so now, not after loading
-    preflight.check_model(config.engine)
-    return serve_single(config, preflight.bind_socket(config.host, config.port))
+    return serve_single(config)
 
 
-def serve_single(config: ServerConfig, sock: socket.socket) -> int:
-    """One engine in this process under uvicorn on ``sock``; returns 1 when the model fails to load."""
+def serve_single(config: ServerConfig) -> int:
+    """One engine in this process under uvicorn; returns 1 when the model fails to load."""
     import uvicorn
 
     from dllm_serve.server.app import create_app
@@ -119,5 +118,5 @@ def serve_single(config: ServerConfig, sock: socket.socket) -> int:
 
     app.state.server.on_load_failed.append(stop)
     log.info("loading %s; /health answers 503 until it is ready", app.state.server.model_id)
-    server.run(sockets=[sock])
+    server.run()
     return 1 if app.state.server.load_error is not None else 0
