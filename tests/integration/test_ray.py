@@ -1,8 +1,9 @@
 """`dllm-serve serve --replicas 2` under real Ray Serve: two CPU replicas of the bundled tiny-llada.
 
 Concurrent requests (plain and streamed) answer exactly what one request alone answers; /metrics
-covers both replicas; killing one replica's process under load fails at most the requests that were
-on it (with a 5xx), loses none that arrive afterwards, and Ray brings the replica back.
+covers both replicas; killing one replica's process under load loses no request that had not sent a
+token yet (it is retried on the other replica), ends streams that had with an SSE error event in
+OpenAI's shape, loses none that arrive afterwards, and Ray brings the replica back.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import httpx
 import pytest
 
 from dllm_serve.bench.tasks import heldout_examples
-from dllm_serve.cluster.replicas import merge_prometheus
+from dllm_serve.cluster.front import FAILED_MESSAGE
+from dllm_serve.cluster.replicas import DEPLOYMENT_NAME, merge_prometheus
 from tests.helpers import TINY_LLADA
 from tests.integration.conftest import free_port
 
@@ -79,7 +81,12 @@ def _descendants(root: int) -> dict[int, str]:
 
 
 def replica_pids(server_pid: int) -> list[int]:
-    return sorted(p for p, cmd in _descendants(server_pid).items() if cmd.startswith("ray::ServeReplica"))
+    """The engine replicas' processes (not the front's, which is a Serve replica too)."""
+    return sorted(
+        p
+        for p, cmd in _descendants(server_pid).items()
+        if cmd.startswith("ray::ServeReplica") and DEPLOYMENT_NAME in cmd
+    )
 
 
 def wait_replicas_ready(base: str, proc: subprocess.Popen, n: int, timeout: float, log: Path) -> dict:
@@ -201,6 +208,39 @@ def test_health_and_metrics_cover_both_replicas(server):
     assert len(set(re.findall(r'replica="([^"]+)"', text))) == 2, text[:2000]
 
 
+# Long requests (no EOS, 256 tokens one step each, in blocks of 32): still running when the replica
+# dies, and a stream has sent its first block's tokens by then.
+LONG = {"algorithm": "llada", "block_length": 32, "logits_eos_inf": True, "early_stop": False}
+LONG_TOKENS = 256
+
+
+async def _ask_long(client, prompt: str) -> str:
+    models = await client.models.list()
+    r = await client.completions.create(
+        model=models.data[0].id, prompt=prompt, max_tokens=LONG_TOKENS, temperature=0, extra_body=LONG
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    return r.choices[0].text
+
+
+async def _stream_long(client, prompt: str, first_token: asyncio.Event) -> str:
+    models = await client.models.list()
+    stream = await client.completions.create(
+        model=models.data[0].id,
+        prompt=prompt,
+        max_tokens=LONG_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body=LONG,
+    )
+    parts = []
+    async for c in stream:
+        if c.choices and c.choices[0].text:
+            parts.append(c.choices[0].text)
+            first_token.set()
+    return "".join(parts)
+
+
 @needs_ray
 def test_killed_replica_restarts_and_unstarted_requests_survive(server, reference):
     import openai
@@ -209,19 +249,32 @@ def test_killed_replica_restarts_and_unstarted_requests_survive(server, referenc
     before = replica_pids(proc.pid)
     assert len(before) == 2
     victim = before[0]
+    retries_before = log.read_text().count("retrying on another replica")
 
     async def run():
         client = _client(base)
-        inflight = [asyncio.create_task(_ask(client, p, 48)) for p in PROMPTS]
-        await asyncio.sleep(1.0)
+        firsts = [asyncio.Event() for _ in range(4)]
+        streams = [asyncio.create_task(_stream_long(client, f"stream {i}", e)) for i, e in enumerate(firsts)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 120)
+        plain = [asyncio.create_task(_ask_long(client, f"plain {i}")) for i in range(6)]
+        await asyncio.sleep(1.0)  # the plain requests are running, none has answered yet
+        assert not any(t.done() for t in plain)
         os.kill(victim, signal.SIGKILL)
         after = await asyncio.gather(*(_ask(client, p) for p in PROMPTS * 2), return_exceptions=True)
-        first = await asyncio.gather(*inflight, return_exceptions=True)
-        return first, after
+        plain_done = await asyncio.gather(*plain, return_exceptions=True)
+        streamed = await asyncio.gather(*streams, return_exceptions=True)
+        return plain_done, streamed, after
 
-    first, after = asyncio.run(run())
-    for r in first:  # on the dead replica: a clear 5xx; elsewhere: an answer
-        assert isinstance(r, str) or (isinstance(r, openai.APIStatusError) and r.status_code >= 500), repr(r)
+    plain_done, streamed, after = asyncio.run(run())
+    # Nothing had been sent for a plain request: the victim's are retried on the other replica.
+    assert all(isinstance(r, str) for r in plain_done), [repr(r) for r in plain_done]
+    assert log.read_text().count("retrying on another replica") > retries_before, "no request was retried"
+    # A stream that had sent tokens ends with an SSE error event in OpenAI's shape (the SDK raises it).
+    cut = [r for r in streamed if not isinstance(r, str)]
+    assert cut, "no stream was on the killed replica"
+    for r in cut:
+        assert isinstance(r, openai.APIError) and FAILED_MESSAGE in r.message, repr(r)
+        assert r.body is None or r.body.get("code") == "replica_failed", r.body
     assert after == [reference[p] for p in PROMPTS * 2], [repr(a) for a in after]
 
     wait_replicas_ready(base, proc, 2, 180, log)
