@@ -65,6 +65,7 @@ CONVERTER_VERSION = 2  # 2: the marker records each output file's size and SHA-2
 MAX_SHARD_BYTES = 5 * 1000**3  # Hugging Face's "5GB" shard limit
 READ_BATCH_BYTES = 256 * 2**20  # tensors read from the DCP files per dcp.load call
 HASH_CHUNK_BYTES = 16 * 2**20
+FINITE_CHUNK = 16 * 2**20  # elements checked for NaN/Inf at a time
 MARKER = "dcp_conversion.json"  # provenance, written last inside the temporary directory
 
 # First key components of training state that is not the model (optimizer, schedulers, RNG...).
@@ -356,8 +357,12 @@ def _read_tensors(weights_dir: Path, batch: list[TensorMapping]) -> dict[str, to
 
 def _check_finite(tensor: torch.Tensor, name: str, weights_dir: Path) -> None:
     """NaN or Inf in a weight is a broken training run or a damaged file; never serve it."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    chunks = range(0, flat.numel(), FINITE_CHUNK)  # a bool mask of the 1 GiB embedding at once is 0.5 GB
+    if not all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in chunks):
+        bad = sum(int((~torch.isfinite(flat[i : i + FINITE_CHUNK])).sum()) for i in chunks)
         raise DCPCheckpointError(
             f"tensor {name} in {weights_dir} holds {bad} NaN/Inf value(s) of {tensor.numel()}; "
             "the checkpoint is damaged or the training diverged"
