@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -239,6 +240,34 @@ async def _stream_long(client, prompt: str, first_token: asyncio.Event) -> str:
             parts.append(c.choices[0].text)
             first_token.set()
     return "".join(parts)
+
+
+def _aborted(base: str) -> float:
+    """Choices that ended with reason "abort", summed over the replicas' merged /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dllm_serve_requests_finished_total{") and 'reason="abort"' in line
+    )
+
+
+@needs_ray
+def test_client_disconnect_through_the_front_aborts_the_request(server):
+    """A client that leaves mid-stream: the front cancels the replica call, the engine aborts."""
+    _, base, _ = server
+    before = _aborted(base)
+    model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "x", "max_tokens": LONG_TOKENS, "stream": True, **LONG}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # the first token: leave with 224 of 256 steps to go
+    deadline = time.monotonic() + 30
+    while _aborted(base) <= before:
+        assert time.monotonic() < deadline, "the request was not aborted on its replica"
+        time.sleep(1.0)
 
 
 @needs_ray

@@ -13,7 +13,8 @@ in process and streams its messages back), and passes the response on. When the 
 * once tokens were streamed, the stream ends with an SSE ``error`` event and ``[DONE]``, as a
   single server does when an engine fails mid-stream.
 
-A client that disconnects cancels the replica call, which the replica turns into an
+A client that disconnects: Serve cancels the front's handler and, with it, the replica call it is
+waiting on (Serve propagates cancellation to handle calls); the replica turns that into an
 ``http.disconnect`` for its app, so the engine aborts the request as on a single server.
 """
 
@@ -185,25 +186,17 @@ class FrontApp:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
-        await self._forward(request_scope(scope), body, receive, send)
+        await self._forward(request_scope(scope), body, send)
 
-    async def _forward(self, scope: dict[str, Any], body: bytes, receive, send) -> None:
+    async def _forward(self, scope: dict[str, Any], body: bytes, send) -> None:
         response = _Response(send)
         for attempt in range(RETRIES + 1):
             response.start, response.held = None, []
-            call = self.handle.forward.remote(scope, body)
-            watcher = asyncio.create_task(_cancel_on_disconnect(receive, call))
             try:
-                async for message in call:
+                async for message in self.handle.forward.remote(scope, body):
                     await response.take(message)
                 return
-            except asyncio.CancelledError:
-                if watcher.done():
-                    return  # the client left and we cancelled the replica call
-                raise
             except Exception as exc:  # the replica died (RayActorError...) or its app raised
-                if watcher.done() and watcher.result():
-                    return  # the client left; nothing to answer
                 retry = not response.committed and attempt < RETRIES
                 log.warning(
                     "replica failed on %s %s (%s)%s",
@@ -215,13 +208,3 @@ class FrontApp:
                 if not retry:
                     await response.fail()
                     return
-            finally:
-                watcher.cancel()
-
-
-async def _cancel_on_disconnect(receive, call) -> bool:
-    """Cancel the replica call when the client disconnects; True if it did."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    call.cancel()
-    return True
