@@ -8,8 +8,9 @@ in process and streams its messages back), and passes the response on. When the 
 
 * before anything with a token reached the client (a plain response not yet started; a stream that
   sent at most its opening role chunk, which is held back until a token follows), the request is
-  sent once more, to whichever replica Serve picks (the dead one is out of its routing table by then);
-* a second failure, or one before the response started, is a 503 in OpenAI's error shape;
+  sent once more, to whichever replica Serve picks (Serve stops routing to a replica once a call
+  to it has failed with the actor dead);
+* if that fails too before anything reached the client, the answer is a 503 in OpenAI's shape;
 * once tokens were streamed, the stream ends with an SSE ``error`` event and ``[DONE]``, as a
   single server does when an engine fails mid-stream.
 
