@@ -82,8 +82,10 @@ async def _load(state: ServerState) -> None:
 
     try:
         engine = await asyncio.to_thread(build_engine, state.config.engine)
-    except Exception as exc:  # one line naming the file and cause; the traceback with --verbose
-        log.error("failed to load the model: %s", exc if str(exc) else type(exc).__name__)
+    except Exception as exc:  # our messages name the file and cause; the traceback with --verbose
+        first = (str(exc).strip().splitlines() or [""])[0]
+        foreign = not isinstance(exc, (ValueError, OSError)) or not first  # e.g. a CUDA RuntimeError
+        log.error("failed to load the model: %s", f"{type(exc).__name__}: {first}" if foreign else exc)
         log.debug("load failure traceback", exc_info=exc)
         state.status = "failed"
         state.load_error = exc
