@@ -58,7 +58,7 @@ def test_trace_folds_to_the_completion(models, path, preset, temperature):
     canvas: dict[int, int] = {}
     for s in steps:
         assert 0 <= s.block_start < s.canvas_length
-        for pos, tok in s.committed:
+        for pos, tok, _conf in s.committed:
             assert pos not in canvas, f"position {pos} committed twice"
             assert s.block_start <= pos < s.block_start + s.block_length
             canvas[pos] = tok

@@ -11,6 +11,7 @@ masked positions whose guess or confidence moved. The server turns those into SS
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,8 +29,8 @@ CONF_DIGITS = 3  # a masked position's confidence is resent once it moves at thi
 class DenoiseStep:
     """One engine step of one sequence; positions are offsets into the generated canvas.
 
-    ``committed``: (position, token id) committed by this step. ``guesses``: (position, token id,
-    confidence) for masked positions of the active block whose top token or rounded confidence
+    ``committed``: (position, token id, confidence) committed by this step. ``guesses``: (position,
+    token id, confidence) for masked positions of the active block whose top token or rounded confidence
     changed since the previous step (all of them on a block's first step).
     """
 
@@ -39,7 +40,7 @@ class DenoiseStep:
     block_length: int
     canvas_length: int
     refresh: bool  # this forward rebuilt the KV cache (block start, warm-up, context)
-    committed: list[tuple[int, int]]
+    committed: list[tuple[int, int, float]]
     guesses: list[tuple[int, int, float]]
 
 
@@ -71,10 +72,10 @@ class DenoiseTrace:
             if before[i] != seq.mask_id:
                 continue
             if after[i] != seq.mask_id:
-                committed.append((pos, after[i]))
+                committed.append((pos, after[i], _rounded(conf[i])))
                 self._sent.pop(pos, None)
                 continue
-            guess = (ids[i], round(conf[i], CONF_DIGITS))
+            guess = (ids[i], _rounded(conf[i]))
             if self._sent.get(pos) != guess:
                 self._sent[pos] = guess
                 guesses.append((pos, *guess))
@@ -88,6 +89,11 @@ class DenoiseTrace:
             committed=committed,
             guesses=guesses,
         )
+
+
+def _rounded(conf: float) -> float:
+    """JSON-safe: a non-finite score (a rule's -inf ban) is sent as 0."""
+    return round(conf, CONF_DIGITS) if math.isfinite(conf) else 0.0
 
 
 def read_back(seqs: list[Sequence], tokens: torch.Tensor, conf: torch.Tensor) -> dict[int, torch.Tensor]:
