@@ -380,7 +380,8 @@ function fillAlgorithms(catalogue) {
     select.replaceChildren();
     if (keepNone) select.append(new Option("none", ""));
     for (const p of catalogue.data) {
-      const option = new Option(`${p.name} (${p.defaults.cache} cache)`, p.name);
+      const cache = p.defaults.cache === "none" ? "no cache" : `${p.defaults.cache} cache`;
+      const option = new Option(`${p.name} (${cache})`, p.name);
       option.title = p.description;
       select.append(option);
     }
@@ -412,12 +413,9 @@ async function start() {
   ];
   $("controls").addEventListener("submit", runAll);
   $("stop").addEventListener("click", () => app.controller && app.controller.abort());
-  $("connect").addEventListener("click", connect);
-  $("api-key").addEventListener("keydown", (e) => {
-    if (e.key === "Enter") {
-      e.preventDefault();
-      connect();
-    }
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    connect();
   });
   for (const radio of document.querySelectorAll('input[name="colour"]')) {
     radio.addEventListener("change", () => {
