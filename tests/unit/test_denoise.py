@@ -6,13 +6,18 @@ the tokens, and folding its steps must rebuild the canvas the completion was rea
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import presets_for, resolve_params
+from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace, read_back
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import load_model
+from dllm_serve.server.denoise_stream import DenoiseView
 from tests.helpers import TINY_LLADA
 from tests.nemotron_helpers import TINY_NEMOTRON
 
@@ -92,3 +97,33 @@ def test_guesses_are_changes_only(models):
     sent = sum(len(s.guesses) for s in steps)
     masked_per_step = sum(s.block_length for s in steps)  # an upper bound on the full state
     assert sent < masked_per_step
+
+
+def test_rows_that_do_not_trace_read_nothing_back():
+    """Meta tensors refuse any read-back (tests/unit/test_no_readback.py): none happens here."""
+    meta = torch.zeros(3, 8, device="meta")
+    plain = [SimpleNamespace(trace=None)] * 3
+    assert read_back(plain, meta.long(), meta) == {}
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        read_back([*plain[:2], SimpleNamespace(trace=DenoiseTrace())], meta.long(), meta)
+
+
+@pytest.mark.parametrize("path", [TINY_LLADA, TINY_NEMOTRON], ids=lambda p: p.name)
+def test_the_sse_field_names_tokens_and_specials(models, path):
+    tok = models[path].tokenizer
+    view = DenoiseView(tok)
+    word = tok.encode("a")[0]
+    eos = models[path].model.roles.eos_token_id
+    step = DenoiseStep(4, 1, 8, 8, 32, False, [(9, eos, 0.97)], [(10, word, 0.5)])
+    field = view.field(step)
+    assert field == {
+        "step": 4,
+        "block": 1,
+        "block_start": 8,
+        "block_length": 8,
+        "canvas_length": 32,
+        "refresh": False,
+        "committed": [[9, eos, tok.hf.decode([eos], skip_special_tokens=False), 0.97]],
+        "masked": [[10, word, "a", 0.5]],
+    }
+    assert field["committed"][0][2].startswith("<|")  # end of text is shown by name, not as ""
