@@ -238,6 +238,12 @@ def _run_and_wait(driver, lanes: list[str]) -> None:
         assert root.get_attribute("data-status") == "done", error
 
 
+def _output(driver, lane: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f"#{lane} .output").get_attribute("textContent")
+
+
 def _canvas_at(driver, lane: str, step: int) -> str:
     return driver.execute_script(
         """const root = document.getElementById(arguments[0]);
@@ -260,9 +266,7 @@ def test_playground_runs_and_replays_with_the_api_text(browser, server, client):
     _select(browser, "algorithm-a", "llada")
     _run_and_wait(browser, ["lane-a"])
     lane = browser.find_element(By.ID, "lane-a")
-    assert lane.find_element(By.CSS_SELECTOR, ".output").get_attribute("textContent") == _chat_text(
-        client, "llada"
-    )
+    assert _output(browser, "lane-a") == _chat_text(client, "llada")
     assert int(lane.get_attribute("data-frames")) >= 2  # drawn live, step by step
     steps = int(lane.find_element(By.CSS_SELECTOR, ".scrub").get_attribute("max"))
     frames = {_canvas_at(browser, "lane-a", k) for k in (1, 2, steps // 2, steps)}
@@ -274,6 +278,29 @@ def test_playground_runs_and_replays_with_the_api_text(browser, server, client):
     assert lane.find_element(By.CSS_SELECTOR, ".shown").text == f"{steps - 1} / {steps}"
     browser.find_element(By.CSS_SELECTOR, 'input[name="colour"][value="confidence"]').click()
     assert _canvas_at(browser, "lane-a", steps) not in frames  # the other colouring
+
+    # Raw completion (the chat template written out), with a parameter changed in the preset's form.
+    raw = _tokenizer().hf.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    browser.find_element(By.CSS_SELECTOR, 'input[name="mode"][value="completion"]').click()
+    _set(browser, "prompt", raw)
+    _select(browser, "algorithm-a", "dual_cache")
+    browser.find_element(By.CSS_SELECTOR, "#settings-a summary").send_keys(Keys.ENTER)
+    threshold = browser.find_element(By.CSS_SELECTOR, '#settings-a input[name="threshold"]')
+    assert threshold.get_attribute("value") == "0.9"  # the preset's default, from /v1/algorithms
+    threshold.clear()
+    threshold.send_keys("0.5")
+    _run_and_wait(browser, ["lane-a"])
+    api = client.completions.create(
+        model="tiny-llada",
+        prompt=raw,
+        max_tokens=MAX_TOKENS,
+        seed=0,
+        extra_body={"algorithm": "dual_cache", "threshold": 0.5},
+    )
+    assert api.choices[0].text and _output(browser, "lane-a") == api.choices[0].text
+    assert int(lane.find_element(By.CSS_SELECTOR, ".forwards").text) == api.diffusion["forwards"]
     assert _console_errors(browser) == []
 
 
@@ -287,10 +314,7 @@ def test_playground_side_by_side(browser, server, client, tmp_path):
     _select(browser, "algorithm-b", "dual_cache")
     _run_and_wait(browser, ["lane-a", "lane-b"])
     for lane, algorithm in (("lane-a", "llada"), ("lane-b", "dual_cache")):
-        root = browser.find_element(By.ID, lane)
-        assert root.find_element(By.CSS_SELECTOR, ".output").get_attribute("textContent") == _chat_text(
-            client, algorithm
-        )
+        assert _output(browser, lane) == _chat_text(client, algorithm)
     forwards = [
         int(browser.find_element(By.CSS_SELECTOR, f"#{lane} .forwards").text) for lane in ("lane-a", "lane-b")
     ]
