@@ -9,6 +9,7 @@ unknown fields read the same text as in ``committed`` mode. docs/playground.md s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dllm_serve.engine.denoise import DenoiseStep
@@ -38,3 +39,7 @@ class DenoiseView:
             "committed": [[pos, tok, self.text(tok), conf] for pos, tok, conf in step.committed],
             "masked": [[pos, tok, self.text(tok), conf] for pos, tok, conf in step.guesses],
         }
+
+    def sender(self, put: Callable[[tuple[int, dict[str, Any]]], None]) -> Callable[[int, DenoiseStep], None]:
+        """``on_denoise`` for ``run_choice``: puts (choice index, the step's field) with ``put``."""
+        return lambda index, step: put((index, self.field(step)))

@@ -450,9 +450,9 @@ def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> Event
     """Submit first (a full queue is still a real 429), then stream."""
     queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]] = asyncio.Queue()
     on_denoise = None
-    if run.prepared.denoise:
+    if run.prepared.denoise:  # each engine step's JSON goes to the same queue as the text
         view = DenoiseView(run.tokenizer)
-        on_denoise = lambda i, step: queue.put_nowait((i, view.field(step)))  # noqa: E731
+        on_denoise = view.sender(queue.put_nowait)
     tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)), on_denoise)
     for i, task in enumerate(tasks):  # (i, None) marks the end of choice i, after all its deltas
         task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
