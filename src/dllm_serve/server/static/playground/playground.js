@@ -439,4 +439,6 @@ async function start() {
   await connect();
 }
 
-start();
+start().catch((err) => {
+  $("server-status").textContent = `Cannot reach the server: ${err.message || err}`;
+});
