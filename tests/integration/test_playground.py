@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import TINY_LLADA
 
 KEY = "playground-test-key"
-PROMPT = "Copy the list: a b c d e f g h"
+PROMPT = "Copy the list: d i f f u s i o n s e r v e r s"
 MAX_TOKENS = 32
 
 
