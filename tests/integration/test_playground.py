@@ -315,10 +315,14 @@ def test_playground_side_by_side(browser, server, client, tmp_path):
     _run_and_wait(browser, ["lane-a", "lane-b"])
     for lane, algorithm in (("lane-a", "llada"), ("lane-b", "dual_cache")):
         assert _output(browser, lane) == _chat_text(client, algorithm)
-    forwards = [
-        int(browser.find_element(By.CSS_SELECTOR, f"#{lane} .forwards").text) for lane in ("lane-a", "lane-b")
-    ]
+
+    def counter(lane: str, name: str) -> int:
+        return int(browser.find_element(By.CSS_SELECTOR, f"#{lane} .{name}").text)
+
+    forwards = [counter(lane, "forwards") for lane in ("lane-a", "lane-b")]
     assert forwards[1] < forwards[0]  # the cached preset's threshold rule takes fewer forwards
+    refreshes = [counter(lane, "refreshes") for lane in ("lane-a", "lane-b")]
+    assert refreshes[0] == 0 and refreshes[1] >= 1  # no cache at all vs a cache built per block
     _canvas_at(browser, "lane-a", 12)  # a mid-run state on the left, the finished one on the right
     shot = tmp_path / "playground.png"
     assert browser.save_screenshot(str(shot))

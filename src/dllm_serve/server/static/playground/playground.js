@@ -233,11 +233,13 @@ class Lane {
     this.q(".output").textContent = "";
     this.q(".error").textContent = "";
     this.q(".forwards").textContent = "0";
+    this.q(".refreshes").textContent = "0";
     this.q(".tpf").textContent = "–";
     this.q(".elapsed").textContent = "–";
     this.q(".scrub").max = "0";
     this.q(".scrub").value = "0";
     this.committed = 0;
+    this.refreshes = 0;
     this.draw(0);
   }
 
@@ -317,6 +319,8 @@ class Lane {
       const ev = choice.denoise;
       this.events.push(ev);
       this.committed += ev.committed.length;
+      this.refreshes += ev.refresh ? 1 : 0;
+      this.q(".refreshes").textContent = String(this.refreshes);
       this.q(".forwards").textContent = String(ev.step);
       this.q(".tpf").textContent = (this.committed / ev.step).toFixed(2);
       this.q(".scrub").max = String(this.events.length);
