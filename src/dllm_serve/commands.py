@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     gen.add_argument("--stats", action="store_true", help="print forwards and timing to stderr")
+    gen.add_argument(
+        "--show", action="store_true", help="draw the canvas unmasking live (plain text when not a terminal)"
+    )
     gen.add_argument("prompt")
     gen.set_defaults(func=run_generate)
 
@@ -98,9 +101,13 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    result = engine.run_to_completion([GenerationRequest("generate", ids, params, args.gen_length)])[
-        "generate"
-    ]
+    request = GenerationRequest("generate", ids, params, args.gen_length)
+    if args.show and sys.stdout.isatty() and engine.traces_denoise:
+        from dllm_serve.terminal_view import generate_with_view
+
+        result = generate_with_view(engine, request, sys.stdout)
+    else:
+        result = engine.run_to_completion([request])["generate"]
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
         return 1

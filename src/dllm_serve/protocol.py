@@ -100,6 +100,7 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stream_mode: Literal["committed", "denoise"] = "committed"
     user: str | None = None
     algorithm: str | None = None
     generation_algorithm: str | None = None
@@ -137,6 +138,13 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("stream_mode")
+    @classmethod
+    def _denoise_streams(cls, value: str, info: ValidationInfo) -> str:
+        if value == "denoise" and not info.data.get("stream"):
+            raise ValueError("stream_mode 'denoise' needs stream: true")
         return value
 
     @field_validator("generation_algorithm")

@@ -71,6 +71,7 @@ class EngineBase:
     ``shutdown`` and ``run_to_completion``."""
 
     thread_name = "dllm-engine"
+    traces_denoise = False  # can stream each step's provisional state (stream_mode "denoise")
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -123,6 +124,8 @@ class EngineBase:
 
 
 class Engine(EngineBase):
+    traces_denoise = True
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)

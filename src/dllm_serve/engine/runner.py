@@ -26,6 +26,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.engine import denoise
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
@@ -120,6 +121,8 @@ class Runner:
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
+        if request.denoise:
+            seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.slot = self.pool.allocate()
         return seq
@@ -172,16 +175,17 @@ class Runner:
         block = upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
-        tokens, commit = self._decide(rows, logits, candidates, masked)
+        tokens, commit, conf = self._decide(rows, logits, candidates, masked)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
+        provisional = denoise.read_back([r.seq for r in rows], tokens, conf)  # {} unless a row traces
         committed = 0
-        for row, out in zip(rows, host, strict=True):
+        for i, (row, out) in enumerate(zip(rows, host, strict=True)):
             if out[-1]:
                 self._fail(row.seq, "numerical error: the model produced NaN or infinite logits")
             else:
-                committed += self._apply(row, out[:-2], int(out[-2]))
+                committed += self._apply(row, out[:-2], int(out[-2]), provisional.get(i))
         return committed
 
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
@@ -260,8 +264,9 @@ class Runner:
 
     def _decide(
         self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen tokens and the commit mask for each row, each with its own parameters.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
+        parameters.
 
         ``masked`` is each row's count of masked block positions, known on the host. Every branch
         here is decided from host values, so nothing waits for the device. ``logits`` (the step's
@@ -313,7 +318,7 @@ class Runner:
             per_row([p.factor for p in params]),
             per_row([p.low_threshold for p in params]),
         )
-        return tokens, commit
+        return tokens, commit, conf
 
     def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
         """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
@@ -354,9 +359,14 @@ class Runner:
 
     # -- state updates ------------------------------------------------------------------------
 
-    def _apply(self, row: _Row, block: torch.Tensor, n_committed: int) -> int:
+    def _apply(
+        self, row: _Row, block: torch.Tensor, n_committed: int, provisional: torch.Tensor | None = None
+    ) -> int:
         """Write the row's new block (host tensor), advance, emit the grown prefix. Returns commits."""
         seq = row.seq
+        if seq.trace is not None and provisional is not None:
+            step = seq.trace.observe(seq, block, provisional, row.plan.refresh)
+            seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 
 
 @dataclass
@@ -23,6 +24,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: DecodeParams
     max_new_tokens: int
+    denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
 
 
 @dataclass
@@ -33,7 +35,8 @@ class SequenceEvent:
     ``finish_reason``: None while running; "stop" (a stop token), "length", "abort" (cancelled) or
     "error" (``error`` says what, without internals). ``stopped_on_token`` is True when a stop
     token ended it (usage counts it). ``forwards`` (model forwards the sequence took) is set on the
-    final event only.
+    final event only. ``denoise`` (requests that asked for it) is one step's provisional state;
+    such an event comes before that step's token event.
     """
 
     request_id: str
@@ -43,6 +46,7 @@ class SequenceEvent:
     error: str | None = None
     forwards: int = 0
     prompt_tokens: int = 0
+    denoise: DenoiseStep | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +92,7 @@ class Sequence:
     error: str | None = None
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property

@@ -130,8 +130,10 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     app.state.api_key = resolve_api_key(config.api_key)
     install_handlers(app)
 
+    from dllm_serve.server.playground import mount_playground
     from dllm_serve.server.routes import api, router
 
     app.include_router(router)
     app.include_router(api)
+    mount_playground(app)
     return app

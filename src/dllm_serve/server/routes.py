@@ -37,6 +37,7 @@ from dllm_serve.protocol import (
     usage_dict,
 )
 from dllm_serve.server.auth import require_api_key
+from dllm_serve.server.denoise_stream import DenoiseView
 from dllm_serve.server.errors import (
     SERVER_ERROR,
     APIError,
@@ -160,6 +161,7 @@ class _Prepared:
     requests: list[GenerationRequest]
     algorithm: str
     stop: list[str]
+    denoise: bool = False  # stream_mode "denoise": each engine step is streamed too
 
 
 def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: str) -> _Prepared:
@@ -190,6 +192,11 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
                 "max_tokens",
                 "context_length_exceeded",
             )
+    denoise = req.stream_mode == "denoise"
+    if denoise and not engine.traces_denoise:
+        raise bad_request(
+            "stream_mode 'denoise' needs the native engine (not --trust-remote-code).", "stream_mode"
+        )
     request_id = new_id(prefix)
     requests = []
     for p, ids in enumerate(prompts):
@@ -198,10 +205,14 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
             seed = req.seed + k if req.seed is not None else secrets.randbits(31)
             requests.append(
                 GenerationRequest(
-                    f"{request_id}-{k}", list(ids), dataclasses.replace(params, seed=seed), max_tokens
+                    f"{request_id}-{k}",
+                    list(ids),
+                    dataclasses.replace(params, seed=seed),
+                    max_tokens,
+                    denoise=denoise,
                 )
             )
-    return _Prepared(request_id, prompts, requests, params.algorithm, req.stop)
+    return _Prepared(request_id, prompts, requests, params.algorithm, req.stop, denoise)
 
 
 def _submit(state, prepared: _Prepared) -> list[EngineStream]:
@@ -265,12 +276,14 @@ class _Run:
         timeout = self.state.config.request_timeout
         return None if not timeout else self.arrived + timeout
 
-    def choice_tasks(self, emit=None) -> list[asyncio.Task[ChoiceOutcome]]:
+    def choice_tasks(self, emit=None, on_denoise=None) -> list[asyncio.Task[ChoiceOutcome]]:
         self.streams = _submit(self.state, self.prepared)
         self.state.metrics.prompt_tokens.inc(sum(len(p) for p in self.prepared.prompts))
         return [
             asyncio.create_task(
-                run_choice(i, s, ChoiceText(self.tokenizer, self.prepared.stop), emit, self.on_tokens)
+                run_choice(
+                    i, s, ChoiceText(self.tokenizer, self.prepared.stop), emit, self.on_tokens, on_denoise
+                )
             )
             for i, s in enumerate(self.streams)
         ]
@@ -435,8 +448,12 @@ async def completions(request: Request) -> Response:
 
 def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> EventStreamResponse:
     """Submit first (a full queue is still a real 429), then stream."""
-    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
-    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)))
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]] = asyncio.Queue()
+    on_denoise = None
+    if run.prepared.denoise:  # each engine step's JSON goes to the same queue as the text
+        view = DenoiseView(run.tokenizer)
+        on_denoise = view.sender(queue.put_nowait)
+    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)), on_denoise)
     for i, task in enumerate(tasks):  # (i, None) marks the end of choice i, after all its deltas
         task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
     return EventStreamResponse(
@@ -460,12 +477,13 @@ def _text_delta(index: int, text: str | None, finish: str | None, first: bool = 
 async def _stream(
     run: _Run,
     tasks: list[asyncio.Task[ChoiceOutcome]],
-    queue: asyncio.Queue[tuple[int, str | None]],
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]],
     kind: str,
     include_usage: bool,
     choice,
 ) -> AsyncIterator[bytes]:
-    """SSE: a first chunk per choice (the role, for chat), deltas as text commits, a final chunk per
+    """SSE: a first chunk per choice (the role, for chat), deltas as text commits (and, in stream_mode
+    denoise, a chunk with an empty delta and a ``denoise`` field per engine step), a final chunk per
     choice with its finish_reason, the usage chunk when asked, then [DONE]."""
     prepared = run.prepared
     created = now()
@@ -504,6 +522,9 @@ async def _stream(
                 run.end_reason = "timeout"
                 out.append(sse(_timeout_error(run.state.config.request_timeout).body()))
                 break
+            if isinstance(text, dict):
+                out.append(chunk([{**choice(index, None, None), "denoise": text}]))
+                continue
             if text is not None:
                 out.append(chunk([choice(index, text, None)]))
                 continue
