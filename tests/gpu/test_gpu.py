@@ -101,7 +101,7 @@ def test_cuda_graphs_give_the_eager_tokens(path, dtype):
     loaded = load_model(path, dtype=dtype, device="cuda")
     eager = Engine(loaded, EngineConfig(max_batch_size=16))
     if dtype == "bfloat16":
-        eager.runner.graphs = BlockStepGraphs(loaded.model, eager.runner.pool, capture=False)
+        eager.runner.graphs = BlockStepGraphs(loaded.model, eager.runner.pool, max_batch=16, capture=False)
     graphed = Engine(loaded, EngineConfig(max_batch_size=16, cuda_graphs=True))
     opts = {"rule": "schedule", "steps": GEN // 2, "block_length": 16}
     for preset in presets_for(loaded.family):

@@ -24,6 +24,9 @@ from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, r
 
 log = logging.getLogger(__name__)
 
+MAX_LOOP_FAILURES = 5  # consecutive engine-loop failures before the engine is marked failed
+LOOP_BACKOFF_S = 0.1  # first back-off after a loop failure; doubles with each further one
+
 __all__ = [
     "Engine",
     "EngineBase",
@@ -41,6 +44,11 @@ class EngineStats:
     finished: int
     forwards: int
     steps: int
+    # KV cache, in arena tokens (0 where the engine has none, e.g. remote code)
+    kv_capacity_tokens: int = 0
+    kv_used_tokens: int = 0
+    kv_peak_used_tokens: int = 0
+    kv_bytes_per_token: int = 0
 
 
 @dataclass
@@ -90,6 +98,7 @@ class EngineBase:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._draining = False
+        self.failure: str | None = None  # why the engine stopped for good (/health says "failed")
 
     @property
     def is_running(self) -> bool:
@@ -145,7 +154,18 @@ class Engine(EngineBase):
 
     def stats(self) -> EngineStats:
         waiting, running = self.scheduler.counts()
-        return EngineStats(waiting, running, self.finished, self.forwards, self.steps)
+        pool = self.runner.pool
+        return EngineStats(
+            waiting,
+            running,
+            self.finished,
+            self.forwards,
+            self.steps,
+            pool.capacity,
+            pool.used,
+            pool.peak_used,
+            pool.bytes_per_token,
+        )
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting work, let running requests finish (up to the timeout), stop the thread."""
@@ -174,13 +194,30 @@ class Engine(EngineBase):
         return True
 
     def _loop(self) -> None:
+        """Iterate until stopped. A failure outside any one request (the scheduler isolates those)
+        fails the running requests, then backs off (0.1 s, doubling); after MAX_LOOP_FAILURES in a
+        row without a good iteration the engine is marked failed and the thread ends."""
+        failures = 0
         while not self._stop.is_set():
             try:
                 worked = self.step()
-            except Exception:  # the scheduler isolates request failures; this is a bug guard
-                log.exception("engine iteration failed")
-                worked = False
-            if not worked:
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.exception("engine iteration failed; failing the running requests")
+                else:
+                    log.error("engine iteration failed again (%d in a row): %r", failures, exc)
+                self.scheduler.fail_running("internal error in the engine loop")
+                if failures >= MAX_LOOP_FAILURES:
+                    self.failure = f"the engine loop failed {failures} times in a row; last error: {exc!r}"
+                    log.error("engine marked failed: %s", self.failure)
+                    self.scheduler.fail_all("the engine has failed; see the server log")
+                    return
+                self._stop.wait(LOOP_BACKOFF_S * 2 ** (failures - 1))
+                continue
+            if worked:
+                failures = 0
+            else:
                 self.scheduler.wait_for_work(timeout=0.1)
 
     # -- offline ------------------------------------------------------------------------------
