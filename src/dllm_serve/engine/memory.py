@@ -42,8 +42,12 @@ def parse_bytes(text: str | int) -> int:
     return int(number * _UNITS[(match.group(2) or "").lower()])
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def human_bytes(n: float) -> str:
+    """1.50 GiB, 512.00 KiB: the largest binary unit that keeps the number at least 1."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,13 @@ class KVPlan:
         """Raise KVBudgetError (one line, with the numbers) unless one ``max_len`` sequence fits."""
         need = extent_tokens(max_len)
         if need > self.capacity:
+            needed = human_bytes(need * self.bytes_per_token)
+            budget = human_bytes(max(0, self.budget_bytes))
             raise KVBudgetError(
                 f"the KV cache cannot hold one sequence of the longest allowed length: {max_len} tokens "
-                f"need {need} x {self.bytes_per_token} B = {gib(need * self.bytes_per_token)}, the budget "
-                f"({self.source}) is {gib(max(0, self.budget_bytes))} = {self.capacity} tokens; raise "
-                "--kv-cache-memory or --gpu-memory-utilization, or lower --max-model-len"
+                f"need {need} x {self.bytes_per_token} B = {needed}, the budget ({self.source}) is "
+                f"{budget} = {self.capacity} tokens; raise --kv-cache-memory or "
+                "--gpu-memory-utilization, or lower --max-model-len"
             )
 
 
@@ -94,6 +100,8 @@ def profile_forward(model, batch: int, length: int, width: int, device: torch.de
 def plan_kv_cache(model, config, device: torch.device, dtype: torch.dtype, max_len: int) -> KVPlan:
     """The KV budget for ``model`` under ``config`` (EngineConfig), checked against ``max_len``."""
     per_token = kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
+    if not 0 < config.gpu_memory_utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
     if config.kv_cache_memory is not None:
         plan = KVPlan(
             parse_bytes(config.kv_cache_memory), f"--kv-cache-memory {config.kv_cache_memory}", per_token
@@ -112,16 +120,22 @@ def _cuda_budget(model, config, device: torch.device, max_len: int) -> tuple[int
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    profile_forward(model, batch, length, min(length, PROFILE_BLOCK), device)
+    try:
+        profile_forward(model, batch, length, min(length, PROFILE_BLOCK), device)
+    except torch.cuda.OutOfMemoryError:
+        raise KVBudgetError(
+            f"the profiling forward ({batch} canvases of {length} tokens: --max-batch-size, "
+            "--max-num-tokens) does not fit on the device next to the weights; lower either"
+        ) from None
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     reserved = torch.cuda.memory_reserved(device)
     util = config.gpu_memory_utilization
+    outside = human_bytes(max(0, total - free - reserved))
     source = (
-        f"--gpu-memory-utilization {util} of {gib(total)}, less a peak of {gib(peak)} for weights and "
-        f"a {batch} x {length}-token profiling forward, less {gib(max(0, total - free - reserved))} "
-        "outside PyTorch"
+        f"--gpu-memory-utilization {util} of {human_bytes(total)}, less a peak of {human_bytes(peak)} for "
+        f"weights and a {batch} x {length}-token profiling forward, less {outside} outside PyTorch"
     )
     return budget_from_measurements(total, free, reserved, peak, util), source

@@ -95,7 +95,10 @@ async def _load(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(build_engine, state.config.engine)
     except Exception as exc:
-        log.exception("failed to load the model")
+        if isinstance(exc, ValueError):  # invalid settings (e.g. a KV budget too small): one line
+            log.error("failed to load the model: %s", exc)
+        else:
+            log.exception("failed to load the model")
         state.status = "failed"
         state.load_error = exc
         for callback in state.on_load_failed:
