@@ -225,6 +225,9 @@ def test_table_output_on_tiny_llada(capsys):
     assert code == 0
     assert "| block | 2 |" in out and "| refresh | 2 |" in out
     assert "64 tokens in" in out and "8.00 tokens/forward" in out
+    # 4096 B/token = k + v x 4 layers x 4 KV heads x 32 x float32; 2 GiB / 4096 B; 2 x 64-token extents
+    kv = "KV cache 4096 B/token, 524288 tokens fit (2.00 GiB: the CPU default --kv-cache-memory 2GiB)"
+    assert kv + "; the run held at most 128 tokens" in out
 
 
 @pytest.mark.parametrize(
@@ -235,6 +238,10 @@ def test_table_output_on_tiny_llada(capsys):
         (["--block-length", "16", "--fixed-tokens-per-step", "5"], "must divide the block length"),
         (["--model-path", "no-such-model"], "not a model directory or a shipped config"),
         (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+        (
+            ["--kv-cache-memory", "256KiB", "--batch-size", "2", "--prompt-len", "8", "--gen-length", "32"],
+            "the KV cache holds 64 tokens, the batch needs 128",
+        ),
     ],
 )
 def test_cli_errors_are_clear(capsys, extra, message):

@@ -3,12 +3,15 @@ memory and the engine loop's failure handling, on the CPU with the bundled tiny 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
 import torch
 
+from dllm_serve.bench.engine_bench import SHIPPED_CONFIGS
+from dllm_serve.cli import main
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine import faults
 from dllm_serve.engine.algorithms import resolve_params
@@ -113,6 +116,21 @@ def test_budget_that_cannot_hold_one_longest_sequence_is_one_line_with_numbers()
     assert "\n" not in message
     for number in ("4096", "524288", "2.00 GiB", "100.00 MiB", "192 tokens", "--max-model-len"):
         assert number in message, (number, message)
+
+
+def test_models_command_reports_kv_bytes_per_token_and_tokens_that_fit(capsys):
+    """LLaDA-8B in bf16: 0.5 MiB per token; 50 GiB hold 102,400 tokens, 25 sequences of 4,096."""
+    config = SHIPPED_CONFIGS / "llada-8b-instruct"
+    assert main(["models", "--model-path", str(config), "--kv-cache-memory", "50GiB"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    assert kv == {
+        "dtype": "bfloat16",
+        "bytes_per_token": 524288,
+        "budget_bytes": 50 * 2**30,
+        "tokens_that_fit": 102400,
+        "max_model_len": 4096,
+        "longest_sequences_that_fit": 25,
+    }
 
 
 def test_the_cache_is_allocated_at_start_up_from_the_budget(tiny):

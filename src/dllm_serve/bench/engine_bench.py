@@ -219,6 +219,7 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
 
     from dllm_serve.bench.hardware import ForwardRecorder, shape_from_config, synchronize
     from dllm_serve.engine.algorithms import ParamError
+    from dllm_serve.engine.kv_cache import extent_tokens
     from dllm_serve.engine.sequence import GenerationRequest
 
     loaded = engine.loaded
@@ -234,6 +235,13 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
         params = engine.resolve_params(settings.gen_length, overrides, settings.algorithm)
     except ParamError as exc:
         raise BenchError(f"{exc.param}: {exc}") from exc
+    pool = engine.runner.pool
+    need = settings.batch_size * extent_tokens(settings.prompt_len + params.gen_length)
+    if params.cache != "none" and need > pool.capacity:
+        raise BenchError(
+            f"the KV cache holds {pool.capacity} tokens, the batch needs {need}: the wave would not run "
+            "as one batch; raise --kv-cache-memory (or --gpu-memory-utilization)"
+        )
 
     roles = model.roles
     avoid = {roles.mask_token_id, roles.eos_token_id, roles.pad_token_id, *roles.stop_token_ids}
@@ -440,6 +448,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"{tot['forwards']} forwards ({tot['refresh_forwards']} refresh, {tot['model_calls']} model calls), "
         f"{tot['tokens_per_forward']:.2f} tokens/forward; {memory}",
     ]
+    kv = report.get("kv_cache")
+    if kv:
+        from dllm_serve.engine.memory import human_bytes
+
+        lines.append(
+            f"KV cache {kv['bytes_per_token']} B/token, {kv['tokens_that_fit']} tokens fit "
+            f"({human_bytes(kv['budget_bytes'])}: {kv['budget_source']}); the run held at most "
+            f"{kv['peak_used_tokens']} tokens"
+        )
     return "\n".join(lines)
 
 
@@ -543,6 +560,13 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             "cuda_graphs": config.cuda_graphs,
         },
         "hardware": rates.to_dict(),
+        "kv_cache": {
+            "bytes_per_token": engine.runner.pool.bytes_per_token,
+            "budget_bytes": engine.runner.kv_plan.budget_bytes,
+            "budget_source": engine.runner.kv_plan.source,
+            "tokens_that_fit": engine.runner.pool.capacity,
+            "peak_used_tokens": engine.runner.pool.peak_used,
+        },
         "results": results,
     }
 

@@ -27,8 +27,8 @@ from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
-from dllm_serve.engine.kv_cache import KVPool, write_index
-from dllm_serve.engine.memory import plan_kv_cache
+from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
+from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
@@ -84,6 +84,15 @@ class Runner:
         self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
+        )
+        log.info(
+            "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
+            self.pool.capacity,
+            self.pool.bytes_per_token,
+            human_bytes(self.pool.capacity * self.pool.bytes_per_token),
+            self.kv_plan.source,
+            self.pool.capacity // extent_tokens(self.max_len),
+            self.max_len,
         )
         # Static-shape replay of cached block steps (CUDA graphs).
         self.graphs: BlockStepGraphs | None = None
