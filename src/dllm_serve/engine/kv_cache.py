@@ -14,7 +14,8 @@ Why not fixed-size pages with page tables (vLLM's PagedAttention): in pure PyTor
 paged keys needs a gather of every row's pages in every layer of every forward, a copy of the
 whole cache read per step; a paged attention kernel avoids it but is not portable. Extents keep
 views possible at the price of external fragmentation (a long request waits for a contiguous free
-run; admission is FIFO, so the arena drains towards it) and up to 25 % rounding (size classes).
+run; admission is FIFO, so the arena drains towards it) and rounding to size classes (at most 63
+tokens, or 25 % above 512).
 See docs/memory.md.
 """
 
