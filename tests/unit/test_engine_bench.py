@@ -225,8 +225,9 @@ def test_table_output_on_tiny_llada(capsys):
     assert code == 0
     assert "| block | 2 |" in out and "| refresh | 2 |" in out
     assert "64 tokens in" in out and "8.00 tokens/forward" in out
-    # 4096 B/token = k + v x 4 layers x 4 KV heads x 32 x float32; 2 GiB / 4096 B; 2 x 64-token extents
-    kv = "KV cache 4096 B/token, 524288 tokens fit (2.00 GiB: the CPU default --kv-cache-memory 2GiB)"
+    # 4096 B/token = k + v x 4 layers x 4 KV heads x 32 x float32. The default budget is the batch's:
+    # 2 sequences of at most 8 + 32 + 16 tokens, 64-token extents, 2 x 64 x 4096 B = 512 KiB.
+    kv = "KV cache 4096 B/token, 128 tokens fit (512.00 KiB: --kv-cache-memory 524288)"
     assert kv + "; the run held at most 128 tokens" in out
 
 

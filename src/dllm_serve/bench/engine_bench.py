@@ -135,6 +135,19 @@ def check_family_available(model_dir: Path) -> None:
             ) from exc
 
 
+def batch_kv_bytes(model_dir: Path, batch: int, canvas: int, dtype: str) -> int:
+    """KV memory of ``batch`` sequences of ``canvas`` tokens: the benchmark's default budget, so that
+    its peak-memory figure is weights + activations + the batch's cache, not the whole device."""
+    import torch
+
+    from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
+
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
+    return batch * extent_tokens(canvas) * per_token
+
+
 def random_prompts(n: int, length: int, vocab: int, avoid: set[int], seed: int) -> list[list[int]]:
     """Random prompt ids that avoid special tokens (mask, stops): no prompt can end a request."""
     rng = random.Random(seed)
@@ -500,9 +513,13 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             model_dir = patched_model_dir(model_dir, config_overrides, Path(tmp) / "model")
         base = engine_config_from_args(args)
         canvas = settings.prompt_len + settings.gen_length + (settings.block_length or 0)
+        kv_memory = base.kv_cache_memory or str(
+            batch_kv_bytes(model_dir, settings.batch_size, canvas, base.resolved_dtype())
+        )
         config = replace(
             base,
             model_path=str(model_dir),
+            kv_cache_memory=kv_memory,
             max_model_len=args.max_model_len or canvas,
             max_num_tokens=max(base.max_num_tokens, settings.batch_size * canvas),
             max_queue=max(base.max_queue, settings.batch_size),

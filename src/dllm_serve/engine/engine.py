@@ -7,6 +7,7 @@ scheduler's locked inbox. Everything else runs on the engine thread (or, for off
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
 from dllm_serve.engine.runner import Runner, StepInfo
-from dllm_serve.engine.scheduler import QueueFullError, Scheduler
+from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
 
@@ -207,11 +208,16 @@ class Engine(EngineBase):
                     log.exception("engine iteration failed; failing the running requests")
                 else:
                     log.error("engine iteration failed again (%d in a row): %r", failures, exc)
-                self.scheduler.fail_running("internal error in the engine loop")
+                try:
+                    self.scheduler.fail_running(LOOP_ERROR)
+                except Exception:
+                    log.exception("failing the running requests failed as well")
+                    failures = MAX_LOOP_FAILURES
                 if failures >= MAX_LOOP_FAILURES:
                     self.failure = f"the engine loop failed {failures} times in a row; last error: {exc!r}"
                     log.error("engine marked failed: %s", self.failure)
-                    self.scheduler.fail_all("the engine has failed; see the server log")
+                    with contextlib.suppress(Exception):  # best effort: the engine is gone either way
+                        self.scheduler.fail_all("the engine has failed; see the server log")
                     return
                 self._stop.wait(LOOP_BACKOFF_S * 2 ** (failures - 1))
                 continue

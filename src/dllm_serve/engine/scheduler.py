@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[SequenceEvent], None]
 
 
+LOOP_ERROR = "internal error in the engine loop"
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at --max-queue (the server answers 429)."""
 
@@ -136,7 +139,11 @@ class Scheduler:
             if error is not None:
                 self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=error))
                 continue
-            seq = self.runner.new_sequence(head.request)
+            try:
+                seq = self.runner.new_sequence(head.request)
+            except Exception:  # not the request's fault: fail it, and let the loop count the failure
+                self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=LOOP_ERROR))
+                raise
             budget -= seq.length
             self._sinks[seq.request.request_id] = head.sink
             self._running.append(seq)
