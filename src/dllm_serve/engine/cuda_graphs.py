@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm_serve.engine.kv_cache import Extent, KVPool, PoolView, gather_index, strided_from
+from dllm_serve.engine.kv_cache import EXTENT_ALIGN, Extent, KVPool, PoolView, gather_index, strided_from
 from dllm_serve.models.base import DiffusionLM
 
 log = logging.getLogger(__name__)
 
-KEY_BUCKET = 64
+KEY_BUCKET = EXTENT_ALIGN  # KV extents are whole buckets: a bucketed key length stays inside them
 
 
 def key_bucket(key_len: int, max_len: int) -> int:

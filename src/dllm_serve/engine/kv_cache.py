@@ -28,7 +28,7 @@ import torch
 
 from dllm_serve.tensors import upload
 
-EXTENT_ALIGN = 64  # the key-length bucket: a bucketed key length never runs past a row's extent
+EXTENT_ALIGN = 64  # extents are whole key-length buckets (cuda_graphs.KEY_BUCKET is this)
 
 
 class KVCacheFullError(RuntimeError):
