@@ -66,6 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     models = sub.add_parser("models", help="describe a model and the algorithms it supports")
     models.add_argument("--model-path", default=None)
+    models.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="KV-cache dtype"
+    )
+    models.add_argument(
+        "--kv-cache-memory", default="2GiB", help="budget for the 'tokens that fit' figures (default 2GiB)"
+    )
     models.set_defaults(func=run_models)
 
 
@@ -186,8 +192,34 @@ def run_models(args: argparse.Namespace) -> int:
     from dllm_serve.models.loader import detect_family, resolve_model_path
 
     path = resolve_model_path(args.model_path or DEFAULT_MODEL)
-    family = detect_family(json.loads((path / "config.json").read_text()))
-    print(
-        json.dumps({"model": str(path), "family": family, "algorithms": describe_presets(family)}, indent=2)
-    )
+    config = json.loads((path / "config.json").read_text())
+    family = detect_family(config)
+    report = {
+        "model": str(path),
+        "family": family,
+        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory),
+        "algorithms": describe_presets(family),
+    }
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def kv_cache_figures(config: dict[str, Any], dtype: str, budget: str) -> dict[str, Any]:
+    """KV bytes per token, and the tokens and longest sequences that fit in ``budget``."""
+    import torch
+
+    from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
+    from dllm_serve.engine.memory import KVPlan, parse_bytes
+
+    shape = shape_from_config(config)
+    per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
+    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token)
+    return {
+        "dtype": dtype,
+        "bytes_per_token": per_token,
+        "budget_bytes": plan.budget_bytes,
+        "tokens_that_fit": plan.capacity,
+        "max_model_len": shape.max_length,
+        "longest_sequences_that_fit": plan.capacity // extent_tokens(shape.max_length),
+    }

@@ -22,7 +22,9 @@ class EngineConfig:
     max_num_tokens: int = 65536  # sum of canvas lengths running at once
     max_wait_time: float = 0.0  # seconds to wait for arrivals before a step when not full
     max_queue: int = 1024  # waiting requests beyond this are refused (HTTP 429)
-    max_model_len: int | None = None  # None: the model's own maximum
+    max_model_len: int | None = None  # None: the model's own maximum; limits one request
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
+    kv_cache_memory: str | None = None  # KV bytes ("2GiB"); None: measured on CUDA, 2 GiB on the CPU
     seed: int = 0  # base seed for requests without one
     # Training checkpoints (DCP): converted once, cached.
     dcp_path: str | None = None
@@ -93,7 +95,23 @@ def add_engine_arguments(parser) -> None:
         default=0.0,
         help="seconds to wait for more arrivals before a step when the batch is not full",
     )
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + canvas of one request (default: the model's); the KV cache must hold one",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: fraction of device memory for weights, activations and the KV cache (default 0.9)",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV-cache bytes, e.g. 2GiB (default: measured on CUDA, 2GiB on the CPU; docs/memory.md)",
+    )
     g.add_argument(
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
     )
@@ -128,6 +146,8 @@ def engine_config_from_args(args) -> EngineConfig:
         max_wait_time=args.max_wait_time,
         max_queue=getattr(args, "max_queue", 1024),
         max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory,
         dcp_path=args.dcp_path,
         base_model=args.base_model,
         dcp_cache_dir=args.dcp_cache_dir,

@@ -28,7 +28,8 @@ from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine import denoise
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
+from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
@@ -78,44 +79,52 @@ class Runner:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.max_len = min(config.max_model_len or self.model.max_length, self.model.max_length)
-        self._pool: KVPool | None = None
-        # Static-shape replay of cached block steps (CUDA graphs); created with the pool.
+        # The KV cache, sized by the memory budget and allocated now (start-up fails with the
+        # numbers if one sequence of max_len tokens cannot fit).
+        m = self.model
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        self.pool = KVPool(
+            m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
+        )
+        log.info(
+            "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
+            self.pool.capacity,
+            self.pool.bytes_per_token,
+            human_bytes(self.pool.capacity * self.pool.bytes_per_token),
+            self.kv_plan.source,
+            self.pool.capacity // extent_tokens(self.max_len),
+            self.max_len,
+        )
+        # Static-shape replay of cached block steps (CUDA graphs).
         self.graphs: BlockStepGraphs | None = None
+        if config.cuda_graphs:
+            self.graphs = BlockStepGraphs(m, self.pool, max_batch=config.max_batch_size, capture=True)
         self.forward_observers: list[Callable[[ForwardShape], None]] = []  # e.g. bench engine's cost
 
     # -- admission ----------------------------------------------------------------------------
 
-    @property
-    def pool(self) -> KVPool:
-        if self._pool is None:
-            m = self.model
-            self._pool = KVPool(
-                m.num_layers,
-                self.config.max_batch_size,
-                m.num_kv_heads,
-                self.max_len,
-                m.head_dim,
-                self.dtype,
-                self.device,
-            )
-            if self.config.cuda_graphs:
-                self.graphs = BlockStepGraphs(self.model, self._pool, capture=True)
-        return self._pool
-
     def can_admit(self, request: GenerationRequest) -> bool:
-        return request.params.cache == "none" or self.pool.free_slots > 0
+        """Whether the request's KV memory (its prompt + canvas) is free now."""
+        tokens = len(request.prompt_ids) + request.params.gen_length
+        return request.params.cache == "none" or self.pool.fits(tokens)
 
-    def new_sequence(self, request: GenerationRequest) -> Sequence:
-        """Canvas, generator and cache slot for a request; ValueError if it cannot fit."""
-        params = request.params
-        total = len(request.prompt_ids) + params.gen_length
+    def check(self, request: GenerationRequest) -> None:
+        """ValueError if the request can never run. Anything up to max_len fits the empty KV
+        cache (start-up checked that), so a valid request waits at most for memory to free."""
+        total = len(request.prompt_ids) + request.params.gen_length
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({params.gen_length}) tokens exceed "
+                f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
                 f"the model's {self.max_len}"
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
+
+    def new_sequence(self, request: GenerationRequest) -> Sequence:
+        """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
+        self.check(request)
+        params = request.params
+        total = len(request.prompt_ids) + params.gen_length
         mask = self.roles.mask_token_id
         canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
@@ -124,13 +133,13 @@ class Runner:
         if request.denoise:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
-            seq.slot = self.pool.allocate()
+            seq.kv = self.pool.allocate(total)
         return seq
 
     def release(self, seq: Sequence) -> None:
-        if seq.slot is not None:
-            self.pool.release(seq.slot)
-            seq.slot = None
+        if seq.kv is not None:
+            self.pool.release(seq.kv)
+            seq.kv = None
 
     # -- one iteration ------------------------------------------------------------------------
 
@@ -146,7 +155,7 @@ class Runner:
             groups.setdefault((seq.params.cache != "none", plan.refresh), []).append(_Row(seq, plan, q_start))
         forwards = refresh = committed = 0
         for (_, is_refresh), rows in groups.items():
-            rows.sort(key=lambda r: r.seq.slot or 0)  # consecutive slots read the cache without a copy
+            rows.sort(key=lambda r: r.seq.kv.start if r.seq.kv else 0)  # adjacent extents: a view, no copy
             for done_rows, n_committed in self._run_isolated(rows):
                 forwards += done_rows
                 refresh += done_rows if is_refresh else 0
@@ -222,26 +231,28 @@ class Runner:
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
         positions = starts[:, None] + torch.arange(q_len)
         index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
-        sink = self.pool.sink if cached else 0
-        write = torch.where(valid_q, positions, sink)  # padding queries write to the pool's sink
+        if cached:  # each query's arena token; padding queries write to the arena's sink
+            write = write_index([r.seq.kv for r in rows], positions, self.pool.sink, valid_q)
+        else:
+            write = positions
         # One upload: token ids, positions, key limits, cache write positions, logits index.
         packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
         # Cached forwards attend to a key length rounded up to a bucket (masked beyond each
         # row's limit), so eager and graph-replayed steps have the same shapes.
-        key_len = key_bucket(max_limit, self.pool.max_len) if cached else q_len
+        key_len = key_bucket(max_limit, self.max_len) if cached else q_len
         mask = torch.arange(key_len, device=dev)[None, None, :] < limits[:, :, None]
         for observe in self.forward_observers:
             observe(ForwardShape(n, q_len, key_len, width))
         if not cached:
             hidden = self.model.hidden_states(ids, positions, mask, None, index)
         else:
-            slots = [r.seq.slot for r in rows]
+            extents = [r.seq.kv for r in rows]
             hidden = None
             if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
-                hidden = self.graphs.hidden_states(ids, positions, mask, write, slots, index)
+                hidden = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
             if hidden is None:
-                kv = self.pool.view(slots, write, key_len)
+                kv = self.pool.view(extents, write, key_len)
                 hidden = self.model.hidden_states(ids, positions, mask, kv, index)
         logits = self.model.logits(hidden).float()
         if cfg_rows:

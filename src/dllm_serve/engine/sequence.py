@@ -14,6 +14,7 @@ import torch
 
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
+from dllm_serve.engine.kv_cache import Extent
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Sequence:
     emitted: int = 0  # generated tokens already sent
     forwards: int = 0
     refresh_forwards: int = 0
-    slot: int | None = None  # KV-cache slot, when the policy caches
+    kv: Extent | None = None  # the sequence's KV-cache extent, when the policy caches
     finish_reason: str | None = None
     pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False

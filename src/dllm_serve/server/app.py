@@ -65,9 +65,21 @@ class ServerState:
             limit = min(limit, int(self.config.engine.max_model_len))
         return limit
 
+    @property
+    def engine_failure(self) -> str | None:
+        """Why the engine stopped for good after repeated loop failures, else None."""
+        return getattr(self.engine, "failure", None)
+
     def ready_engine(self):
-        """The engine, or a 503 while loading, draining or after a failed load."""
+        """The engine, or a 503 while loading, draining, after a failed load or a failed engine."""
         if self.status == "ready" and self.engine is not None:
+            if self.engine_failure:
+                raise APIError(
+                    503,
+                    "The engine has failed; see the server log.",
+                    type=SERVER_ERROR,
+                    code="service_unavailable",
+                )
             return self.engine
         message = {
             "loading": "The model is still loading; retry shortly.",
@@ -83,7 +95,10 @@ async def _load(state: ServerState) -> None:
     try:
         engine = await asyncio.to_thread(build_engine, state.config.engine)
     except Exception as exc:
-        log.exception("failed to load the model")
+        if isinstance(exc, ValueError):  # invalid settings (e.g. a KV budget too small): one line
+            log.error("failed to load the model: %s", exc)
+        else:
+            log.exception("failed to load the model")
         state.status = "failed"
         state.load_error = exc
         for callback in state.on_load_failed:

@@ -109,7 +109,10 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     engine = state.engine
-    body: dict[str, Any] = {"status": state.status, "model": state.model_id}
+    status = "failed" if state.engine_failure else state.status
+    body: dict[str, Any] = {"status": status, "model": state.model_id}
+    if state.engine_failure:
+        body["reason"] = state.engine_failure
     if engine is not None:
         stats = engine.stats()
         body.update(
@@ -119,8 +122,14 @@ async def health(request: Request) -> JSONResponse:
             waiting=stats.waiting,
             running=stats.running,
             finished=stats.finished,
+            kv_cache={
+                "bytes_per_token": stats.kv_bytes_per_token,
+                "capacity_tokens": stats.kv_capacity_tokens,
+                "used_tokens": stats.kv_used_tokens,
+                "peak_used_tokens": stats.kv_peak_used_tokens,
+            },
         )
-    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics")
