@@ -151,10 +151,12 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     app.state.api_key = resolve_api_key(config.api_key)
     install_handlers(app)
 
+    from dllm_serve.server.responses_api import responses
     from dllm_serve.server.routes import api, router
 
     app.include_router(router)
     app.include_router(api)
+    app.include_router(responses)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def openapi() -> dict[str, Any]:
