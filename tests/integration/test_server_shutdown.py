@@ -97,6 +97,35 @@ def test_sigterm_drains_then_ends_running_requests(server_factory) -> None:
     assert "drain timeout" in log and "Traceback" not in log
 
 
+def test_second_signal_skips_the_drain(server_factory) -> None:
+    server = server_factory("--load-format", "dummy", "--drain-timeout", "120")
+    client = _client(server)
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=384, extra_body=LONG
+            )
+        except openai.APIStatusError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while server.health()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert server.health()["status"] == "draining"
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)
+    assert time.monotonic() - start < 10
+    worker.join(30)
+    assert isinstance(outcome.get("error"), openai.APIStatusError) and outcome["error"].code == "aborted"
+
+
 def test_idle_server_exits_at_once(server_factory) -> None:
     server = server_factory("--load-format", "dummy")
     start = time.monotonic()

@@ -37,11 +37,12 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        self.hurry = False  # set by a second signal: stop waiting
 
     async def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in flight; False if ``timeout`` seconds pass first."""
+        """True once no request is in flight; False if ``timeout`` seconds pass first (or hurry)."""
         deadline = time.monotonic() + timeout
-        while self.count and time.monotonic() < deadline:
+        while self.count and time.monotonic() < deadline and not self.hurry:
             await asyncio.sleep(0.05)
         return self.count == 0
 
@@ -99,7 +100,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._signalled or self.should_exit:
-            super().handle_exit(sig, frame)  # a second signal: uvicorn's exit, now
+            self.state.in_flight.hurry = True  # a second signal: end what runs now, and exit
+            super().handle_exit(sig, frame)
             return
         self._signalled = True
         self._captured_signals.append(sig)  # uvicorn re-raises it after exiting (status 143 / -15)
