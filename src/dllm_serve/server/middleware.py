@@ -40,7 +40,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-async def _send_error(send: Send, error: APIError, extra: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_error(send: Send, error: APIError, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     response = error.response()
     await send(
         {
@@ -174,7 +174,7 @@ class BodyLimitMiddleware:
             "(--max-request-bytes).",
             code="request_too_large",
         )
-        await _send_error(send, error, [(b"connection", b"close")])
+        await _send_error(send, error, ((b"connection", b"close"),))
 
 
 class JsonOnlyMiddleware:

@@ -75,6 +75,11 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     algorithm: str | None = None
     generation_algorithm: str | None = None
 
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:  # type: ignore[override]
+        """Fields of the Responses API this server cannot honour are a 400 naming them, first."""
+        return super().model_validate(_refuse_unsupported(obj), **kwargs)
+
     @field_validator("input")
     @classmethod
     def _input(cls, value: Any) -> list[ChatMessage]:
@@ -173,7 +178,7 @@ def _new_id(prefix: str) -> str:
 async def create_response(request: Request) -> Response:
     state = request.app.state.server
     engine = state.ready_engine()
-    req = await _parse(request, _ResponsesBody)
+    req = await _parse(request, ResponsesRequest)
     try:
         prompt = await state.offload(_check_ready_and_tokenize_chat, state, req)
         prepared = _prepare(state, req, [prompt], "input", "resp")
@@ -188,14 +193,6 @@ async def create_response(request: Request) -> Response:
         return EventStreamResponse(_events(run, tasks[0], queue, shape), on_close=lambda: run.close(tasks))
     (outcome,) = await _complete(request, run)
     return JSONResponse(shape.response(outcome.finish_reason, outcome.text, run))
-
-
-class _ResponsesBody(ResponsesRequest):
-    """What ``_parse`` validates: unsupported fields are refused by name before the schema runs."""
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:  # type: ignore[override]
-        return ResponsesRequest.model_validate(_refuse_unsupported(obj), **kwargs)
 
 
 class _Shape:
