@@ -57,6 +57,11 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; None: no limit
     timeout_keep_alive: int = 5
     verbose: bool = False
+    # Hardening (docs/serving.md, "Limits" and "Security").
+    max_request_bytes: int = 2 * 1024 * 1024  # larger bodies are refused (413) before they are parsed
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before ending them
+    allow_special_tokens_in_content: bool = False  # True: special-token strings in messages stay special
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; none by default
     # Scale-out (Ray Serve); 1 replica runs in-process without Ray.
     gpus: int = 0
     replicas: int = 1

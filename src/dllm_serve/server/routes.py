@@ -46,6 +46,7 @@ from dllm_serve.server.errors import (
     internal_error,
 )
 from dllm_serve.server.metrics import CONTENT_TYPE
+from dllm_serve.server.prompts import check_fits
 from dllm_serve.server.streaming import (
     SSE_DONE,
     ChoiceOutcome,
@@ -58,6 +59,8 @@ from dllm_serve.server.streaming import (
 )
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"  # a full queue drains quickly: one engine iteration frees slots
 
 router = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)])
@@ -142,11 +145,16 @@ async def metrics(request: Request) -> Response:
 
 
 async def _parse(request: Request, model: type) -> Any:
-    raw = await request.body()
+    return await _state(request).offload(_decode, await request.body(), model)
+
+
+def _decode(raw: bytes, model: type) -> Any:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     try:
@@ -155,6 +163,8 @@ async def _parse(request: Request, model: type) -> Any:
         raise bad_request(str(exc), exc.param, "unsupported_parameter") from None
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
 
 def _model_not_found(name: str) -> APIError:
@@ -243,6 +253,7 @@ def _submit(state, prepared: _Prepared) -> list[EngineStream]:
             f"The server's queue is full ({state.config.engine.max_queue} waiting requests); retry later.",
             type="rate_limit_error",
             code="rate_limit_exceeded",
+            headers={"Retry-After": RETRY_AFTER_S},
         ) from None
     return streams
 
@@ -366,12 +377,17 @@ async def _complete(request: Request, run: _Run) -> list[ChoiceOutcome]:
 def _check_ready_and_tokenize_chat(state, req: ChatCompletionRequest) -> list[int]:
     tok = state.engine.loaded.tokenizer
     messages = [m.template_dict() for m in req.messages]
+    plain = not state.config.allow_special_tokens_in_content
     if state.config.use_chat_template and tok.has_chat_template:
         try:
-            return tok.render_chat(messages)
+            rendered = tok.render_chat_text(messages, plain)
         except Exception:  # a template that rejects this conversation (e.g. role order)
             raise bad_request("The chat template cannot render these messages.", "messages") from None
-    return tok.encode("\n".join(m["content"] for m in messages))
+        check_fits(state, tok.min_tokens(rendered.plain()), req, "messages")
+        return tok.encode_chat(rendered)
+    text = "\n".join(m["content"] for m in messages)
+    check_fits(state, tok.min_tokens(text), req, "messages")
+    return tok.encode_plain(text) if plain else tok.encode(text)
 
 
 @api.post("/v1/chat/completions")
@@ -379,7 +395,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, ChatCompletionRequest)
-    prompt = _check_ready_and_tokenize_chat(state, req)
+    prompt = await state.offload(_check_ready_and_tokenize_chat, state, req)
     prepared = _prepare(state, req, [prompt], "messages", "chatcmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
@@ -395,7 +411,7 @@ async def chat_completions(request: Request) -> Response:
             "choices": [
                 {
                     "index": o.index,
-                    "message": {"role": "assistant", "content": o.text},
+                    "message": {"role": "assistant", "content": o.text, "refusal": None, "annotations": []},
                     "logprobs": None,
                     "finish_reason": o.finish_reason,
                 }
@@ -407,12 +423,13 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-def _encode_prompts(state, prompts: list[str | list[int]]) -> list[list[int]]:
+def _encode_prompts(state, req: CompletionRequest) -> list[list[int]]:
     tok = state.engine.loaded.tokenizer
     vocab = len(tok.hf)
     out = []
-    for p in prompts:
+    for p in req.prompt:
         if isinstance(p, str):
+            check_fits(state, tok.min_tokens(p), req, "prompt")
             ids = tok.encode(p)
             if not ids:
                 raise bad_request("The prompt must not be empty.", "prompt")
@@ -429,7 +446,7 @@ async def completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, CompletionRequest)
-    prompts = _encode_prompts(state, req.prompt)
+    prompts = await state.offload(_encode_prompts, state, req)
     prepared = _prepare(state, req, prompts, "prompt", "cmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
@@ -473,7 +490,7 @@ def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> Event
 def _chat_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if first:
-        delta = {"role": "assistant", "content": ""}
+        delta = {"role": "assistant", "content": "", "refusal": None}
     elif text is not None:
         delta = {"content": text}
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
