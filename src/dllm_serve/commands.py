@@ -16,6 +16,7 @@ from dllm_serve.config import add_engine_arguments, engine_config_from_args
 # Decoding flags shared by generate and eval; None means "the preset's default".
 _DECODING_FLAGS: tuple[tuple[str, type], ...] = (
     ("steps", int),
+    ("max_steps_per_block", int),
     ("block_length", int),
     ("temperature", float),
     ("top_p", float),
