@@ -83,6 +83,8 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.engine import build_engine
     from dllm_serve.engine.sequence import GenerationRequest
@@ -111,7 +113,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(
             f"[{params.algorithm}] {n} tokens, {result.forwards} forwards, "
             f"{time.perf_counter() - start:.2f}s, "
-            f"finish_reason={result.finish_reason}",
+            f"finish_reason={result.finish_reason}, threads={torch.get_num_threads()}",
             file=sys.stderr,
         )
     return 0

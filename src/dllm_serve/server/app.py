@@ -78,6 +78,8 @@ class ServerState:
 
 
 async def _load(state: ServerState) -> None:
+    import torch
+
     from dllm_serve.engine.engine import build_engine
 
     try:
@@ -93,7 +95,12 @@ async def _load(state: ServerState) -> None:
         engine.shutdown(0)
         return
     state.attach(engine)
-    log.info("engine ready: model %s, default algorithm %s", state.model_id, engine.default_algorithm)
+    log.info(
+        "engine ready: model %s, default algorithm %s, %d torch threads",
+        state.model_id,
+        engine.default_algorithm,
+        torch.get_num_threads(),
+    )
 
 
 def create_app(config: ServerConfig, engine=None) -> FastAPI:
