@@ -160,6 +160,15 @@ def test_step_budget_schedule_exact_threshold_rules_unbounded_unless_capped() ->
     assert resolve("nemotron", 64, steps=16, rule="schedule").max_steps_per_block is None
 
 
+def test_max_steps_per_block_cli_flag() -> None:
+    from dllm_serve.cli import build_parser
+    from dllm_serve.commands import decoding_overrides
+
+    args = build_parser().parse_args(["generate", "--max-steps-per-block", "2", "--threshold", "0.8", "hi"])
+    assert decoding_overrides(args) == {"max_steps_per_block": 2, "threshold": 0.8}
+    assert resolve("llada", 64, **decoding_overrides(args)).step_budget == 2
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "4"])
 def test_max_steps_per_block_validation(bad: Any) -> None:
     err = param_error("dual_cache", 64, max_steps_per_block=bad)

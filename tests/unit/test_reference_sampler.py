@@ -19,7 +19,7 @@ from dllm_serve.engine.algorithms import resolve_params
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
-from tests.helpers import random_llada_config, random_official_weights, write_llada_checkpoint
+from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
 
 MASK, EOS, EOT = 5, 1, 4
 
@@ -220,3 +220,27 @@ def test_confidence_eos_eot_inf_alone_matches_reference(eos_heavy, case):
         winners = set(eos_heavy.model(x, torch.arange(n)[None])[0, len(prompt) :].argmax(-1).tolist())
         assert {EOS, EOT} <= winners
     _check_against_reference(eos_heavy, EOS_CASES[case])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_confidence_eos_eot_inf_alone_on_the_bundled_model(temperature):
+    """The trained tiny model predicts EOT then EOS after its answers, so the option changes the
+    commit order there. Expected tokens come from the reference on the fly (any retrained weights)."""
+    tiny = load_model(TINY_LLADA)
+    assert (tiny.model.roles.mask_token_id, tiny.model.roles.eos_token_id, tiny.tokenizer.end_of_turn_id) == (
+        MASK,
+        EOS,
+        EOT,
+    )
+    texts = ["Copy the list: a b c d e f g h", "Upper-case the list: a b c d e f"]
+    opts = dict(steps=32, block_length=16, temperature=temperature, confidence_eos_eot_inf=True)
+    engine = Engine(tiny, EngineConfig(max_batch_size=4))
+    requests, expected = [], []
+    for i, text in enumerate(texts):
+        prompt = tiny.tokenizer.render_chat([{"role": "user", "content": text}])
+        params = resolve_params("llada", "llada", 32, {**opts, "seed": 7 + i, "early_stop": False})
+        requests.append(GenerationRequest(f"r{i}", prompt, params, 32))
+        expected.append(reference_generate(tiny.model, prompt, gen_length=32, seed=7 + i, **opts))
+    results = engine.run_to_completion(requests)
+    for i, want in enumerate(expected):
+        assert results[f"r{i}"].token_ids == _truncate_at_stop(want), i
