@@ -16,6 +16,7 @@ from dllm_serve.config import add_engine_arguments, engine_config_from_args
 # Decoding flags shared by generate and eval; None means "the preset's default".
 _DECODING_FLAGS: tuple[tuple[str, type], ...] = (
     ("steps", int),
+    ("max_steps_per_block", int),
     ("block_length", int),
     ("temperature", float),
     ("top_p", float),
@@ -91,6 +92,8 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.engine import build_engine
     from dllm_serve.engine.sequence import GenerationRequest
@@ -123,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(
             f"[{params.algorithm}] {n} tokens, {result.forwards} forwards, "
             f"{time.perf_counter() - start:.2f}s, "
-            f"finish_reason={result.finish_reason}",
+            f"finish_reason={result.finish_reason}, threads={torch.get_num_threads()}",
             file=sys.stderr,
         )
     return 0

@@ -32,6 +32,7 @@ class EngineConfig:
     dcp_cache_dir: str | None = None
     trust_remote_code: bool = False
     cuda_graphs: bool = False  # replay cached block steps as CUDA graphs (CUDA only)
+    threads: int | None = None  # torch CPU threads; None: dllm_serve.threads.default_threads
 
     def resolved_device(self) -> str:
         import torch
@@ -136,6 +137,13 @@ def add_engine_arguments(parser) -> None:
         action="store_true",
         help="replay cached block steps as CUDA graphs (CUDA only; see docs/serving.md)",
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in each model process (default: $OMP_NUM_THREADS if set, else the "
+        "cores this process may use divided among the replicas on this machine)",
+    )
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -158,4 +166,5 @@ def engine_config_from_args(args) -> EngineConfig:
         dcp_cache_dir=args.dcp_cache_dir,
         trust_remote_code=args.trust_remote_code,
         cuda_graphs=args.cuda_graphs,
+        threads=args.threads,
     )

@@ -65,6 +65,14 @@ CASES = [
         "generation_algorithm",
     ),
     ("steps-not-multiple", chat(max_tokens=32, block_length=8, steps=6), 400, INV, "steps"),
+    ("max-steps-per-block-zero", chat(max_steps_per_block=0), 400, INV, "max_steps_per_block"),
+    (
+        "max-steps-per-block-schedule",
+        chat(algorithm="llada", max_steps_per_block=4),
+        400,
+        INV,
+        "max_steps_per_block",
+    ),
     ("block-length-zero", chat(block_length=0), 400, INV, "block_length"),
     ("remasking", chat(remasking="bogus"), 400, INV, "remasking"),
     (

@@ -317,15 +317,18 @@ def test_select_commits_row_result_independent_of_batch() -> None:
 # -- Sequence.floor_commits: LLaDA's get_num_transfer_tokens ------------------------------------
 
 
-def _sequence(block_length: int, steps: int, num_blocks: int = 1) -> Sequence:
+def _sequence(
+    block_length: int, steps: int, num_blocks: int = 1, rule: str = "schedule", cap: int | None = None
+) -> Sequence:
     gen_length = block_length * num_blocks
     params = DecodeParams(
         algorithm="llada",
         cache="none",
-        rule="schedule",
+        rule=rule,
         gen_length=gen_length,
         block_length=block_length,
         steps=steps * num_blocks,
+        max_steps_per_block=cap,
     )
     request = GenerationRequest("r", [5, 6, 7], params, gen_length)
     canvas = torch.tensor([5, 6, 7] + [99] * gen_length)
@@ -347,3 +350,20 @@ def test_floor_commits_reproduces_llada_split(num_blocks: int) -> None:
             expected = [base + 1] * rem + [base] * (s - rem)
             assert got == expected, (n, s)
             assert left == 0
+
+
+@pytest.mark.parametrize("rule", ["threshold", "factor", "hierarchy", "credit"])
+def test_floor_commits_threshold_rules(rule: str) -> None:
+    """Uncapped: one commit (the most confident position) whatever steps says; capped: the split of
+    what is left over the cap's remaining steps, so the block ends within the cap."""
+    free = _sequence(16, 2, rule=rule)
+    for step in range(20):
+        free.step_in_block = step
+        assert free.floor_commits(16) == 1 and free.floor_commits(0) == 0
+    capped = _sequence(16, 16, rule=rule, cap=3)
+    got, left = [], 16
+    for step in range(3):
+        capped.step_in_block = step
+        got.append(capped.floor_commits(left))
+        left -= got[-1]
+    assert got == [6, 5, 5] and left == 0

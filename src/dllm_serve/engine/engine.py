@@ -22,6 +22,7 @@ from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
+from dllm_serve.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def build_engine(config: EngineConfig) -> EngineBase:
     through that code (``RemoteEngine``); otherwise the native model is built, and a checkpoint of
     an unknown family is an error that says so.
     """
+    apply_threads(config.threads)  # here: the process that runs the model (a Ray replica too)
     path = config.model_path
     if config.cuda_graphs and not config.resolved_device().startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs a CUDA device, not {config.resolved_device()!r}")

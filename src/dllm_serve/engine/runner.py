@@ -27,6 +27,7 @@ from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine import denoise
+from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
@@ -313,7 +314,7 @@ class Runner:
                 random_conf[i] = draws[offset : offset + bl]
 
         # Tokens are chosen; from here on logits only rank confidence.
-        conf_logits = self._forbid(logits, [p.confidence_eos_eot_inf for p in params], self.eot_id)
+        conf_logits = self._forbid_in_confidence(logits, params)
         measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
         conf = confidence(conf_logits.softmax(-1), tokens, measure)
         for i, draws in random_conf.items():
@@ -337,6 +338,21 @@ class Runner:
             flagged = upload(rows, logits.device, torch.bool)[:, None]
             logits[..., token].masked_fill_(flagged, float("-inf"))
         return logits
+
+    def _forbid_in_confidence(self, logits: torch.Tensor, params: list[DecodeParams]) -> torch.Tensor:
+        """``confidence_eos_eot_inf`` with the effect of ML-GSAI's published ``generate``.
+
+        There one chained assignment sets EOS to -inf in the noisy logits and EOT in the raw
+        logits, after the tokens are chosen; the confidence is the softmax of the raw logits. At
+        temperature 0 the noisy logits are the raw logits (the same tensor), so both EOS and EOT
+        leave the confidence; at temperature > 0 the noisy tensor is a float64 copy that nothing
+        reads afterwards, so only EOT does. Either way a position whose chosen token is banned
+        gets confidence 0, and the others are renormalised without the banned tokens.
+        """
+        flags = [p.confidence_eos_eot_inf for p in params]
+        logits = self._forbid(logits, flags, self.eot_id)
+        at_zero = [f and p.temperature == 0 for f, p in zip(flags, params, strict=True)]
+        return self._forbid(logits, at_zero, self.roles.eos_token_id)
 
     def _apply_credit(
         self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor

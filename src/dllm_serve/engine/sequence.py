@@ -123,16 +123,18 @@ class Sequence:
     def masked_in_block(self) -> torch.Tensor:
         return self.canvas[self.block_start : self.block_end] == self.mask_id
 
-    def steps_left_in_block(self) -> int:
-        return max(1, self.params.steps_per_block - self.step_in_block)
-
     def floor_commits(self, masked: int) -> int:
-        """Commits this step must make at least: the linear schedule over the remaining steps.
+        """Commits this step must make at least.
 
-        With no extra commits this reproduces LLaDA's split exactly (the remainder goes to the
-        first steps); with threshold-style extras it keeps the per-block step cap.
+        Under a step budget (the schedule rule's steps, or ``max_steps_per_block``): the linear
+        schedule over the steps left, which reproduces LLaDA's split exactly (the remainder goes to
+        the first steps) and keeps a threshold-style rule within the budget. Without one: the most
+        confident position only, as Fast-dLLM's and dInfer's threshold decoders commit.
         """
-        return min(masked, math.ceil(masked / self.steps_left_in_block()))
+        budget = self.params.step_budget
+        if budget is None:
+            return min(masked, 1)
+        return min(masked, math.ceil(masked / max(1, budget - self.step_in_block)))
 
     def plan(self) -> ForwardPlan:
         """Which span to forward this iteration under the sequence's cache policy."""

@@ -111,6 +111,8 @@ class ServerState:
 
 
 async def _load(state: ServerState) -> None:
+    import torch
+
     from dllm_serve.engine.engine import build_engine
 
     try:
@@ -129,7 +131,12 @@ async def _load(state: ServerState) -> None:
         engine.shutdown(0)
         return
     state.attach(engine)
-    log.info("engine ready: model %s, default algorithm %s", state.model_id, engine.default_algorithm)
+    log.info(
+        "engine ready: model %s, default algorithm %s, %d torch threads",
+        state.model_id,
+        engine.default_algorithm,
+        torch.get_num_threads(),
+    )
 
 
 def create_app(config: ServerConfig, engine=None) -> FastAPI:
