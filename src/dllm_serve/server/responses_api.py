@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -74,6 +74,8 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     safety_identifier: str | None = None
     algorithm: str | None = None
     generation_algorithm: str | None = None
+    # The denoise view streams chat/completions chunks; Responses events carry committed text only.
+    stream_mode: Literal["committed"] = "committed"
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:  # type: ignore[override]
