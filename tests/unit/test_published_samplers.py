@@ -13,9 +13,9 @@ per-step choice is the same transcribed rule). Every engine test also runs the e
 old behaviour (``max_steps_per_block`` = steps per block, which caps as ``steps`` once did) and
 asserts that it differs somewhere, so these tests fail if that divergence comes back.
 
-Known difference, kept: when only the last masked position misses its factor bound, Fast-dLLM's
-published loop commits it anyway (its ``top_i == len - 1`` branch cannot tell that case from
-"every bound met"); the engine and this reference follow the rule's definition.
+The factor transcription keeps the published loop's exit exactly: when the first masked position to
+miss its bound is the last one, Fast-dLLM commits it anyway (its ``top_i == len - 1`` branch cannot
+tell that case from "every bound met"), and so does the engine.
 """
 
 from __future__ import annotations
@@ -43,13 +43,19 @@ def fastdllm_threshold(conf: list[float], masked: list[bool], threshold: float) 
 
 
 def fastdllm_factor(conf: list[float], masked: list[bool], factor: float) -> list[int]:
-    """Positions the factor rule commits: the n most confident, n the largest with every k <= n
-    meeting c(k) >= 1 - factor / (k + 1), and n >= 1."""
+    """Positions Fast-dLLM's factor loop commits, transcribed step by step: bounds 1 - f / (n + 1)
+    for n = 1.. with the first replaced by -1, stop at the first sorted confidence below its bound,
+    and add one when stopping at the first or the last index."""
     ranked = sorted((i for i, m in enumerate(masked) if m), key=lambda i: -conf[i])
-    n = 1
-    while n < len(ranked) and conf[ranked[n]] >= 1 - factor / (n + 2):
-        n += 1
-    return sorted(ranked[:n])
+    bounds = [1 - factor / (n + 1) for n in range(1, len(ranked) + 1)]
+    bounds[0] = -1.0
+    top_i = 0
+    for top_i in range(len(bounds)):  # the loop variable is the result, as published
+        if conf[ranked[top_i]] < bounds[top_i]:
+            break
+    if top_i in (0, len(bounds) - 1):
+        top_i += 1
+    return sorted(ranked[:top_i])
 
 
 def llada_split(masks: int, steps: int) -> list[int]:
@@ -106,6 +112,9 @@ def test_fastdllm_factor_hand_cases() -> None:
     assert fastdllm_factor([0.35, 0.6, 0.2, 0.1, 0.0], masked, 1.0) == [1]  # .35 < .667: one
     assert fastdllm_factor([0.35, 0.6, 0.2, 0.1, 0.0], masked, 2.0) == [0, 1]  # f=2: .35 >= .333, .2 < .5
     assert fastdllm_factor([0.99, 0.98, 0.97, 0.96, 0.95], masked, 1.0) == [0, 1, 2, 3, 4]
+    # The published exit: the first miss is the last masked position (.7 < .8 at n=4 of 4) -> all.
+    assert fastdllm_factor([0.7, 0.95, 0.8, 0.85, 0.1], [True] * 4 + [False], 1.0) == [0, 1, 2, 3]
+    assert fastdllm_factor([0.1, 0.95, 0.0, 0.0, 0.0], [True, True, False, False, False], 1.0) == [0, 1]
 
 
 class _Canned:
