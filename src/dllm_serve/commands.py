@@ -18,6 +18,7 @@ from dllm_serve.config import add_engine_arguments, engine_config_from_args
 # Decoding flags shared by generate and eval; None means "the preset's default".
 _DECODING_FLAGS: tuple[tuple[str, type], ...] = (
     ("steps", int),
+    ("max_steps_per_block", int),
     ("block_length", int),
     ("temperature", float),
     ("top_p", float),
@@ -52,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--no-chat-template", action="store_true", help="send the prompt as raw text")
     gen.add_argument("--stats", action="store_true", help="print forwards and timing to stderr")
+    gen.add_argument(
+        "--show", action="store_true", help="draw the canvas unmasking live (plain text when not a terminal)"
+    )
     gen.add_argument("prompt")
     gen.set_defaults(func=run_generate)
 
@@ -65,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     models = sub.add_parser("models", help="describe a model and the algorithms it supports")
     models.add_argument("--model-path", default=None)
+    models.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="KV-cache dtype"
+    )
+    models.add_argument(
+        "--kv-cache-memory", default="2GiB", help="budget for the 'tokens that fit' figures (default 2GiB)"
+    )
     models.set_defaults(func=run_models)
 
 
@@ -84,6 +94,8 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.engine import build_engine
     from dllm_serve.engine.sequence import GenerationRequest
@@ -102,9 +114,13 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    result = engine.run_to_completion([GenerationRequest("generate", ids, params, args.gen_length)])[
-        "generate"
-    ]
+    request = GenerationRequest("generate", ids, params, args.gen_length)
+    if args.show and sys.stdout.isatty() and engine.traces_denoise:
+        from dllm_serve.terminal_view import generate_with_view
+
+        result = generate_with_view(engine, request, sys.stdout)
+    else:
+        result = engine.run_to_completion([request])["generate"]
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
         return 1
@@ -114,7 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(
             f"[{params.algorithm}] {n} tokens, {result.forwards} forwards, "
             f"{time.perf_counter() - start:.2f}s, "
-            f"finish_reason={result.finish_reason}",
+            f"finish_reason={result.finish_reason}, threads={torch.get_num_threads()}",
             file=sys.stderr,
         )
     return 0
@@ -204,8 +220,34 @@ def run_models(args: argparse.Namespace) -> int:
     from dllm_serve.models.loader import detect_family, resolve_model_path
 
     path = resolve_model_path(args.model_path or DEFAULT_MODEL)
-    family = detect_family(json.loads((path / "config.json").read_text()))
-    print(
-        json.dumps({"model": str(path), "family": family, "algorithms": describe_presets(family)}, indent=2)
-    )
+    config = json.loads((path / "config.json").read_text())
+    family = detect_family(config)
+    report = {
+        "model": str(path),
+        "family": family,
+        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory),
+        "algorithms": describe_presets(family),
+    }
+    print(json.dumps(report, indent=2))
     return 0
+
+
+def kv_cache_figures(config: dict[str, Any], dtype: str, budget: str) -> dict[str, Any]:
+    """KV bytes per token, and the tokens and longest sequences that fit in ``budget``."""
+    import torch
+
+    from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
+    from dllm_serve.engine.memory import KVPlan, parse_bytes
+
+    shape = shape_from_config(config)
+    per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
+    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token)
+    return {
+        "dtype": dtype,
+        "bytes_per_token": per_token,
+        "budget_bytes": plan.budget_bytes,
+        "tokens_that_fit": plan.capacity,
+        "max_model_len": shape.max_length,
+        "longest_sequences_that_fit": plan.capacity // extent_tokens(shape.max_length),
+    }

@@ -22,7 +22,9 @@ class EngineConfig:
     max_num_tokens: int = 65536  # sum of canvas lengths running at once
     max_wait_time: float = 0.0  # seconds to wait for arrivals before a step when not full
     max_queue: int = 1024  # waiting requests beyond this are refused (HTTP 429)
-    max_model_len: int | None = None  # None: the model's own maximum
+    max_model_len: int | None = None  # None: the model's own maximum; limits one request
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
+    kv_cache_memory: str | None = None  # KV bytes ("2GiB"); None: measured on CUDA, 2 GiB on the CPU
     seed: int = 0  # base seed for requests without one
     # Training checkpoints (DCP): converted once, cached.
     dcp_path: str | None = None
@@ -30,6 +32,7 @@ class EngineConfig:
     dcp_cache_dir: str | None = None
     trust_remote_code: bool = False
     cuda_graphs: bool = False  # replay cached block steps as CUDA graphs (CUDA only)
+    threads: int | None = None  # torch CPU threads; None: dllm_serve.threads.default_threads
 
     def resolved_device(self) -> str:
         """The torch device to load on; an explicit CUDA device torch cannot use is a clear error."""
@@ -66,6 +69,11 @@ class ServerConfig:
     request_timeout: float | None = None  # seconds; None: no limit
     timeout_keep_alive: int = 5
     verbose: bool = False
+    # Hardening (docs/serving.md, "Limits" and "Security").
+    max_request_bytes: int = 2 * 1024 * 1024  # larger bodies are refused (413) before they are parsed
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for running requests before ending them
+    allow_special_tokens_in_content: bool = False  # True: special-token strings in messages stay special
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; none by default
     # Scale-out (Ray Serve); 1 replica runs in-process without Ray.
     gpus: int = 0
     replicas: int = 1
@@ -78,7 +86,7 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--model-path",
         default=str(DEFAULT_MODEL),
-        help="checkpoint directory or hub id in the local HF cache (the default is the bundled tiny-llada)",
+        help="checkpoint directory or hub id in the local HF cache",
     )
     g.add_argument(
         "--dtype",
@@ -122,7 +130,21 @@ def add_engine_arguments(parser) -> None:
         help="seconds to wait for more arrivals before a step when the batch is not full",
     )
     g.add_argument(
-        "--max-model-len", type=int, default=None, help="context limit (None: the model's own maximum)"
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + canvas of one request (None: the model's); the KV cache must hold one",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: fraction of device memory for weights, activations and the KV cache",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV-cache bytes, e.g. 2GiB (None: measured on CUDA, 2GiB on the CPU; docs/memory.md)",
     )
     g.add_argument(
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
@@ -143,6 +165,13 @@ def add_engine_arguments(parser) -> None:
         action="store_true",
         help="replay cached block steps as CUDA graphs (CUDA only; see docs/serving.md)",
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in each model process (None: $OMP_NUM_THREADS if set, else the "
+        "cores this process may use divided among the replicas on this machine)",
+    )
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -158,9 +187,12 @@ def engine_config_from_args(args) -> EngineConfig:
         max_wait_time=args.max_wait_time,
         max_queue=getattr(args, "max_queue", 1024),
         max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory,
         dcp_path=args.dcp_path,
         base_model=args.base_model,
         dcp_cache_dir=args.dcp_cache_dir,
         trust_remote_code=args.trust_remote_code,
         cuda_graphs=args.cuda_graphs,
+        threads=args.threads,
     )

@@ -24,6 +24,9 @@ from dllm_serve.engine.algorithms import OVERRIDABLE, DecodeParams
 DEFAULT_MAX_TOKENS = 128  # a request without max_tokens / max_completion_tokens generates at most this
 MAX_N = 64
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+# Integers are 64-bit downstream (torch seeds, tensor sizes): larger ones are a 400 naming the field.
+# A seed leaves room for seed + choice index (see routes) below 2**64, which torch still accepts.
+MAX_INT = 2**63 - 1
 
 # OpenAI fields this server does not implement, with the values that request nothing.
 _HARMLESS: dict[str, typing.Callable[[Any], bool]] = {
@@ -76,6 +79,16 @@ def strip_unsupported(body: dict[str, Any]) -> dict[str, Any]:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("*")
+    @classmethod
+    def _int64(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > MAX_INT:
+                raise ValueError(f"{info.field_name} must be at most {MAX_INT} (a 64-bit integer)")
+            if value < -MAX_INT - 1:
+                raise ValueError(f"{info.field_name} must be at least {-MAX_INT - 1} (a 64-bit integer)")
+        return value
+
 
 def _diffusion_fields() -> dict[str, Any]:
     hints = typing.get_type_hints(DecodeParams)
@@ -91,15 +104,19 @@ class StreamOptions(_Strict):
 
 
 class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+    """Fields shared by /v1/chat/completions and /v1/completions.
 
-    model: str | None = None
+    ``null`` for an optional field means its default (``"n": null`` is ``n`` 1), as in OpenAI's API.
+    """
+
+    model: str
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: Any = Field(default=None, validate_default=True)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stream_mode: Literal["committed", "denoise"] = "committed"
     user: str | None = None
     algorithm: str | None = None
     generation_algorithm: str | None = None
@@ -117,6 +134,13 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
         return items
+
+    @field_validator("n", "stream", mode="wrap")
+    @classmethod
+    def _null_is_default(cls, value: Any, handler: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return cls.model_fields[info.field_name].default
+        return handler(value)
 
     @field_validator("n")
     @classmethod
@@ -137,6 +161,13 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("stream_mode")
+    @classmethod
+    def _denoise_streams(cls, value: str, info: ValidationInfo) -> str:
+        if value == "denoise" and not info.data.get("stream"):
+            raise ValueError("stream_mode 'denoise' needs stream: true")
         return value
 
     @field_validator("generation_algorithm")

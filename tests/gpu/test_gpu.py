@@ -7,6 +7,8 @@
   whatever the batch size;
 - the CUDA-graph path (``--cuda-graphs``) gives exactly the eager path's tokens, in float32 and
   bf16, with every cached preset;
+- the KV budget measured at start-up (profiling forward, --gpu-memory-utilization) leaves the
+  device within the utilization;
 - `bench engine` on CUDA: synchronised step timing, peak GPU memory, measured peak rates, and a
   fraction of the binding limit that stays physically possible.
 """
@@ -35,6 +37,7 @@ pytestmark = [
 
 TINY_MODELS = [p for p in (BUNDLED_MODELS_DIR / n for n in ("tiny-llada", "tiny-nemotron")) if p.is_dir()]
 GEN = 64
+KV = "1GiB"  # an explicit KV budget: several engines live at once here, each would take 90 % of the GPU
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +68,12 @@ def _tokens(engine: Engine, requests) -> list[list[int]]:
 
 @pytest.mark.parametrize("path", TINY_MODELS, ids=lambda p: p.name)
 def test_bf16_agrees_with_float32(path):
-    fp32 = Engine(load_model(path, dtype="float32", device="cuda"), EngineConfig(max_batch_size=32))
-    bf16 = Engine(load_model(path, dtype="bfloat16", device="cuda"), EngineConfig(max_batch_size=32))
+    fp32 = Engine(
+        load_model(path, dtype="float32", device="cuda"), EngineConfig(kv_cache_memory=KV, max_batch_size=32)
+    )
+    bf16 = Engine(
+        load_model(path, dtype="bfloat16", device="cuda"), EngineConfig(kv_cache_memory=KV, max_batch_size=32)
+    )
     algorithm = fp32.default_algorithm
     n = 100
     want = _tokens(fp32, _requests(fp32, algorithm, n))
@@ -79,8 +86,8 @@ def test_bf16_agrees_with_float32(path):
 def test_batch_invariance_float32_on_cuda(path):
     """Each request alone, then all together (different prompt lengths, so padding differs)."""
     loaded = load_model(path, dtype="float32", device="cuda")
-    single = Engine(loaded, EngineConfig(max_batch_size=1))
-    batched = Engine(loaded, EngineConfig(max_batch_size=12))
+    single = Engine(loaded, EngineConfig(kv_cache_memory=KV, max_batch_size=1))
+    batched = Engine(loaded, EngineConfig(kv_cache_memory=KV, max_batch_size=12))
     for preset in presets_for(loaded.family):
         requests = _requests(single, preset.name, 12)
         alone = [_tokens(single, [r])[0] for r in requests]
@@ -99,10 +106,10 @@ def test_cuda_graphs_give_the_eager_tokens(path, dtype):
     is the same padded buffers run eagerly: the graph must replay exactly that computation.
     """
     loaded = load_model(path, dtype=dtype, device="cuda")
-    eager = Engine(loaded, EngineConfig(max_batch_size=16))
+    eager = Engine(loaded, EngineConfig(kv_cache_memory=KV, max_batch_size=16))
     if dtype == "bfloat16":
-        eager.runner.graphs = BlockStepGraphs(loaded.model, eager.runner.pool, capture=False)
-    graphed = Engine(loaded, EngineConfig(max_batch_size=16, cuda_graphs=True))
+        eager.runner.graphs = BlockStepGraphs(loaded.model, eager.runner.pool, max_batch=16, capture=False)
+    graphed = Engine(loaded, EngineConfig(kv_cache_memory=KV, max_batch_size=16, cuda_graphs=True))
     opts = {"rule": "schedule", "steps": GEN // 2, "block_length": 16}
     for preset in presets_for(loaded.family):
         if preset.cache == "none":
@@ -123,7 +130,7 @@ def test_one_device_sync_per_forward(preset, opts):
     requests (admission, refresh and block steps, streaming, retirement) makes exactly as many
     as it makes forwards."""
     loaded = load_model(TINY_MODELS[0], dtype="bfloat16", device="cuda")
-    engine = Engine(loaded, EngineConfig(max_batch_size=8))
+    engine = Engine(loaded, EngineConfig(kv_cache_memory=KV, max_batch_size=8))
     calls = []
     engine.runner.forward_observers.append(calls.append)
     requests = _requests(engine, preset, 8, **opts)
@@ -183,3 +190,17 @@ def test_bench_engine_on_cuda_8b_width(tmp_path, capsys):
     assert block["steps"] > 0 and block["binding_limit"] == "memory"
     assert 0.05 < block["fraction_of_limit"] < 1.25
     assert report["results"]["totals"]["peak_gpu_allocated_bytes"] > 2 * 1.4e9  # the bf16 weights
+
+
+def test_kv_budget_is_measured_within_the_utilization():
+    """Weights + the profiling forward's peak + the KV arena stay within 0.5 of the device."""
+    torch.cuda.empty_cache()
+    loaded = load_model(TINY_MODELS[0], dtype="bfloat16", device="cuda")
+    engine = Engine(loaded, EngineConfig(gpu_memory_utilization=0.5, max_batch_size=8))
+    plan, pool = engine.runner.kv_plan, engine.runner.pool
+    total = torch.cuda.mem_get_info()[1]
+    assert plan.source.startswith("--gpu-memory-utilization 0.5 of")
+    assert pool.capacity > 1024 and pool.cache.is_cuda
+    assert torch.cuda.max_memory_allocated() <= 0.5 * total
+    del engine, pool
+    torch.cuda.empty_cache()

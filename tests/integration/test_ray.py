@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from dllm_serve.bench.tasks import heldout_examples
-from dllm_serve.cluster.front import FAILED_MESSAGE
+from dllm_serve.cluster.front import FAILED_MESSAGE, carries_tokens
 from dllm_serve.cluster.replicas import DEPLOYMENT_NAME, merge_prometheus
 from tests.helpers import TINY_LLADA
 from tests.integration.conftest import free_port
@@ -57,6 +57,46 @@ def test_single_replica_server_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+STREAMS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[0]}]}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": PROMPTS[0]}], "stream_mode": "denoise"},
+    ),
+    ("/v1/completions", {"prompt": PROMPTS[0]}),
+    ("/v1/responses", {"input": PROMPTS[0]}),
+]
+
+
+@pytest.fixture(scope="module")
+def single(server_factory):
+    """A single-process server: what each replica streams to the front."""
+    return server_factory("--device", "cpu")
+
+
+@pytest.mark.parametrize(("path", "fields"), STREAMS)
+def test_front_holds_back_only_what_a_stream_sends_before_its_first_token(single, path, fields):
+    """The front may retry a stream only while it has sent nothing past its preamble: check its
+    classifier against what a real server streams, so a change of the chunk format shows here."""
+    body = {"model": "tiny-llada", "stream": True, "max_tokens": 32, "temperature": 0, **fields}
+    if path == "/v1/responses":
+        body["max_output_tokens"] = body.pop("max_tokens")
+    with httpx.stream("POST", single.base_url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    held = 0
+    while held < len(events) and not carries_tokens(events[held].encode()):
+        held += 1
+    assert held < len(events), events
+    first = json.loads(events[held][6:])
+    text = json.dumps(first)
+    # The first event let through has text, a finish or a denoise step; nothing before it had.
+    assert re.search(r'"denoise"|"(content|text|delta|finish_reason)": "[^"]', text), first
+    assert held <= 4, events[:held]  # only an opening: chat's role chunk, the Responses preamble
+    for line in events[:held]:
+        assert not re.search(r'"denoise"|"(content|text|delta|finish_reason)":"[^"]', line), line
 
 
 def _descendants(root: int) -> dict[int, str]:

@@ -73,6 +73,15 @@ def test_probes_are_open(server) -> None:
     assert httpx.get(server.base_url + "/metrics").status_code == 200
 
 
+def test_openapi_schema_needs_the_key_and_docs_are_off(server) -> None:
+    assert httpx.get(server.base_url + "/openapi.json").status_code == 401
+    schema = httpx.get(server.base_url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for path in ("/docs", "/redoc"):
+        assert httpx.get(server.base_url + path, headers=auth).status_code == 404
+
+
 def test_default_server_serves_bundled_model_with_key(server) -> None:
     health = server.health()
     assert (

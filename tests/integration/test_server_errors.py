@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import httpx
 import openai
 import pytest
@@ -18,7 +20,24 @@ def completion(**fields):
     return ("/v1/completions", {"model": MODEL, "prompt": "Copy: a b", "max_tokens": 8, **fields})
 
 
+def response(**fields):
+    return ("/v1/responses", {"model": MODEL, "input": "Copy: a b", "max_output_tokens": 8, **fields})
+
+
+def raw(path: str, content: bytes, content_type: str = "application/json"):
+    """A body sent as these bytes (not JSON-encoded by the test)."""
+    return (path, Raw(content, content_type))
+
+
+class Raw(NamedTuple):
+    content: bytes
+    content_type: str
+
+
 INV = "invalid_request_error"
+DEEP = b'{"model": "tiny-llada", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+BIG = 2**64  # one past the 64-bit range
+TOO_LARGE = b'{"model": "tiny-llada", "prompt": "' + b"x" * (2 * 1024 * 1024) + b'"}'
 
 # (id, (path, body), status, error.type, error.param)
 CASES = [
@@ -46,6 +65,14 @@ CASES = [
         "generation_algorithm",
     ),
     ("steps-not-multiple", chat(max_tokens=32, block_length=8, steps=6), 400, INV, "steps"),
+    ("max-steps-per-block-zero", chat(max_steps_per_block=0), 400, INV, "max_steps_per_block"),
+    (
+        "max-steps-per-block-schedule",
+        chat(algorithm="llada", max_steps_per_block=4),
+        400,
+        INV,
+        "max_steps_per_block",
+    ),
     ("block-length-zero", chat(block_length=0), 400, INV, "block_length"),
     ("remasking", chat(remasking="bogus"), 400, INV, "remasking"),
     (
@@ -82,6 +109,59 @@ CASES = [
     ("prompt-bad-type", completion(prompt=123), 400, INV, "prompt"),
     ("prompt-token-out-of-range", completion(prompt=[1, 99999]), 400, INV, "prompt"),
     ("wrong-model", chat(model="gpt-4o"), 404, INV, "model"),
+    # issue 14: no 500s from input; conformance; request size and content type
+    ("nested-100000-deep", raw("/v1/chat/completions", DEEP), 400, INV, None),
+    ("seed-2^64", chat(seed=18446744073709551616), 400, INV, "seed"),
+    ("max-tokens-2^64", chat(max_tokens=BIG), 400, INV, "max_tokens"),
+    ("max-completion-tokens-2^64", chat(max_completion_tokens=BIG), 400, INV, "max_completion_tokens"),
+    ("steps-2^64", chat(steps=BIG), 400, INV, "steps"),
+    ("block-length-2^64", chat(block_length=BIG), 400, INV, "block_length"),
+    ("prefix-look-2^64", chat(prefix_look=BIG), 400, INV, "prefix_look"),
+    ("n-2^64", chat(n=BIG), 400, INV, "n"),
+    ("completion-seed-2^64", completion(seed=BIG), 400, INV, "seed"),
+    ("chat-model-missing", ("/v1/chat/completions", {"messages": MSG}), 400, INV, "model"),
+    ("completion-model-missing", ("/v1/completions", {"prompt": "x"}), 400, INV, "model"),
+    (
+        "response-format-json-schema",
+        chat(response_format={"type": "json_schema"}),
+        400,
+        INV,
+        "response_format",
+    ),
+    (
+        "audio-part",
+        chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]),
+        400,
+        INV,
+        "messages[0].content",
+    ),
+    ("text-plain", raw("/v1/chat/completions", b'{"model": "tiny-llada"}', "text/plain"), 415, INV, None),
+    ("form-post", raw("/v1/completions", b"prompt=x", "application/x-www-form-urlencoded"), 415, INV, None),
+    ("body-over-limit", raw("/v1/completions", TOO_LARGE), 413, INV, None),
+    ("responses-model-missing", ("/v1/responses", {"input": "x"}), 400, INV, "model"),
+    ("responses-input-missing", ("/v1/responses", {"model": MODEL}), 400, INV, "input"),
+    ("responses-tools", response(tools=[{"type": "function", "name": "f"}]), 400, INV, "tools"),
+    (
+        "responses-image",
+        response(input=[{"role": "user", "content": [{"type": "input_image"}]}]),
+        400,
+        INV,
+        "input",
+    ),
+    (
+        "responses-file-item",
+        response(input=[{"type": "function_call_output", "output": "x"}]),
+        400,
+        INV,
+        "input",
+    ),
+    ("responses-previous-id", response(previous_response_id="resp_x"), 400, INV, "previous_response_id"),
+    ("responses-json-format", response(text={"format": {"type": "json_object"}}), 400, INV, "text"),
+    ("responses-store", response(store=True), 400, INV, "store"),
+    ("responses-max-output-zero", response(max_output_tokens=0), 400, INV, "max_output_tokens"),
+    ("responses-seed-2^64", response(seed=BIG), 400, INV, "seed"),
+    ("responses-context", response(max_output_tokens=600), 400, INV, "input"),
+    ("responses-unknown-algorithm", response(algorithm="nope"), 400, INV, "algorithm"),
 ]
 
 
@@ -111,7 +191,11 @@ def _check(resp: httpx.Response, status: int, kind: str, param: str | None) -> d
 )
 def test_bad_request(http, path_body, status, kind, param) -> None:
     path, body = path_body
-    _check(http.post(path, json=body), status, kind, param)
+    if isinstance(body, Raw):
+        resp = http.post(path, content=body.content, headers={"content-type": body.content_type})
+    else:
+        resp = http.post(path, json=body)
+    _check(resp, status, kind, param)
 
 
 def test_context_error_names_both_numbers(http) -> None:

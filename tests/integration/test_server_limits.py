@@ -100,6 +100,7 @@ def test_full_queue_answers_429(server, client) -> None:
             _long_chat(client, max_tokens=8)
         assert exc.value.status_code == 429
         assert exc.value.body["type"] == "rate_limit_error" and exc.value.code == "rate_limit_exceeded"
+        assert exc.value.response.headers["retry-after"] == "1"
         with pytest.raises(openai.RateLimitError):
             _long_chat(client, stream=True)  # streams are refused before the response starts
     finally:
@@ -150,6 +151,6 @@ def test_shutdown_drains_running_requests(server_factory) -> None:
     if resp.choices[0].finish_reason == "length":
         assert resp.usage.completion_tokens == 96
     assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean drain
-    assert "draining running requests" in server.log()
+    assert "draining 1 running requests" in server.log() and "drained: no request in flight" in server.log()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.base_url + "/health", timeout=2)

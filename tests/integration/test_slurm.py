@@ -267,3 +267,32 @@ def _cmdlines() -> list[str]:
         with contextlib.suppress(OSError):
             out.append(path.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
     return out
+
+
+@needs_slurm
+def test_example_slurm_workflow_runs_end_to_end(cluster, tmp_path):
+    """examples/slurm_workflow.sh unchanged: submit, wait for ready, query, stop (by its EXIT trap)."""
+    _, env = cluster
+    env = {
+        **env,
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "MODEL": str(TINY_LLADA),
+        "ACCOUNT": "test",
+        "GPUS_PER_NODE": "0",
+        "CPUS_PER_TASK": "1",
+        "MEM": "2G",
+        "TIME": "00:10:00",
+        "READY_TIMEOUT": str(READY_TIMEOUT),
+        "SERVE_ARGS": "--max-batch-size 4",
+        "DLLM_SERVE_JOBS_DIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / "slurm_workflow.sh")],
+        capture_output=True, text=True, env=env, timeout=READY_TIMEOUT + 120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reply = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert reply["choices"][0]["message"]["content"] == "s l u r m j o b s r u n f a s t"
+    job_id = proc.stdout.split("submitted job ")[1].split()[0]
+    assert f"job {job_id}: stopped" in proc.stdout, "the EXIT trap stopped the job"
+    assert API_KEY not in proc.stdout + proc.stderr

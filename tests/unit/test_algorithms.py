@@ -142,6 +142,48 @@ def test_steps_must_divide_into_blocks() -> None:
     assert param_error("llada", 40, steps=16.0).param == "steps"
 
 
+def test_step_budget_schedule_exact_threshold_rules_unbounded_unless_capped() -> None:
+    # The schedule rule takes exactly steps / num_blocks; Fast-dLLM's and dInfer's threshold-style
+    # decoders never read steps, so neither do their presets' threshold-style rules.
+    assert resolve("llada", 64, steps=16).step_budget == 8
+    for name in ("prefix_cache", "dual_cache", "dinfer_blockwise", "dinfer_hierarchy", "dinfer_credit"):
+        assert resolve(name, 64, steps=16).step_budget is None, name
+    assert resolve("llada", 64, steps=16, threshold=0.9).step_budget is None
+    assert resolve("llada", 64, steps=16, factor=1.0).step_budget is None
+    # The cap for bounded latency is its own parameter, per block.
+    capped = resolve("dual_cache", 64, steps=16, max_steps_per_block=3)
+    assert (capped.step_budget, capped.steps) == (3, 16)
+    assert resolve("dinfer_hierarchy", 64, max_steps_per_block=1).step_budget == 1
+    # The nemotron preset keeps its documented bound: steps / num_blocks unless capped explicitly.
+    assert resolve("nemotron", 64, steps=16).step_budget == 8
+    assert resolve("nemotron", 64, steps=16, max_steps_per_block=5).step_budget == 5
+    assert resolve("nemotron", 64, steps=16, rule="schedule").max_steps_per_block is None
+
+
+def test_max_steps_per_block_cli_flag() -> None:
+    from dllm_serve.cli import build_parser
+    from dllm_serve.commands import decoding_overrides
+
+    args = build_parser().parse_args(["generate", "--max-steps-per-block", "2", "--threshold", "0.8", "hi"])
+    assert decoding_overrides(args) == {"max_steps_per_block": 2, "threshold": 0.8}
+    assert resolve("llada", 64, **decoding_overrides(args)).step_budget == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "4"])
+def test_max_steps_per_block_validation(bad: Any) -> None:
+    err = param_error("dual_cache", 64, max_steps_per_block=bad)
+    assert err.param == "max_steps_per_block"
+    assert "integer >= 1" in str(err)
+
+
+def test_max_steps_per_block_refused_with_the_schedule_rule() -> None:
+    err = param_error("llada", 64, max_steps_per_block=4)
+    assert err.param == "max_steps_per_block" and "set steps instead" in str(err)
+    assert (
+        param_error("dual_cache", 64, rule="schedule", max_steps_per_block=4).param == "max_steps_per_block"
+    )
+
+
 @pytest.mark.parametrize("bad", [0, -32, True, 2.5, "32"])
 def test_block_length_must_be_a_positive_integer(bad: Any) -> None:
     # Before the fix 0 silently became 32, True became 1, 2.5 became 2 and "32" became 32.
@@ -282,6 +324,7 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert defaults["block_length"] == 32 and defaults["threshold"] == 0.9
     assert (defaults["credit_alpha"], defaults["credit_gamma"], defaults["credit_beta"]) == (0.7, 0.2, 0.8)
     assert not {"algorithm", "gen_length", "steps", "seed"} & set(defaults)
+    assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
     assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
 

@@ -24,7 +24,7 @@ from dllm_serve.bench.hardware import (
 from dllm_serve.cli import main
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.engine import Engine
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import KVPool, write_index
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA, random_llada_config
@@ -52,7 +52,7 @@ def _bench(loaded, algorithm: str, batch: int = 3, k: int = 4, gen: int = 32, bl
     )
     report = run_engine_bench(engine, settings, RATES)
     assert not engine.scheduler.has_work()
-    assert engine.runner.pool.free_slots == batch  # warm-up and timed requests released their slots
+    assert engine.runner.pool.used == 0  # warm-up and timed requests released their KV extents
     return report
 
 
@@ -123,10 +123,10 @@ def test_forward_flops_match_torch_flop_counter():
     assert forward_cost(shape, b, q, q, 8, 4).flops == counted
 
     # A block step: 5 queries attend to 20 cached keys, logits for the 5 positions.
-    pool = KVPool(cfg.n_layers, b, cfg.n_kv_heads, 32, cfg.head_dim, torch.float32, "cpu")
-    slots = [pool.allocate() for _ in range(b)]
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 256, torch.float32, "cpu")
+    extents = [pool.allocate(32) for _ in range(b)]
     qpos = torch.arange(15, 20).expand(b, 5)
-    view = pool.view(slots, qpos, 20)
+    view = pool.view(extents, write_index(extents, qpos, pool.sink), 20)
     mask = torch.ones(b, 5, 20, dtype=torch.bool)
     with torch.inference_mode():
         counted = _counted_flops(model, ids[:, :5], qpos, mask, view, torch.arange(5).expand(b, 5))
@@ -225,6 +225,10 @@ def test_table_output_on_tiny_llada(capsys):
     assert code == 0
     assert "| block | 2 |" in out and "| refresh | 2 |" in out
     assert "64 tokens in" in out and "8.00 tokens/forward" in out
+    # 4096 B/token = k + v x 4 layers x 4 KV heads x 32 x float32. The default budget is the batch's:
+    # 2 sequences of at most 8 + 32 + 16 tokens, 64-token extents, 2 x 64 x 4096 B = 512 KiB.
+    kv = "KV cache 4096 B/token, 128 tokens fit (512.00 KiB: --kv-cache-memory 524288)"
+    assert kv + "; the run held at most 128 tokens" in out
 
 
 @pytest.mark.parametrize(
@@ -235,6 +239,10 @@ def test_table_output_on_tiny_llada(capsys):
         (["--block-length", "16", "--fixed-tokens-per-step", "5"], "must divide the block length"),
         (["--model-path", "no-such-model"], "not a model directory or a shipped config"),
         (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+        (
+            ["--kv-cache-memory", "256KiB", "--batch-size", "2", "--prompt-len", "8", "--gen-length", "32"],
+            "the KV cache holds 64 tokens, the batch needs 128",
+        ),
     ],
 )
 def test_cli_errors_are_clear(capsys, extra, message):

@@ -12,17 +12,18 @@ from pathlib import Path
 import dllm_serve
 
 SRC = Path(dllm_serve.__file__).parent
-ENTRY_POINTS = {"bench", "commands", "preflight", "cli"}
+ENTRY_POINTS = {"bench", "commands", "preflight", "cli", "terminal_view"}
 ALLOWED: dict[str, set[str]] = {
     "tensors": set(),
     "config": set(),
+    "threads": set(),
     "decoding": {"tensors"},
     "models": {"tensors", "config", "engine.algorithms"},
     "checkpoints": {"models", "config"},
-    "engine": {"config", "tensors", "decoding", "models", "checkpoints"},
+    "engine": {"config", "tensors", "threads", "decoding", "models", "checkpoints"},
     "protocol": {"engine.algorithms"},
     "server": {"config", "protocol", "engine", "preflight", "cluster.replicas"},
-    "cluster": {"config", "server"},
+    "cluster": {"config", "threads", "server"},
 }
 # Third-party packages confined to one layer: the single-process server never needs Ray, and the
 # engine and models never touch HTTP.

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import KVPool, write_index
 from dllm_serve.models.llada import PREFIX, LLaDAConfig
 from dllm_serve.models.loader import CheckpointLoadError, load_model
 from tests.helpers import random_llada_config, random_official_weights, write_llada_checkpoint
@@ -169,10 +169,11 @@ def test_cached_span_equals_full_forward(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(5))
     pos = torch.arange(n)[None]
     full = model(ids, pos)
-    pool = KVPool(cfg.n_layers, 2, cfg.n_kv_heads, 64, cfg.head_dim, torch.float32, "cpu")
-    slot = [pool.allocate()]
-    model(ids, pos, torch.ones(1, n, dtype=torch.bool), pool.view(slot, pos, n))
+    pool = KVPool(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 128, torch.float32, "cpu")
+    ext = [pool.allocate(n)]
+    model(ids, pos, torch.ones(1, n, dtype=torch.bool), pool.view(ext, write_index(ext, pos, pool.sink), n))
     block = slice(8, 12)
     span_pos = pos[:, block]
-    step = model(ids[:, block], span_pos, torch.ones(1, 4, n, dtype=torch.bool), pool.view(slot, span_pos, n))
+    kv = pool.view(ext, write_index(ext, span_pos, pool.sink), n)
+    step = model(ids[:, block], span_pos, torch.ones(1, 4, n, dtype=torch.bool), kv)
     assert (step - full[:, block]).abs().max() < 1e-5

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import KVPool, write_index
 from dllm_serve.models.loader import CheckpointLoadError, detect_family, load_model
 from dllm_serve.models.nemotron import NemotronConfig
 from tests.nemotron_helpers import (
@@ -221,15 +221,16 @@ def test_committed_context_cache_equals_uncached_block_causal_pass(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(5))
     limits = [prompt] * prompt + [prompt + bl] * bl + [n] * bl
     full = model(ids, torch.arange(n)[None], block_causal(limits, n)[None])
-    pool = KVPool(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 64, cfg.head_dim, torch.float32, "cpu")
-    slot = [pool.allocate()]
+    pool = KVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 128, torch.float32, "cpu")
+    ext = [pool.allocate(n)]
     first = prompt + bl
     pos = torch.arange(first)[None]
-    step1 = model(ids[:, :first], pos, block_causal(limits[:first], first)[None], pool.view(slot, pos, first))
+    kv = pool.view(ext, write_index(ext, pos, pool.sink), first)
+    step1 = model(ids[:, :first], pos, block_causal(limits[:first], first)[None], kv)
     assert (step1[:, prompt:] - full[:, prompt:first]).abs().max() < 1e-5
     pos = torch.arange(prompt, n)[None]
     span = block_causal(limits[prompt:], n)[None]
-    step2 = model(ids[:, prompt:], pos, span, pool.view(slot, pos, n))
+    step2 = model(ids[:, prompt:], pos, span, pool.view(ext, write_index(ext, pos, pool.sink), n))
     assert (step2 - full[:, prompt:]).abs().max() < 1e-5
 
 

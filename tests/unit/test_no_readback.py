@@ -35,14 +35,14 @@ def test_meta_tensors_refuse_read_backs():
 @pytest.mark.parametrize("path", [TINY_LLADA, TINY_NEMOTRON], ids=lambda p: p.name)
 def test_layer_stack_and_head_have_no_read_back(path):
     model = load_model(path).model.to(META)
-    pool = KVPool(model.num_layers, 4, model.num_kv_heads, KEYS, model.head_dim, torch.float32, META)
+    pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, B * KEYS, torch.float32, META)
     ids, positions, write = (torch.zeros(B, Q, dtype=torch.long, device=META) for _ in range(3))
     mask = torch.zeros(B, Q, KEYS, dtype=torch.bool, device=META)
     index = torch.zeros(B, WIDTH, dtype=torch.long, device=META)
-    slots = torch.zeros(B, dtype=torch.long, device=META)
+    gather = torch.zeros(B, KEYS, dtype=torch.long, device=META)
     with torch.inference_mode():
-        for read in (slice(0, B), slots):  # consecutive slots (a view) and gathered slots
-            kv = PoolView(pool, slots, write, KEYS, read)
+        for read in ((0, KEYS), gather):  # adjacent extents (a strided view) and gathered keys
+            kv = PoolView(pool, write, KEYS, read)
             hidden = model.hidden_states(ids, positions, mask, kv, index)
             assert model.logits(hidden).shape == (B, WIDTH, model.vocab_size)
 

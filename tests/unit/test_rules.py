@@ -77,17 +77,19 @@ def test_threshold_mask_per_row_and_boundary() -> None:
 def test_factor_count_hand_cases_rows_with_different_factors() -> None:
     conf = t(
         [
-            [0.7, 0.95, 0.8, 0.85, 0.99],  # f=1, sorted 0.95 .85 .8 .7: .8 >= .75, .7 < .8 -> 3
-            [0.74, 0.9, 0.75, 0.8, 0.0],  # f=1, 0.75 == 0.75 passes at n=3, 0.74 < 0.8 -> 3
+            [0.7, 0.95, 0.8, 0.85, 0.6],  # f=1, sorted 0.95 .85 .8 .7 .6: .8 >= .75, .7 < .8 -> 3
+            [0.74, 0.9, 0.75, 0.8, 0.6],  # f=1, 0.75 == 0.75 passes at n=3, 0.74 < 0.8 -> 3
             [0.7499, 0.9, 0.8, 0.1, 0.0],  # f=1, 0.7499 < 0.75 at n=3 -> 2
-            [0.6, 0.55, 0.5, 0.45, 0.0],  # f=2, 0.5 == 0.5 at n=3, 0.45 < 0.6 -> 3
+            [0.6, 0.55, 0.5, 0.45, 0.4],  # f=2, 0.5 == 0.5 at n=3, 0.45 < 0.6 -> 3
             [0.7, 0.6, 0.5, 0.4, 0.3],  # f=0.5, 0.7 < 0.75 already at n=1 -> at least 1
             [0.99, 0.97, 0.95, 0.92, 0.9],  # f=1, all pass (0.9 >= 0.833) -> 5
+            # Fast-dLLM's quirk: the first miss is the last candidate (.7 < .8 at n=4 of 4) -> all 4.
+            [0.7, 0.95, 0.8, 0.85, 0.99],
         ]
     )
-    cand = b([[T, T, T, T, F], [T, T, T, T, F], [T, T, T, T, F], [T, T, T, T, F], [T] * 5, [T] * 5])
-    factor = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5, 1.0])
-    assert rules.factor_count(conf, cand, factor).tolist() == [3, 3, 2, 3, 1, 5]
+    cand = b([[T] * 5, [T] * 5, [T, T, T, T, F], [T] * 5, [T] * 5, [T] * 5, [T, T, T, T, F]])
+    factor = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5, 1.0, 1.0])
+    assert rules.factor_count(conf, cand, factor).tolist() == [3, 3, 2, 3, 1, 5, 4]
 
 
 def test_factor_count_ignores_confident_non_candidates() -> None:
@@ -105,7 +107,9 @@ def test_factor_count_matches_definition_on_random_rows() -> None:
         f = [0.25, 0.5, 1.0, 2.0, 3.0][int(torch.randint(0, 5, (), generator=gen))]
         # The definition, in float64 on the same float32 confidences.
         c = sorted((x for x, m in zip(conf[0].tolist(), cand[0].tolist(), strict=True) if m), reverse=True)
-        expected = max((n for n in range(1, len(c) + 1) if c[n - 1] >= 1 - f / (n + 1)), default=1)
+        # Fast-dLLM's loop: the first always passes; a first miss at the last candidate commits it too.
+        first_miss = next((i for i in range(1, len(c)) if c[i] < 1 - f / (i + 2)), len(c))
+        expected = max(1, len(c) if first_miss == len(c) - 1 else first_miss)
         got = rules.factor_count(conf, cand, torch.tensor([f])).item()
         assert got == expected, (conf, cand, f)
 
@@ -317,15 +321,18 @@ def test_select_commits_row_result_independent_of_batch() -> None:
 # -- Sequence.floor_commits: LLaDA's get_num_transfer_tokens ------------------------------------
 
 
-def _sequence(block_length: int, steps: int, num_blocks: int = 1) -> Sequence:
+def _sequence(
+    block_length: int, steps: int, num_blocks: int = 1, rule: str = "schedule", cap: int | None = None
+) -> Sequence:
     gen_length = block_length * num_blocks
     params = DecodeParams(
         algorithm="llada",
         cache="none",
-        rule="schedule",
+        rule=rule,
         gen_length=gen_length,
         block_length=block_length,
         steps=steps * num_blocks,
+        max_steps_per_block=cap,
     )
     request = GenerationRequest("r", [5, 6, 7], params, gen_length)
     canvas = torch.tensor([5, 6, 7] + [99] * gen_length)
@@ -347,3 +354,20 @@ def test_floor_commits_reproduces_llada_split(num_blocks: int) -> None:
             expected = [base + 1] * rem + [base] * (s - rem)
             assert got == expected, (n, s)
             assert left == 0
+
+
+@pytest.mark.parametrize("rule", ["threshold", "factor", "hierarchy", "credit"])
+def test_floor_commits_threshold_rules(rule: str) -> None:
+    """Uncapped: one commit (the most confident position) whatever steps says; capped: the split of
+    what is left over the cap's remaining steps, so the block ends within the cap."""
+    free = _sequence(16, 2, rule=rule)
+    for step in range(20):
+        free.step_in_block = step
+        assert free.floor_commits(16) == 1 and free.floor_commits(0) == 0
+    capped = _sequence(16, 16, rule=rule, cap=3)
+    got, left = [], 16
+    for step in range(3):
+        capped.step_in_block = step
+        got.append(capped.floor_commits(left))
+        left -= got[-1]
+    assert got == [6, 5, 5] and left == 0

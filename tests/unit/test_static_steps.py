@@ -1,7 +1,7 @@
 """Static-shape block steps (engine/cuda_graphs.py) on the CPU.
 
-A CUDA graph replays fixed buffers: the batch padded to a bucket, the cache read through a slice
-of consecutive slots or a gather. Those buffers run here eagerly (``capture=False``) and must give
+A CUDA graph replays fixed buffers: the batch padded to a bucket, the cache read through a strided
+view of adjacent KV extents or a gather. Those buffers run here eagerly (``capture=False``) and must give
 the eager engine's tokens; tests/gpu checks the captured graph itself against eager on CUDA.
 """
 
@@ -16,7 +16,7 @@ from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.cuda_graphs import KEY_BUCKET, BlockStepGraphs, batch_bucket, key_bucket
 from dllm_serve.engine.engine import Engine
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import Extent, KVPool, extent_tokens, write_index
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA
@@ -41,14 +41,14 @@ def loaded(request):
 
 
 def _requests(engine: Engine, algorithm: str, n: int) -> list[GenerationRequest]:
+    """``n`` held-out prompts of one length, so that their KV extents have one size."""
     tok = engine.loaded.tokenizer
     # Two tokens per step: the tiny models would otherwise commit a block in its refresh forward.
     opts = {"seed": 0, "block_length": 16, "rule": "schedule", "steps": GEN // 2}
     params = engine.resolve_params(GEN, opts, algorithm)
-    return [
-        GenerationRequest(f"r{i}", tok.render_chat([{"role": "user", "content": ex.prompt}]), params, GEN)
-        for i, ex in enumerate(heldout_examples(n))
-    ]
+    prompts = [tok.render_chat([{"role": "user", "content": ex.prompt}]) for ex in heldout_examples(4 * n)]
+    prompts = [p for p in prompts if len(p) == len(prompts[0])][:n]
+    return [GenerationRequest(f"r{i}", p, params, GEN) for i, p in enumerate(prompts)]
 
 
 def _tokens(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]]:
@@ -57,10 +57,11 @@ def _tokens(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]
     return [results[r.request_id].token_ids for r in requests]
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["consecutive-slots", "gathered-slots"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["adjacent-extents", "gathered-extents"])
 def test_static_block_steps_give_the_eager_tokens(loaded, gathered):
-    """Five requests (padded to a batch of 8) with every cached preset of the family. With slots
-    0 and 2 held elsewhere the requests get slots 1, 3, 4, 5, 6, which are gathered."""
+    """Five requests (padded to a batch of 8) with every cached preset of the family; their KV
+    extents have one size. With extents 0 and 2 of that size held elsewhere the requests get
+    extents 1, 3, 4, 5, 6 (in that unit), which are gathered."""
     cached = {"llada": ["prefix_cache", "dual_cache", "dinfer_blockwise"], "nemotron": ["nemotron"]}
     for algorithm in cached[loaded.family]:
         eager = Engine(loaded, EngineConfig(max_batch_size=8))
@@ -69,42 +70,48 @@ def test_static_block_steps_give_the_eager_tokens(loaded, gathered):
 
         static = Engine(loaded, EngineConfig(max_batch_size=8))
         runner = static.runner
-        graphs = runner.graphs = BlockStepGraphs(runner.model, runner.pool, capture=False)
+        graphs = runner.graphs = BlockStepGraphs(runner.model, runner.pool, max_batch=8, capture=False)
+        size = extent_tokens(len(requests[0].prompt_ids) + GEN)
         if gathered:
-            taken = [runner.pool.allocate() for _ in range(3)]
+            taken = [runner.pool.allocate(size) for _ in range(3)]
             runner.pool.release(taken[1])
         assert _tokens(static, requests) == want, algorithm
-        # The whole batch's steps: padded to 8, read by gather or by a slice from slot 0.
+        # The whole batch's steps: padded to 8, read by gather or by a strided view from token 0.
         full = [s for s in graphs._steps if s.batch == 8]
-        assert full and all(s.first_slot == (None if gathered else 0) for s in full), full
+        assert full and all(s.run == (None if gathered else (0, size)) for s in full), full
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["consecutive-slots", "gathered-slots"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["adjacent-extents", "gathered-extents"])
 def test_static_step_matches_the_eager_forward_and_cache(gathered):
     """Hidden states and every cache entry (the sink aside) after two block steps of five rows
     padded to eight: padding rows must leave real cache entries alone."""
     model = load_model(TINY_LLADA).model
     gen = torch.Generator().manual_seed(0)
     vocab, canvas, max_len, n = model.vocab_size, 96, 128, 5
-    slots = [1, 3, 4, 5, 6] if gathered else [0, 1, 2, 3, 4]
-    pools = [KVPool(model.num_layers, 8, model.num_kv_heads, max_len, model.head_dim, torch.float32, "cpu")]
+    extents = [Extent(i * max_len, max_len) for i in ([1, 3, 4, 5, 6] if gathered else [0, 1, 2, 3, 4])]
+    pools = [KVPool(model.num_layers, model.num_kv_heads, model.head_dim, 8 * max_len, torch.float32, "cpu")]
+    pools[0].cache.zero_()
     pools.append(copy.deepcopy(pools[0]))
     ids = torch.randint(0, vocab, (n, canvas), generator=gen)
     pos = torch.arange(canvas).expand(n, canvas)
     with torch.inference_mode():
         for pool in pools:  # the refresh forward fills both caches alike
             model.hidden_states(
-                ids, pos, torch.ones(n, canvas, canvas, dtype=torch.bool), pool.view(slots, pos, canvas)
+                ids,
+                pos,
+                torch.ones(n, canvas, canvas, dtype=torch.bool),
+                pool.view(extents, write_index(extents, pos, pool.sink), canvas),
             )
-        static = BlockStepGraphs(model, pools[1], capture=False)
+        static = BlockStepGraphs(model, pools[1], max_batch=8, capture=False)
         for start in (32, 48):
             q_ids = torch.randint(0, vocab, (n, 16), generator=gen)
             q_pos = torch.arange(start, start + 16).expand(n, 16)
             mask = (torch.arange(max_len) < canvas).expand(n, 16, max_len)
             index = torch.arange(16).expand(n, 16)
-            want = model.hidden_states(q_ids, q_pos, mask, pools[0].view(slots, q_pos, max_len), index)
-            got = static.hidden_states(q_ids, q_pos, mask, q_pos, slots, index)
+            write = write_index(extents, q_pos, pools[0].sink)
+            want = model.hidden_states(q_ids, q_pos, mask, pools[0].view(extents, write, max_len), index)
+            got = static.hidden_states(q_ids, q_pos, mask, write, extents, index)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(pools[0].keys + pools[0].values, pools[1].keys + pools[1].values, strict=True):
-        torch.testing.assert_close(a[:, :, :max_len], b[:, :, :max_len], rtol=1e-5, atol=1e-5)
-    assert [s.first_slot for s in static._steps] == [None if gathered else 0]
+    sink = pools[0].sink  # padding rows write only there
+    torch.testing.assert_close(pools[0].cache[:, :, :sink], pools[1].cache[:, :, :sink], rtol=1e-5, atol=1e-5)
+    assert [s.run for s in static._steps] == [None if gathered else (0, max_len)]

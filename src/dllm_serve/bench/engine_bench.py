@@ -135,6 +135,19 @@ def check_family_available(model_dir: Path) -> None:
             ) from exc
 
 
+def batch_kv_bytes(model_dir: Path, batch: int, canvas: int, dtype: str) -> int:
+    """KV memory of ``batch`` sequences of ``canvas`` tokens: the benchmark's default budget, so that
+    its peak-memory figure is weights + activations + the batch's cache, not the whole device."""
+    import torch
+
+    from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
+
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
+    return batch * extent_tokens(canvas) * per_token
+
+
 def random_prompts(n: int, length: int, vocab: int, avoid: set[int], seed: int) -> list[list[int]]:
     """Random prompt ids that avoid special tokens (mask, stops): no prompt can end a request."""
     rng = random.Random(seed)
@@ -219,6 +232,7 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
 
     from dllm_serve.bench.hardware import ForwardRecorder, shape_from_config, synchronize
     from dllm_serve.engine.algorithms import ParamError
+    from dllm_serve.engine.kv_cache import extent_tokens
     from dllm_serve.engine.sequence import GenerationRequest
 
     loaded = engine.loaded
@@ -234,6 +248,13 @@ def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) 
         params = engine.resolve_params(settings.gen_length, overrides, settings.algorithm)
     except ParamError as exc:
         raise BenchError(f"{exc.param}: {exc}") from exc
+    pool = engine.runner.pool
+    need = settings.batch_size * extent_tokens(settings.prompt_len + params.gen_length)
+    if params.cache != "none" and need > pool.capacity:
+        raise BenchError(
+            f"the KV cache holds {pool.capacity} tokens, the batch needs {need}: the wave would not run "
+            "as one batch; raise --kv-cache-memory (or --gpu-memory-utilization)"
+        )
 
     roles = model.roles
     avoid = {roles.mask_token_id, roles.eos_token_id, roles.pad_token_id, *roles.stop_token_ids}
@@ -440,6 +461,15 @@ def format_table(report: dict[str, Any]) -> str:
         f"{tot['forwards']} forwards ({tot['refresh_forwards']} refresh, {tot['model_calls']} model calls), "
         f"{tot['tokens_per_forward']:.2f} tokens/forward; {memory}",
     ]
+    kv = report.get("kv_cache")
+    if kv:
+        from dllm_serve.engine.memory import human_bytes
+
+        lines.append(
+            f"KV cache {kv['bytes_per_token']} B/token, {kv['tokens_that_fit']} tokens fit "
+            f"({human_bytes(kv['budget_bytes'])}: {kv['budget_source']}); the run held at most "
+            f"{kv['peak_used_tokens']} tokens"
+        )
     return "\n".join(lines)
 
 
@@ -483,9 +513,13 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             model_dir = patched_model_dir(model_dir, config_overrides, Path(tmp) / "model")
         base = engine_config_from_args(args)
         canvas = settings.prompt_len + settings.gen_length + (settings.block_length or 0)
+        kv_memory = base.kv_cache_memory or str(
+            batch_kv_bytes(model_dir, settings.batch_size, canvas, base.resolved_dtype())
+        )
         config = replace(
             base,
             model_path=str(model_dir),
+            kv_cache_memory=kv_memory,
             max_model_len=args.max_model_len or canvas,
             max_num_tokens=max(base.max_num_tokens, settings.batch_size * canvas),
             max_queue=max(base.max_queue, settings.batch_size),
@@ -543,6 +577,13 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             "cuda_graphs": config.cuda_graphs,
         },
         "hardware": rates.to_dict(),
+        "kv_cache": {
+            "bytes_per_token": engine.runner.pool.bytes_per_token,
+            "budget_bytes": engine.runner.kv_plan.budget_bytes,
+            "budget_source": engine.runner.kv_plan.source,
+            "tokens_that_fit": engine.runner.pool.capacity,
+            "peak_used_tokens": engine.runner.pool.peak_used,
+        },
         "results": results,
     }
 

@@ -33,6 +33,7 @@ class ModelShape:
     head_dim: int
     mlp_hidden: int
     vocab_size: int  # rows of the LM head that are multiplied (the padded embedding size)
+    max_length: int  # the longest canvas the model takes (prompt + generation)
 
     @property
     def layer_matmul_params(self) -> int:
@@ -70,6 +71,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
             head_dim=c.head_dim,
             mlp_hidden=c.mlp_hidden_size,
             vocab_size=c.embedding_size,
+            max_length=c.max_sequence_length,
         )
     n = NemotronConfig.from_dict(config)
     return ModelShape(
@@ -80,6 +82,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         head_dim=n.head_dim,
         mlp_hidden=n.intermediate_size,
         vocab_size=n.vocab_size,
+        max_length=n.max_position_embeddings,
     )
 
 

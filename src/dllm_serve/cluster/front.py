@@ -7,7 +7,8 @@ replica through a deployment handle (``ReplicaServer.forward``, which runs the r
 in process and streams its messages back), and passes the response on. When the replica fails:
 
 * before anything with a token reached the client (a plain response not yet started; a stream that
-  sent at most its opening role chunk, which is held back until a token follows), the request is
+  sent at most its preamble - chat's role chunk, the Responses API's opening events - which is held
+  back until something else follows), the request is
   sent once more, to whichever replica Serve picks (Serve stops routing to a replica once a call
   to it has failed with the actor dead);
 * if that fails too before anything reached the client, the answer is a 503 in OpenAI's shape;
@@ -90,8 +91,34 @@ async def run_asgi(app, scope: dict[str, Any], body: bytes) -> AsyncIterator[dic
             task.cancel()
 
 
+# Responses API events sent before any text (OpenAI's event sequence opens with these).
+RESPONSES_PREAMBLE = frozenset(
+    {"response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"}
+)
+CHOICE_KEYS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint"})
+
+
+def _is_preamble(event: object) -> bool:
+    """An SSE event a stream sends before its first token: chat's role chunk, Responses' opening."""
+    if not isinstance(event, dict):
+        return False
+    if "type" in event:
+        return event["type"] in RESPONSES_PREAMBLE
+    if not set(event) <= CHOICE_KEYS or event.get("usage"):  # e.g. an error event
+        return False
+    for choice in event.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or choice.get("text") or choice.get("finish_reason") or "denoise" in choice:
+            return False
+    return True
+
+
 def carries_tokens(chunk: bytes) -> bool:
-    """Whether an SSE chunk holds generated text (the chat stream's opening role chunk does not)."""
+    """Whether an SSE chunk holds anything past the stream's preamble (text, a denoise step, an error).
+
+    Only a preamble may be held back: a stream in ``denoise`` mode shows its steps before any text
+    is final, and holding those would freeze the live view until the first token.
+    """
     for line in chunk.split(b"\n"):
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
@@ -99,11 +126,7 @@ def carries_tokens(chunk: bytes) -> bool:
             event = json.loads(line[6:])
         except ValueError:
             return True  # not ours to judge: treat as sent
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or choice.get("text") or choice.get("finish_reason"):
-                return True
-        if "error" in event or event.get("usage"):
+        if not _is_preamble(event):
             return True
     return False
 

@@ -38,6 +38,7 @@ from collections import OrderedDict
 from typing import Any
 
 from dllm_serve.config import ServerConfig
+from dllm_serve.threads import default_threads, warn_if_oversubscribed
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,18 @@ def replica_config(config: ServerConfig, use_gpu: bool) -> ServerConfig:
         cfg.engine.device = "cuda"  # Ray has narrowed CUDA_VISIBLE_DEVICES to this replica's GPU
     elif cfg.engine.device == "auto":
         cfg.engine.device = "cpu"
+    return cfg
+
+
+def with_replica_threads(config: ServerConfig, n: int) -> ServerConfig:
+    """Each replica's torch threads, decided here once: ``--threads``, or the usable cores divided
+    among the n replicas when they share this machine (a local Ray); one warning if oversubscribed.
+    With ``--ray-address`` replicas may sit on other machines, so each takes its own default."""
+    cfg = copy.deepcopy(config)
+    if cfg.engine.threads is None and not cfg.ray_address:
+        cfg.engine.threads = default_threads(n)
+    if cfg.engine.threads is not None and not cfg.ray_address:
+        warn_if_oversubscribed(cfg.engine.threads, n)
     return cfg
 
 
@@ -396,6 +409,7 @@ def serve_replicas(config: ServerConfig) -> int:
 
     use_gpu = config.gpus > 1
     n = config.gpus if use_gpu else max(config.replicas, 1)
+    config = with_replica_threads(config, n)
     if config.api_key is None and os.environ.get(API_KEY_ENV):
         # Replicas on other nodes need not share our environment; the key travels inside the config.
         config = copy.deepcopy(config)

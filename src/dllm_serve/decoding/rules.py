@@ -47,16 +47,20 @@ def threshold_mask(conf: torch.Tensor, candidates: torch.Tensor, threshold: torc
 
 
 def factor_count(conf: torch.Tensor, candidates: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Fast-dLLM's factor rule: the largest n with c(n) >= 1 - f / (n + 1), at least 1.
+    """Fast-dLLM's factor rule as published: the largest n with c(n) >= 1 - f / (n + 1), at least 1.
 
-    c(1) >= c(2) >= ... are the sorted candidate confidences. Returns n per row [B].
+    c(1) >= c(2) >= ... are the sorted candidate confidences of a row. Fast-dLLM's loop exit adds one
+    quirk that its presets keep: when the first position to miss its bound is the last candidate, it
+    is committed too (so two masks left always commit both). Returns n per row [B].
     """
     sorted_conf = torch.sort(conf.masked_fill(~candidates, _NEG), dim=-1, descending=True).values
     n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
     ok = sorted_conf >= 1 - factor[:, None].to(conf.dtype) / (n + 1)
+    ok[:, 0] = True  # the most confident candidate always commits
     # The bound rises with n and c(n) falls, so the condition holds on a prefix: count it.
     count = torch.cumprod(ok.to(torch.long), dim=-1).sum(-1)
-    return count.clamp_min(1)
+    n_candidates = candidates.sum(-1)
+    return torch.where(count == n_candidates - 1, n_candidates, count)
 
 
 def hierarchy_mask(

@@ -53,6 +53,7 @@ class DecodeParams:
     early_stop: bool = True
     shift_logits: bool = False
     seed: int | None = None
+    max_steps_per_block: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -61,6 +62,15 @@ class DecodeParams:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    @property
+    def step_budget(self) -> int | None:
+        """Forwards a block may take at most; None: until the rule has committed every position.
+
+        The schedule rule takes exactly ``steps / num_blocks``. The threshold-style rules ignore
+        ``steps``, as Fast-dLLM's and dInfer's decoders do, unless ``max_steps_per_block`` bounds them.
+        """
+        return self.steps_per_block if self.rule == "schedule" else self.max_steps_per_block
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +86,9 @@ class Preset:
     aliases: tuple[str, ...] = ()
     description: str = ""
     defaults: tuple[tuple[str, Any], ...] = ()
+    # Threshold-style rules take at most steps / num_blocks forwards per block unless the request
+    # sets max_steps_per_block (the nemotron preset's documented bound); otherwise they are unbounded.
+    steps_bound_rules: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -143,6 +156,7 @@ PRESETS: dict[str, Preset] = {
             "threshold",
             (),
             "Nemotron block diffusion: committed-context KV cache, threshold decoding",
+            steps_bound_rules=True,
         ),
     )
 }
@@ -251,6 +265,8 @@ def resolve_params(
         steps=steps,
     )
     params = replace(params, **values)
+    if params.rule != "schedule" and params.max_steps_per_block is None and preset.steps_bound_rules:
+        params = replace(params, max_steps_per_block=params.steps_per_block)
     _validate(params)
     return params
 
@@ -297,6 +313,14 @@ def _validate(p: DecodeParams) -> None:
     for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits"):
         if not isinstance(getattr(p, name), bool):
             raise ParamError(name, f"{name} must be a boolean")
+    if p.max_steps_per_block is not None:
+        _check_int("max_steps_per_block", p.max_steps_per_block, 1)
+        if p.rule == "schedule":
+            raise ParamError(
+                "max_steps_per_block",
+                "max_steps_per_block bounds the threshold-style rules; the schedule rule takes exactly "
+                "steps / num_blocks steps per block (set steps instead)",
+            )
     if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
         raise ParamError("seed", f"seed must be a non-negative integer, got {p.seed!r}")
 

@@ -9,8 +9,9 @@ each shape gets its own static input buffers:
   key, write their K/V only to the pool's sink position and are dropped from the output;
 - the key length is already a multiple of ``KEY_BUCKET`` (the runner rounds it up for every
   cached forward, eager or not, so both paths compute the same thing);
-- rows in consecutive pool slots read the cache through a slice of the pool (no copy), and the
-  slice's first slot is part of the graph's key; other rows gather their slots.
+- rows whose extents have one size and follow each other read the cache through a strided view
+  of the arena (no copy), and the run's first token and stride are part of the graph's key; other
+  rows gather their keys through a static index.
 
 The graph holds the layers only; the final norm and the LM head (a few kernels, and the one large
 output) run eagerly on the graph's hidden states, so a graph's static output stays small.
@@ -24,13 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dllm_serve.engine.kv_cache import KVPool, PoolView, consecutive_from
+from dllm_serve.engine.kv_cache import EXTENT_ALIGN, Extent, KVPool, PoolView, gather_index, strided_from
 from dllm_serve.models.base import DiffusionLM
-from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
 
-KEY_BUCKET = 64
+KEY_BUCKET = EXTENT_ALIGN  # KV extents are whole buckets: a bucketed key length stays inside them
 
 
 def key_bucket(key_len: int, max_len: int) -> int:
@@ -47,13 +47,13 @@ def batch_bucket(rows: int, limit: int) -> int:
 @dataclass(frozen=True)
 class StepShape:
     """What a graph is captured for: padded batch, query span, key length, logits width, and the
-    first slot of a consecutive slot run (None: the rows' slots are gathered)."""
+    rows' strided run of extents as (first token, stride) (None: the rows' keys are gathered)."""
 
     batch: int
     queries: int
     keys: int
     width: int
-    first_slot: int | None
+    run: tuple[int, int] | None
 
 
 class _StaticStep:
@@ -67,19 +67,15 @@ class _StaticStep:
         self.mask = torch.zeros((b, q, shape.keys), dtype=torch.bool, device=device)
         self.write = torch.full((b, q), pool.sink, dtype=torch.long, device=device)
         self.index = torch.zeros((b, shape.width), dtype=torch.long, device=device)
-        if shape.first_slot is None:
-            self.slots = torch.zeros(b, dtype=torch.long, device=device)
-            read: slice | torch.Tensor = self.slots
-        else:
-            first = shape.first_slot
-            self.slots = torch.arange(first, first + b, dtype=torch.long, device=device)
-            read = slice(first, first + b)
-        self.view = PoolView(pool, self.slots, self.write, shape.keys, read)
+        # Gathered rows read the arena tokens in this index; padding rows read token 0 (masked).
+        self.gather = torch.zeros((b, shape.keys), dtype=torch.long, device=device)
+        read = self.gather if shape.run is None else shape.run
+        self.view = PoolView(pool, self.write, shape.keys, read)
         self.model = model
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
 
-    def load(self, ids, positions, mask, write, slots: list[int], index) -> None:
+    def load(self, ids, positions, mask, write, extents: list[Extent], index) -> None:
         """Copy one step's inputs into the static buffers; padding rows become inert."""
         n = ids.shape[0]
         self.ids[:n].copy_(ids)
@@ -89,8 +85,8 @@ class _StaticStep:
         self.index[:n].copy_(index)
         self.mask[n:] = False
         self.write[n:] = self.view.pool.sink
-        if self.shape.first_slot is None:  # padding rows keep any valid slot: they write its sink only
-            self.slots[:n].copy_(upload(slots, self.slots.device, torch.long))
+        if self.shape.run is None:
+            self.gather[:n].copy_(gather_index(extents, self.shape.keys, self.gather.device))
 
     def run_eager(self) -> torch.Tensor:
         return self.model.hidden_states(self.ids, self.positions, self.mask, self.view, self.index)
@@ -119,12 +115,15 @@ class BlockStepGraphs:
     the eager path by tests/gpu).
     """
 
-    def __init__(self, model: DiffusionLM, pool: KVPool, *, capture: bool, max_graphs: int = 64) -> None:
+    def __init__(
+        self, model: DiffusionLM, pool: KVPool, *, max_batch: int, capture: bool, max_graphs: int = 64
+    ) -> None:
         self.model = model
         self.pool = pool
+        self.max_batch = max_batch
         self.capture = capture
         self.max_graphs = max_graphs
-        self.device = pool.keys[0].device
+        self.device = pool.device
         self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self._steps: dict[StepShape, _StaticStep] = {}
 
@@ -144,24 +143,24 @@ class BlockStepGraphs:
         positions: torch.Tensor,
         mask: torch.Tensor,
         write: torch.Tensor,
-        slots: list[int],
+        extents: list[Extent],
         index: torch.Tensor,
     ) -> torch.Tensor | None:
         """Hidden states [B, width, hidden] of one cached forward, or None when its shape gets no
         graph (the graph budget is spent); the caller then runs it eagerly."""
         n, queries = ids.shape
-        batch = batch_bucket(n, self.pool.size)
-        first = consecutive_from(slots)
-        if first is not None and first + batch > self.pool.size:  # padding rows would run past the pool
-            first = None
-        shape = StepShape(batch, queries, mask.shape[-1], index.shape[1], first)
+        batch = batch_bucket(n, self.max_batch)
+        run = strided_from(extents)
+        if run is not None and run[0] + batch * run[1] > self.pool.capacity:  # padding rows past the arena
+            run = None
+        shape = StepShape(batch, queries, mask.shape[-1], index.shape[1], run)
         step = self._steps.get(shape)
         if step is None:
             if len(self._steps) >= self.max_graphs:
                 return None
             step = self._steps[shape] = _StaticStep(self.model, self.pool, shape, self.device)
             log.debug("new static block step %s", shape)
-        step.load(ids, positions, mask, write, slots, index)
+        step.load(ids, positions, mask, write, extents, index)
         if not self.capture:
             return step.run_eager()[:n]
         if step.graph is None:

@@ -7,6 +7,7 @@ scheduler's locked inbox. Everything else runs on the engine thread (or, for off
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -18,11 +19,15 @@ from typing import Any
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
 from dllm_serve.engine.runner import Runner, StepInfo
-from dllm_serve.engine.scheduler import QueueFullError, Scheduler
+from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
+from dllm_serve.threads import apply_threads
 
 log = logging.getLogger(__name__)
+
+MAX_LOOP_FAILURES = 5  # consecutive engine-loop failures before the engine is marked failed
+LOOP_BACKOFF_S = 0.1  # first back-off after a loop failure; doubles with each further one
 
 __all__ = [
     "Engine",
@@ -41,6 +46,11 @@ class EngineStats:
     finished: int
     forwards: int
     steps: int
+    # KV cache, in arena tokens (0 where the engine has none, e.g. remote code)
+    kv_capacity_tokens: int = 0
+    kv_used_tokens: int = 0
+    kv_peak_used_tokens: int = 0
+    kv_bytes_per_token: int = 0
 
 
 @dataclass
@@ -71,6 +81,7 @@ class EngineBase:
     ``shutdown`` and ``run_to_completion``."""
 
     thread_name = "dllm-engine"
+    traces_denoise = False  # can stream each step's provisional state (stream_mode "denoise")
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -90,6 +101,7 @@ class EngineBase:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._draining = False
+        self.failure: str | None = None  # why the engine stopped for good (/health says "failed")
 
     @property
     def is_running(self) -> bool:
@@ -123,6 +135,8 @@ class EngineBase:
 
 
 class Engine(EngineBase):
+    traces_denoise = True
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)
@@ -145,7 +159,18 @@ class Engine(EngineBase):
 
     def stats(self) -> EngineStats:
         waiting, running = self.scheduler.counts()
-        return EngineStats(waiting, running, self.finished, self.forwards, self.steps)
+        pool = self.runner.pool
+        return EngineStats(
+            waiting,
+            running,
+            self.finished,
+            self.forwards,
+            self.steps,
+            pool.capacity,
+            pool.used,
+            pool.peak_used,
+            pool.bytes_per_token,
+        )
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting work, let running requests finish (up to the timeout), stop the thread."""
@@ -174,13 +199,35 @@ class Engine(EngineBase):
         return True
 
     def _loop(self) -> None:
+        """Iterate until stopped. A failure outside any one request (the scheduler isolates those)
+        fails the running requests, then backs off (0.1 s, doubling); after MAX_LOOP_FAILURES in a
+        row without a good iteration the engine is marked failed and the thread ends."""
+        failures = 0
         while not self._stop.is_set():
             try:
                 worked = self.step()
-            except Exception:  # the scheduler isolates request failures; this is a bug guard
-                log.exception("engine iteration failed")
-                worked = False
-            if not worked:
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.exception("engine iteration failed; failing the running requests")
+                else:
+                    log.error("engine iteration failed again (%d in a row): %r", failures, exc)
+                try:
+                    self.scheduler.fail_running(LOOP_ERROR)
+                except Exception:
+                    log.exception("failing the running requests failed as well")
+                    failures = MAX_LOOP_FAILURES
+                if failures >= MAX_LOOP_FAILURES:
+                    self.failure = f"the engine loop failed {failures} times in a row; last error: {exc!r}"
+                    log.error("engine marked failed: %s", self.failure)
+                    with contextlib.suppress(Exception):  # best effort: the engine is gone either way
+                        self.scheduler.fail_all("the engine has failed; see the server log")
+                    return
+                self._stop.wait(LOOP_BACKOFF_S * 2 ** (failures - 1))
+                continue
+            if worked:
+                failures = 0
+            else:
                 self.scheduler.wait_for_work(timeout=0.1)
 
     # -- offline ------------------------------------------------------------------------------
@@ -210,6 +257,7 @@ def build_engine(config: EngineConfig) -> EngineBase:
     through that code (``RemoteEngine``); otherwise the native model is built, and a checkpoint of
     an unknown family is an error that says so.
     """
+    apply_threads(config.threads)  # here: the process that runs the model (a Ray replica too)
     path = config.model_path
     if config.cuda_graphs and not config.resolved_device().startswith("cuda"):
         raise ValueError(f"--cuda-graphs needs a CUDA device, not {config.resolved_device()!r}")

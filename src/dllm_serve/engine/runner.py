@@ -26,8 +26,11 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.engine import denoise
+from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
-from dllm_serve.engine.kv_cache import KVPool
+from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
+from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
@@ -77,57 +80,67 @@ class Runner:
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.max_len = min(config.max_model_len or self.model.max_length, self.model.max_length)
-        self._pool: KVPool | None = None
-        # Static-shape replay of cached block steps (CUDA graphs); created with the pool.
+        # The KV cache, sized by the memory budget and allocated now (start-up fails with the
+        # numbers if one sequence of max_len tokens cannot fit).
+        m = self.model
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        self.pool = KVPool(
+            m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
+        )
+        log.info(
+            "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
+            self.pool.capacity,
+            self.pool.bytes_per_token,
+            human_bytes(self.pool.capacity * self.pool.bytes_per_token),
+            self.kv_plan.source,
+            self.pool.capacity // extent_tokens(self.max_len),
+            self.max_len,
+        )
+        # Static-shape replay of cached block steps (CUDA graphs).
         self.graphs: BlockStepGraphs | None = None
+        if config.cuda_graphs:
+            self.graphs = BlockStepGraphs(m, self.pool, max_batch=config.max_batch_size, capture=True)
         self.forward_observers: list[Callable[[ForwardShape], None]] = []  # e.g. bench engine's cost
 
     # -- admission ----------------------------------------------------------------------------
 
-    @property
-    def pool(self) -> KVPool:
-        if self._pool is None:
-            m = self.model
-            self._pool = KVPool(
-                m.num_layers,
-                self.config.max_batch_size,
-                m.num_kv_heads,
-                self.max_len,
-                m.head_dim,
-                self.dtype,
-                self.device,
-            )
-            if self.config.cuda_graphs:
-                self.graphs = BlockStepGraphs(self.model, self._pool, capture=True)
-        return self._pool
-
     def can_admit(self, request: GenerationRequest) -> bool:
-        return request.params.cache == "none" or self.pool.free_slots > 0
+        """Whether the request's KV memory (its prompt + canvas) is free now."""
+        tokens = len(request.prompt_ids) + request.params.gen_length
+        return request.params.cache == "none" or self.pool.fits(tokens)
 
-    def new_sequence(self, request: GenerationRequest) -> Sequence:
-        """Canvas, generator and cache slot for a request; ValueError if it cannot fit."""
-        params = request.params
-        total = len(request.prompt_ids) + params.gen_length
+    def check(self, request: GenerationRequest) -> None:
+        """ValueError if the request can never run. Anything up to max_len fits the empty KV
+        cache (start-up checked that), so a valid request waits at most for memory to free."""
+        total = len(request.prompt_ids) + request.params.gen_length
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({params.gen_length}) tokens exceed "
+                f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
                 f"the model's {self.max_len}"
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
+
+    def new_sequence(self, request: GenerationRequest) -> Sequence:
+        """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
+        self.check(request)
+        params = request.params
+        total = len(request.prompt_ids) + params.gen_length
         mask = self.roles.mask_token_id
         canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
+        if request.denoise:
+            seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
-            seq.slot = self.pool.allocate()
+            seq.kv = self.pool.allocate(total)
         return seq
 
     def release(self, seq: Sequence) -> None:
-        if seq.slot is not None:
-            self.pool.release(seq.slot)
-            seq.slot = None
+        if seq.kv is not None:
+            self.pool.release(seq.kv)
+            seq.kv = None
 
     # -- one iteration ------------------------------------------------------------------------
 
@@ -143,7 +156,7 @@ class Runner:
             groups.setdefault((seq.params.cache != "none", plan.refresh), []).append(_Row(seq, plan, q_start))
         forwards = refresh = committed = 0
         for (_, is_refresh), rows in groups.items():
-            rows.sort(key=lambda r: r.seq.slot or 0)  # consecutive slots read the cache without a copy
+            rows.sort(key=lambda r: r.seq.kv.start if r.seq.kv else 0)  # adjacent extents: a view, no copy
             for done_rows, n_committed in self._run_isolated(rows):
                 forwards += done_rows
                 refresh += done_rows if is_refresh else 0
@@ -172,16 +185,17 @@ class Runner:
         block = upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
-        tokens, commit = self._decide(rows, logits, candidates, masked)
+        tokens, commit, conf = self._decide(rows, logits, candidates, masked)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
+        provisional = denoise.read_back([r.seq for r in rows], tokens, conf)  # {} unless a row traces
         committed = 0
-        for row, out in zip(rows, host, strict=True):
+        for i, (row, out) in enumerate(zip(rows, host, strict=True)):
             if out[-1]:
                 self._fail(row.seq, "numerical error: the model produced NaN or infinite logits")
             else:
-                committed += self._apply(row, out[:-2], int(out[-2]))
+                committed += self._apply(row, out[:-2], int(out[-2]), provisional.get(i))
         return committed
 
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
@@ -218,26 +232,28 @@ class Runner:
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
         positions = starts[:, None] + torch.arange(q_len)
         index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
-        sink = self.pool.sink if cached else 0
-        write = torch.where(valid_q, positions, sink)  # padding queries write to the pool's sink
+        if cached:  # each query's arena token; padding queries write to the arena's sink
+            write = write_index([r.seq.kv for r in rows], positions, self.pool.sink, valid_q)
+        else:
+            write = positions
         # One upload: token ids, positions, key limits, cache write positions, logits index.
         packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
         # Cached forwards attend to a key length rounded up to a bucket (masked beyond each
         # row's limit), so eager and graph-replayed steps have the same shapes.
-        key_len = key_bucket(max_limit, self.pool.max_len) if cached else q_len
+        key_len = key_bucket(max_limit, self.max_len) if cached else q_len
         mask = torch.arange(key_len, device=dev)[None, None, :] < limits[:, :, None]
         for observe in self.forward_observers:
             observe(ForwardShape(n, q_len, key_len, width))
         if not cached:
             hidden = self.model.hidden_states(ids, positions, mask, None, index)
         else:
-            slots = [r.seq.slot for r in rows]
+            extents = [r.seq.kv for r in rows]
             hidden = None
             if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
-                hidden = self.graphs.hidden_states(ids, positions, mask, write, slots, index)
+                hidden = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
             if hidden is None:
-                kv = self.pool.view(slots, write, key_len)
+                kv = self.pool.view(extents, write, key_len)
                 hidden = self.model.hidden_states(ids, positions, mask, kv, index)
         logits = self.model.logits(hidden).float()
         if cfg_rows:
@@ -260,8 +276,9 @@ class Runner:
 
     def _decide(
         self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen tokens and the commit mask for each row, each with its own parameters.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
+        parameters.
 
         ``masked`` is each row's count of masked block positions, known on the host. Every branch
         here is decided from host values, so nothing waits for the device. ``logits`` (the step's
@@ -297,7 +314,7 @@ class Runner:
                 random_conf[i] = draws[offset : offset + bl]
 
         # Tokens are chosen; from here on logits only rank confidence.
-        conf_logits = self._forbid(logits, [p.confidence_eos_eot_inf for p in params], self.eot_id)
+        conf_logits = self._forbid_in_confidence(logits, params)
         measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
         conf = confidence(conf_logits.softmax(-1), tokens, measure)
         for i, draws in random_conf.items():
@@ -313,7 +330,7 @@ class Runner:
             per_row([p.factor for p in params]),
             per_row([p.low_threshold for p in params]),
         )
-        return tokens, commit
+        return tokens, commit, conf
 
     def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
         """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
@@ -321,6 +338,21 @@ class Runner:
             flagged = upload(rows, logits.device, torch.bool)[:, None]
             logits[..., token].masked_fill_(flagged, float("-inf"))
         return logits
+
+    def _forbid_in_confidence(self, logits: torch.Tensor, params: list[DecodeParams]) -> torch.Tensor:
+        """``confidence_eos_eot_inf`` with the effect of ML-GSAI's published ``generate``.
+
+        There one chained assignment sets EOS to -inf in the noisy logits and EOT in the raw
+        logits, after the tokens are chosen; the confidence is the softmax of the raw logits. At
+        temperature 0 the noisy logits are the raw logits (the same tensor), so both EOS and EOT
+        leave the confidence; at temperature > 0 the noisy tensor is a float64 copy that nothing
+        reads afterwards, so only EOT does. Either way a position whose chosen token is banned
+        gets confidence 0, and the others are renormalised without the banned tokens.
+        """
+        flags = [p.confidence_eos_eot_inf for p in params]
+        logits = self._forbid(logits, flags, self.eot_id)
+        at_zero = [f and p.temperature == 0 for f, p in zip(flags, params, strict=True)]
+        return self._forbid(logits, at_zero, self.roles.eos_token_id)
 
     def _apply_credit(
         self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
@@ -354,9 +386,14 @@ class Runner:
 
     # -- state updates ------------------------------------------------------------------------
 
-    def _apply(self, row: _Row, block: torch.Tensor, n_committed: int) -> int:
+    def _apply(
+        self, row: _Row, block: torch.Tensor, n_committed: int, provisional: torch.Tensor | None = None
+    ) -> int:
         """Write the row's new block (host tensor), advance, emit the grown prefix. Returns commits."""
         seq = row.seq
+        if seq.trace is not None and provisional is not None:
+            step = seq.trace.observe(seq, block, provisional, row.plan.refresh)
+            seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1

@@ -1,8 +1,8 @@
 """Continuous batching: requests join the running batch between iterations and leave at once.
 
 Each iteration: apply aborts, admit waiting requests while there is room (batch size, token
-budget, KV slots), run one runner step, deliver events, retire finished sequences and free their
-cache slots. Only ``submit``/``abort``/``counts``/``wake`` are called from other threads.
+budget, KV memory), run one runner step, deliver events, retire finished sequences and free their
+KV extents. Only ``submit``/``abort``/``counts``/``wake`` are called from other threads.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dllm_serve.config import EngineConfig
+from dllm_serve.engine import faults
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.sequence import GenerationRequest, Sequence, SequenceEvent
 
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[SequenceEvent], None]
+
+
+LOOP_ERROR = "internal error in the engine loop"
 
 
 class QueueFullError(RuntimeError):
@@ -44,6 +48,7 @@ class Scheduler:
         self._aborts: set[str] = set()
         self._running: list[Sequence] = []
         self._sinks: dict[str, EventSink] = {}
+        self._faults = faults.enabled()
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -93,6 +98,7 @@ class Scheduler:
         self._admit()
         if not self._running:
             return None
+        faults.hit(self._faults, "engine-step")
         info = self.runner.step(self._running)
         for seq in self._running:
             self._deliver(seq)
@@ -112,24 +118,58 @@ class Scheduler:
                 self._work.wait(max(0.0, deadline - time.monotonic()))
 
     def _admit(self) -> None:
+        """FIFO admission: the head of the queue is admitted once its KV memory (and the running
+        batch's token budget) is free; nothing behind it overtakes it, so no request starves
+        behind smaller ones, and the running batch drains towards it."""
         budget = self.config.max_num_tokens - sum(s.length for s in self._running)
         while len(self._running) < self.config.max_batch_size:
             with self._lock:
                 if not self._waiting:
                     return
                 head = self._waiting[0]
-                need = len(head.request.prompt_ids) + head.request.params.gen_length
-                if (self._running and need > budget) or not self.runner.can_admit(head.request):
-                    return
+                try:
+                    self.runner.check(head.request)
+                    need = len(head.request.prompt_ids) + head.request.params.gen_length
+                    if (self._running and need > budget) or not self.runner.can_admit(head.request):
+                        return
+                    error = None
+                except ValueError as exc:
+                    error = str(exc)
                 self._waiting.popleft()
+            if error is not None:
+                self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=error))
+                continue
             try:
                 seq = self.runner.new_sequence(head.request)
-            except ValueError as exc:
-                self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=str(exc)))
-                continue
+            except Exception:  # not the request's fault: fail it, and let the loop count the failure
+                self._send(head.sink, SequenceEvent(head.request.request_id, [], "error", error=LOOP_ERROR))
+                raise
             budget -= seq.length
             self._sinks[seq.request.request_id] = head.sink
             self._running.append(seq)
+
+    def fail_running(self, message: str) -> None:
+        """After an engine-loop failure outside any one request: end every running sequence with
+        an error (their state may be half-updated) and free their KV memory."""
+        for seq in self._running:
+            if not seq.finished:
+                seq.error = message
+                seq.finish_reason = "error"
+                seq.push(
+                    SequenceEvent(
+                        seq.request.request_id, [], "error", error=message, prompt_tokens=seq.prompt_len
+                    )
+                )
+            self._deliver(seq)
+        self._retire()
+
+    def fail_all(self, message: str) -> None:
+        """The engine has stopped for good: fail running and waiting requests alike."""
+        self.fail_running(message)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for w in waiting:
+            self._send(w.sink, SequenceEvent(w.request.request_id, [], "error", error=message))
 
     def _apply_aborts(self) -> None:
         with self._lock:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
+from dllm_serve.engine.kv_cache import Extent
 
 
 @dataclass
@@ -23,6 +25,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: DecodeParams
     max_new_tokens: int
+    denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
 
 
 @dataclass
@@ -33,7 +36,8 @@ class SequenceEvent:
     ``finish_reason``: None while running; "stop" (a stop token), "length", "abort" (cancelled) or
     "error" (``error`` says what, without internals). ``stopped_on_token`` is True when a stop
     token ended it (usage counts it). ``forwards`` (model forwards the sequence took) is set on the
-    final event only.
+    final event only. ``denoise`` (requests that asked for it) is one step's provisional state;
+    such an event comes before that step's token event.
     """
 
     request_id: str
@@ -43,6 +47,7 @@ class SequenceEvent:
     error: str | None = None
     forwards: int = 0
     prompt_tokens: int = 0
+    denoise: DenoiseStep | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,7 +85,7 @@ class Sequence:
     emitted: int = 0  # generated tokens already sent
     forwards: int = 0
     refresh_forwards: int = 0
-    slot: int | None = None  # KV-cache slot, when the policy caches
+    kv: Extent | None = None  # the sequence's KV-cache extent, when the policy caches
     finish_reason: str | None = None
     pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False
@@ -88,6 +93,7 @@ class Sequence:
     error: str | None = None
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property
@@ -117,16 +123,18 @@ class Sequence:
     def masked_in_block(self) -> torch.Tensor:
         return self.canvas[self.block_start : self.block_end] == self.mask_id
 
-    def steps_left_in_block(self) -> int:
-        return max(1, self.params.steps_per_block - self.step_in_block)
-
     def floor_commits(self, masked: int) -> int:
-        """Commits this step must make at least: the linear schedule over the remaining steps.
+        """Commits this step must make at least.
 
-        With no extra commits this reproduces LLaDA's split exactly (the remainder goes to the
-        first steps); with threshold-style extras it keeps the per-block step cap.
+        Under a step budget (the schedule rule's steps, or ``max_steps_per_block``): the linear
+        schedule over the steps left, which reproduces LLaDA's split exactly (the remainder goes to
+        the first steps) and keeps a threshold-style rule within the budget. Without one: the most
+        confident position only, as Fast-dLLM's and dInfer's threshold decoders commit.
         """
-        return min(masked, math.ceil(masked / self.steps_left_in_block()))
+        budget = self.params.step_budget
+        if budget is None:
+            return min(masked, 1)
+        return min(masked, math.ceil(masked / max(1, budget - self.step_in_block)))
 
     def plan(self) -> ForwardPlan:
         """Which span to forward this iteration under the sequence's cache policy."""

@@ -1,15 +1,42 @@
-"""The checkpoint's own tokenizer and chat template, and the stop tokens derived from them."""
+"""The checkpoint's own tokenizer and chat template, and the stop tokens derived from them.
+
+Message content is plain text by default: a special-token string a user types into a message
+(``<|eot_id|><|start_header_id|>system...``) is tokenized as the characters it is, never as the
+control token, so nobody can forge turns. Only the chat template's own markup yields control
+tokens. (``plain_content=False`` restores the old behaviour for trusted callers.)
+"""
 
 from __future__ import annotations
 
+import functools
+import re
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 # Names of end-of-turn tokens used by the families we serve (LLaDA/Llama-3, Qwen).
 END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>")
+
+
+@dataclass
+class RenderedChat:
+    """A chat template's output in which each special-token string that came from message content
+    is replaced by a marker; ``literals`` maps each marker back to its text (tokenized as text)."""
+
+    text: str
+    literals: dict[str, str]
+    marker: re.Pattern[str] | None
+
+    def plain(self) -> str:
+        """The text exactly as the template rendered it."""
+        if self.marker is None:
+            return self.text
+        return self.marker.sub(lambda m: self.literals[m.group(0)], self.text)
 
 
 class ChatTokenizer:
@@ -36,12 +63,77 @@ class ChatTokenizer:
         """Tokens of raw text; no special tokens are added (prompts carry their own)."""
         return self.hf.encode(text, add_special_tokens=False)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of the conversation with the generation prompt appended."""
+    def encode_plain(self, text: str) -> list[int]:
+        """Tokens of text in which special-token strings are ordinary characters."""
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    @functools.cached_property
+    def _special_strings(self) -> re.Pattern[str] | None:
+        specials = sorted(
+            {t.content for t in self.hf.added_tokens_decoder.values() if t.special and t.content},
+            key=len,
+            reverse=True,
+        )
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def render_chat_text(self, messages: list[dict[str, Any]], plain_content: bool = True) -> RenderedChat:
+        """The conversation through the chat template, generation prompt appended, not yet tokenized."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        literals: dict[str, str] = {}
+        marker = None
+        if plain_content and self._special_strings is not None:
+            nonce = secrets.token_hex(8)  # content cannot contain a marker it cannot guess
+            marker = re.compile(f"\ue000{nonce}\\d+\ue001")
+
+            def mark(m: re.Match[str]) -> str:
+                key = f"\ue000{nonce}{len(literals)}\ue001"
+                literals[key] = m.group(0)
+                return key
+
+            messages = [{**m, "content": self._special_strings.sub(mark, m["content"])} for m in messages]
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        return RenderedChat(text, literals, marker if literals else None)
+
+    def encode_chat(self, rendered: RenderedChat) -> list[int]:
+        """Tokens of a rendered chat: the template's markup may be special, the content's literals not."""
+        if rendered.marker is None:
+            return self.encode(rendered.text)
+        ids: list[int] = []
+        start = 0
+        for m in rendered.marker.finditer(rendered.text):
+            ids += self.encode(rendered.text[start : m.start()])
+            ids += self.encode_plain(rendered.literals[m.group(0)])
+            start = m.end()
+        return ids + self.encode(rendered.text[start:])
+
+    def render_chat(self, messages: list[dict[str, Any]], plain_content: bool = True) -> list[int]:
+        """Token ids of the conversation with the generation prompt appended."""
+        return self.encode_chat(self.render_chat_text(messages, plain_content))
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """No token covers more characters than this (None: no such bound is known).
+
+        For BPE each token is a vocabulary entry, whose string is at least as long as the text it
+        covers (byte-level entries have one character per byte). A BPE that fuses unknown
+        characters into one token, and other models (WordPiece's [UNK] covers a whole word), have
+        no bound.
+        """
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        model = getattr(backend, "model", None)
+        if not isinstance(model, BPE) or (model.unk_token is not None and model.fuse_unk):
+            return None
+        return max(len(t) for t in self.hf.get_vocab())
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the number of tokens ``text`` encodes to, found without tokenizing it."""
+        limit = self.max_chars_per_token
+        if limit is None:
+            return 0
+        normalizer = self.hf.backend_tokenizer.normalizer
+        chars = len(normalizer.normalize_str(text)) if normalizer is not None else len(text)
+        return -(-chars // limit)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -43,6 +43,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--no-chat-template", action="store_true", help="send chat messages as raw text")
     s.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open")
+    s.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=ServerConfig.max_request_bytes,
+        help="larger request bodies get HTTP 413 before they are parsed (2097152 = 2 MiB; docs/serving.md)",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=ServerConfig.drain_timeout,
+        help="on SIGTERM, seconds running requests may take before they are ended",
+    )
+    s.add_argument(
+        "--allow-special-tokens-in-content",
+        action="store_true",
+        help="trusted callers only: special-token strings in chat messages act as control tokens",
+    )
+    s.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated browser origins allowed by CORS (empty: none)",
+    )
     s.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     r = p.add_argument_group("scale-out (Ray Serve)")
     r.add_argument(
@@ -51,6 +73,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--replicas", type=int, default=1, help="N > 1: N replicas under Ray Serve")
     r.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.set_defaults(func=run_serve)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -71,6 +100,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         request_timeout=args.request_timeout,
         timeout_keep_alive=args.timeout_keep_alive,
         verbose=bool(getattr(args, "verbose", False)),
+        max_request_bytes=args.max_request_bytes,
+        drain_timeout=args.drain_timeout,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
         gpus=args.gpus,
         replicas=args.replicas,
         ray_address=args.ray_address,
@@ -100,17 +133,22 @@ def serve_single(config: ServerConfig) -> int:
     import uvicorn
 
     from dllm_serve.server.app import create_app
+    from dllm_serve.server.middleware import log_request_ids
+    from dllm_serve.server.shutdown import GRACEFUL_EXIT_S, DrainingServer
 
+    log_request_ids()
     app = create_app(config)
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             timeout_keep_alive=config.timeout_keep_alive,
+            timeout_graceful_shutdown=GRACEFUL_EXIT_S,
             log_level="debug" if config.verbose else "info",
             access_log=config.verbose,
-        )
+        ),
+        app.state.server,
     )
 
     def stop(_: BaseException) -> None:

@@ -63,6 +63,13 @@ class ServerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.kv_capacity = Gauge(f"{PREFIX}_kv_cache_capacity_bytes", "KV-cache arena size.", registry=r)
+        self.kv_used = Gauge(
+            f"{PREFIX}_kv_cache_used_bytes", "KV-cache bytes held by running sequences.", registry=r
+        )
+        self.kv_peak = Gauge(
+            f"{PREFIX}_kv_cache_peak_used_bytes", "Most KV-cache bytes held at once so far.", registry=r
+        )
         self.http_errors = Counter(
             f"{PREFIX}_request_errors", "Requests answered with an error, by status.", ["status"], registry=r
         )
@@ -86,4 +93,7 @@ class ServerMetrics:
             stats = engine.stats()
             self.waiting.set(stats.waiting)
             self.running.set(stats.running)
+            self.kv_capacity.set(stats.kv_capacity_tokens * stats.kv_bytes_per_token)
+            self.kv_used.set(stats.kv_used_tokens * stats.kv_bytes_per_token)
+            self.kv_peak.set(stats.kv_peak_used_tokens * stats.kv_bytes_per_token)
         return generate_latest(self.registry)

@@ -37,6 +37,7 @@ from dllm_serve.protocol import (
     usage_dict,
 )
 from dllm_serve.server.auth import require_api_key
+from dllm_serve.server.denoise_stream import DenoiseView
 from dllm_serve.server.errors import (
     SERVER_ERROR,
     APIError,
@@ -45,6 +46,7 @@ from dllm_serve.server.errors import (
     internal_error,
 )
 from dllm_serve.server.metrics import CONTENT_TYPE
+from dllm_serve.server.prompts import check_fits
 from dllm_serve.server.streaming import (
     SSE_DONE,
     ChoiceOutcome,
@@ -57,6 +59,8 @@ from dllm_serve.server.streaming import (
 )
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"  # a full queue drains quickly: one engine iteration frees slots
 
 router = APIRouter()
 api = APIRouter(dependencies=[Depends(require_api_key)])
@@ -108,7 +112,10 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     engine = state.engine
-    body: dict[str, Any] = {"status": state.status, "model": state.model_id}
+    status = "failed" if state.engine_failure else state.status
+    body: dict[str, Any] = {"status": status, "model": state.model_id}
+    if state.engine_failure:
+        body["reason"] = state.engine_failure
     if engine is not None:
         stats = engine.stats()
         body.update(
@@ -118,8 +125,14 @@ async def health(request: Request) -> JSONResponse:
             waiting=stats.waiting,
             running=stats.running,
             finished=stats.finished,
+            kv_cache={
+                "bytes_per_token": stats.kv_bytes_per_token,
+                "capacity_tokens": stats.kv_capacity_tokens,
+                "used_tokens": stats.kv_used_tokens,
+                "peak_used_tokens": stats.kv_peak_used_tokens,
+            },
         )
-    return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/metrics")
@@ -132,11 +145,16 @@ async def metrics(request: Request) -> Response:
 
 
 async def _parse(request: Request, model: type) -> Any:
-    raw = await request.body()
+    return await _state(request).offload(_decode, await request.body(), model)
+
+
+def _decode(raw: bytes, model: type) -> Any:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     try:
@@ -145,6 +163,8 @@ async def _parse(request: Request, model: type) -> Any:
         raise bad_request(str(exc), exc.param, "unsupported_parameter") from None
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", code="invalid_json") from None
 
 
 def _model_not_found(name: str) -> APIError:
@@ -160,6 +180,7 @@ class _Prepared:
     requests: list[GenerationRequest]
     algorithm: str
     stop: list[str]
+    denoise: bool = False  # stream_mode "denoise": each engine step is streamed too
 
 
 def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: str) -> _Prepared:
@@ -190,6 +211,11 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
                 "max_tokens",
                 "context_length_exceeded",
             )
+    denoise = req.stream_mode == "denoise"
+    if denoise and not engine.traces_denoise:
+        raise bad_request(
+            "stream_mode 'denoise' needs the native engine (not --trust-remote-code).", "stream_mode"
+        )
     request_id = new_id(prefix)
     requests = []
     for p, ids in enumerate(prompts):
@@ -198,10 +224,14 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
             seed = req.seed + k if req.seed is not None else secrets.randbits(31)
             requests.append(
                 GenerationRequest(
-                    f"{request_id}-{k}", list(ids), dataclasses.replace(params, seed=seed), max_tokens
+                    f"{request_id}-{k}",
+                    list(ids),
+                    dataclasses.replace(params, seed=seed),
+                    max_tokens,
+                    denoise=denoise,
                 )
             )
-    return _Prepared(request_id, prompts, requests, params.algorithm, req.stop)
+    return _Prepared(request_id, prompts, requests, params.algorithm, req.stop, denoise)
 
 
 def _submit(state, prepared: _Prepared) -> list[EngineStream]:
@@ -223,6 +253,7 @@ def _submit(state, prepared: _Prepared) -> list[EngineStream]:
             f"The server's queue is full ({state.config.engine.max_queue} waiting requests); retry later.",
             type="rate_limit_error",
             code="rate_limit_exceeded",
+            headers={"Retry-After": RETRY_AFTER_S},
         ) from None
     return streams
 
@@ -265,12 +296,14 @@ class _Run:
         timeout = self.state.config.request_timeout
         return None if not timeout else self.arrived + timeout
 
-    def choice_tasks(self, emit=None) -> list[asyncio.Task[ChoiceOutcome]]:
+    def choice_tasks(self, emit=None, on_denoise=None) -> list[asyncio.Task[ChoiceOutcome]]:
         self.streams = _submit(self.state, self.prepared)
         self.state.metrics.prompt_tokens.inc(sum(len(p) for p in self.prepared.prompts))
         return [
             asyncio.create_task(
-                run_choice(i, s, ChoiceText(self.tokenizer, self.prepared.stop), emit, self.on_tokens)
+                run_choice(
+                    i, s, ChoiceText(self.tokenizer, self.prepared.stop), emit, self.on_tokens, on_denoise
+                )
             )
             for i, s in enumerate(self.streams)
         ]
@@ -344,12 +377,17 @@ async def _complete(request: Request, run: _Run) -> list[ChoiceOutcome]:
 def _check_ready_and_tokenize_chat(state, req: ChatCompletionRequest) -> list[int]:
     tok = state.engine.loaded.tokenizer
     messages = [m.template_dict() for m in req.messages]
+    plain = not state.config.allow_special_tokens_in_content
     if state.config.use_chat_template and tok.has_chat_template:
         try:
-            return tok.render_chat(messages)
+            rendered = tok.render_chat_text(messages, plain)
         except Exception:  # a template that rejects this conversation (e.g. role order)
             raise bad_request("The chat template cannot render these messages.", "messages") from None
-    return tok.encode("\n".join(m["content"] for m in messages))
+        check_fits(state, tok.min_tokens(rendered.plain()), req, "messages")
+        return tok.encode_chat(rendered)
+    text = "\n".join(m["content"] for m in messages)
+    check_fits(state, tok.min_tokens(text), req, "messages")
+    return tok.encode_plain(text) if plain else tok.encode(text)
 
 
 @api.post("/v1/chat/completions")
@@ -357,7 +395,7 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, ChatCompletionRequest)
-    prompt = _check_ready_and_tokenize_chat(state, req)
+    prompt = await state.offload(_check_ready_and_tokenize_chat, state, req)
     prepared = _prepare(state, req, [prompt], "messages", "chatcmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
@@ -373,7 +411,7 @@ async def chat_completions(request: Request) -> Response:
             "choices": [
                 {
                     "index": o.index,
-                    "message": {"role": "assistant", "content": o.text},
+                    "message": {"role": "assistant", "content": o.text, "refusal": None, "annotations": []},
                     "logprobs": None,
                     "finish_reason": o.finish_reason,
                 }
@@ -385,12 +423,13 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-def _encode_prompts(state, prompts: list[str | list[int]]) -> list[list[int]]:
+def _encode_prompts(state, req: CompletionRequest) -> list[list[int]]:
     tok = state.engine.loaded.tokenizer
     vocab = len(tok.hf)
     out = []
-    for p in prompts:
+    for p in req.prompt:
         if isinstance(p, str):
+            check_fits(state, tok.min_tokens(p), req, "prompt")
             ids = tok.encode(p)
             if not ids:
                 raise bad_request("The prompt must not be empty.", "prompt")
@@ -407,7 +446,7 @@ async def completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, CompletionRequest)
-    prompts = _encode_prompts(state, req.prompt)
+    prompts = await state.offload(_encode_prompts, state, req)
     prepared = _prepare(state, req, prompts, "prompt", "cmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
@@ -435,8 +474,12 @@ async def completions(request: Request) -> Response:
 
 def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> EventStreamResponse:
     """Submit first (a full queue is still a real 429), then stream."""
-    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
-    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)))
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]] = asyncio.Queue()
+    on_denoise = None
+    if run.prepared.denoise:  # each engine step's JSON goes to the same queue as the text
+        view = DenoiseView(run.tokenizer)
+        on_denoise = view.sender(queue.put_nowait)
+    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)), on_denoise)
     for i, task in enumerate(tasks):  # (i, None) marks the end of choice i, after all its deltas
         task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
     return EventStreamResponse(
@@ -447,7 +490,7 @@ def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> Event
 def _chat_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if first:
-        delta = {"role": "assistant", "content": ""}
+        delta = {"role": "assistant", "content": "", "refusal": None}
     elif text is not None:
         delta = {"content": text}
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -460,12 +503,13 @@ def _text_delta(index: int, text: str | None, finish: str | None, first: bool = 
 async def _stream(
     run: _Run,
     tasks: list[asyncio.Task[ChoiceOutcome]],
-    queue: asyncio.Queue[tuple[int, str | None]],
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]],
     kind: str,
     include_usage: bool,
     choice,
 ) -> AsyncIterator[bytes]:
-    """SSE: a first chunk per choice (the role, for chat), deltas as text commits, a final chunk per
+    """SSE: a first chunk per choice (the role, for chat), deltas as text commits (and, in stream_mode
+    denoise, a chunk with an empty delta and a ``denoise`` field per engine step), a final chunk per
     choice with its finish_reason, the usage chunk when asked, then [DONE]."""
     prepared = run.prepared
     created = now()
@@ -504,6 +548,9 @@ async def _stream(
                 run.end_reason = "timeout"
                 out.append(sse(_timeout_error(run.state.config.request_timeout).body()))
                 break
+            if isinstance(text, dict):
+                out.append(chunk([{**choice(index, None, None), "denoise": text}]))
+                continue
             if text is not None:
                 out.append(chunk([choice(index, text, None)]))
                 continue

@@ -24,6 +24,7 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from dllm_serve.engine.denoise import DenoiseStep
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 
 REPLACEMENT = "\ufffd"
@@ -224,8 +225,10 @@ async def run_choice(
     text: ChoiceText,
     emit: Callable[[int, str], None] | None = None,
     on_tokens: Callable[[], None] | None = None,
+    on_denoise: Callable[[int, DenoiseStep], None] | None = None,
 ) -> ChoiceOutcome:
-    """Consume one engine request to its end; ``emit(index, delta)`` gets text as it becomes final.
+    """Consume one engine request to its end; ``emit(index, delta)`` gets text as it becomes final,
+    ``on_denoise(index, step)`` each engine step of a request that traces them.
 
     Leaving early (cancelled, stop string) aborts the engine request.
     """
@@ -242,6 +245,8 @@ async def run_choice(
 
     try:
         async for event in stream.events():
+            if event.denoise is not None and on_denoise is not None:
+                on_denoise(index, event.denoise)
             if event.token_ids and on_tokens is not None:
                 on_tokens()
             forwards = max(forwards, event.forwards)
