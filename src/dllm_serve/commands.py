@@ -6,9 +6,11 @@ They drive the same engine as the server, on the caller's thread (Engine.run_to_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from dllm_serve.config import add_engine_arguments, engine_config_from_args
@@ -98,6 +100,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from dllm_serve.engine.engine import build_engine
     from dllm_serve.engine.sequence import GenerationRequest
 
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; pass the text to complete, e.g. dllm-serve generate 'Hello'")
     engine = build_engine(engine_config_from_args(args))
     tok = engine.loaded.tokenizer
     if args.no_chat_template or not tok.has_chat_template:
@@ -149,7 +153,8 @@ def evaluate(
         for i, ex in enumerate(examples)
     ]
     start = time.perf_counter()
-    results = engine.run_to_completion(requests)
+    with _progress(engine, len(requests)):
+        results = engine.run_to_completion(requests)
     wall = time.perf_counter() - start
     by_task: dict[str, list[bool]] = {}
     generated = forwards = 0
@@ -174,6 +179,26 @@ def evaluate(
         "wall_s": round(wall, 3),
         "tokens_per_s": round(generated / wall, 2),
     }
+
+
+@contextlib.contextmanager
+def _progress(engine, total: int) -> Iterator[None]:
+    """A bar of finished prompts on stderr when it is a terminal (logs and pipes stay clean)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="prompt", desc="eval", file=sys.stderr) as bar:
+
+        def observe(info) -> None:
+            bar.update(info.finished)
+
+        engine.step_observers.append(observe)
+        try:
+            yield
+        finally:
+            engine.step_observers.remove(observe)
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -35,11 +35,22 @@ class EngineConfig:
     threads: int | None = None  # torch CPU threads; None: dllm_serve.threads.default_threads
 
     def resolved_device(self) -> str:
+        """The torch device to load on; an explicit CUDA device torch cannot use is a clear error."""
         import torch
 
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = self.device.partition(":")[2]
+            if count == 0 or (index.isdigit() and int(index) >= count):
+                why = (
+                    f"torch {torch.__version__} is a CPU-only build"
+                    if torch.version.cuda is None
+                    else f"torch sees {count} GPU(s)"
+                )
+                raise ValueError(f"--device {self.device} is not available: {why}; use --device cpu")
+        return self.device
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -75,17 +86,27 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--model-path",
         default=str(DEFAULT_MODEL),
-        help="checkpoint directory or hub id in the local HF cache (default: bundled tiny-llada)",
+        help="checkpoint directory or hub id in the local HF cache",
     )
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--engine", default="auto", choices=["auto", "fast-dllm", "dinfer", "nemotron"])
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "fast-dllm", "dinfer", "nemotron"],
+        help="engine whose default preset is used (auto: by model family)",
+    )
     g.add_argument(
         "--algorithm",
         "--generation-algorithm",
         dest="algorithm",
         default=None,
-        help="default decoding preset (see `dllm-serve models --algorithms`)",
+        help="default decoding preset (None: the engine's; `dllm-serve models --model-path M` lists them)",
     )
     g.add_argument(
         "--load-format",
@@ -93,7 +114,14 @@ def add_engine_arguments(parser) -> None:
         choices=["safetensors", "dummy"],
         help="dummy: random weights from config.json alone (benchmarks of real shapes)",
     )
-    g.add_argument("--max-batch-size", "--batch-size", dest="max_batch_size", type=int, default=32)
+    g.add_argument(
+        "--max-batch-size",
+        "--batch-size",
+        dest="max_batch_size",
+        type=int,
+        default=32,
+        help="sequences decoded together at most",
+    )
     g.add_argument("--max-num-tokens", type=int, default=65536, help="token budget of the running batch")
     g.add_argument(
         "--max-wait-time",
@@ -105,18 +133,18 @@ def add_engine_arguments(parser) -> None:
         "--max-model-len",
         type=int,
         default=None,
-        help="longest prompt + canvas of one request (default: the model's); the KV cache must hold one",
+        help="longest prompt + canvas of one request (None: the model's); the KV cache must hold one",
     )
     g.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="CUDA: fraction of device memory for weights, activations and the KV cache (default 0.9)",
+        help="CUDA: fraction of device memory for weights, activations and the KV cache",
     )
     g.add_argument(
         "--kv-cache-memory",
         default=None,
-        help="KV-cache bytes, e.g. 2GiB (default: measured on CUDA, 2GiB on the CPU; docs/memory.md)",
+        help="KV-cache bytes, e.g. 2GiB (None: measured on CUDA, 2GiB on the CPU; docs/memory.md)",
     )
     g.add_argument(
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
@@ -125,12 +153,12 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--dcp-cache-dir",
         default=None,
-        help="cache of converted DCP checkpoints (default: $DLLM_SERVE_CACHE or ~/.cache/dllm-serve/dcp)",
+        help="cache of converted DCP checkpoints (None: $DLLM_SERVE_CACHE or ~/.cache/dllm-serve/dcp)",
     )
     g.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="allow a checkpoint's own modeling code (off by default)",
+        help="allow a checkpoint's own modeling code",
     )
     g.add_argument(
         "--cuda-graphs",
@@ -141,7 +169,7 @@ def add_engine_arguments(parser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads in each model process (default: $OMP_NUM_THREADS if set, else the "
+        help="torch CPU threads in each model process (None: $OMP_NUM_THREADS if set, else the "
         "cores this process may use divided among the replicas on this machine)",
     )
 

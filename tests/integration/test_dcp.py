@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -333,11 +334,16 @@ def test_serve_from_dcp_path(server_factory, nemo_step: Path, trained: Path, tmp
     first.wait_ready()
     assert complete(first) == want
     first.stop()
-    assert "dllm_serve.checkpoints.dcp: converting" in first.log()
+    assert _converted(first.log())
     second = server_factory(*flags)
     assert complete(second) == want
     assert "reusing cached conversion at" in second.log()
-    assert "dllm_serve.checkpoints.dcp: converting" not in second.log()
+    assert not _converted(second.log())
+
+
+def _converted(log: str) -> bool:
+    """The converter's own log line (the server's format adds a request-id field after the name)."""
+    return bool(re.search(r"dllm_serve\.checkpoints\.dcp( \[[^]]*\])?: converting ", log))
 
 
 def test_tied_head_repeated_by_training_is_dropped(tmp_path: Path) -> None:
@@ -373,3 +379,117 @@ def test_nemotron_names_are_mapped_the_same_way(tmp_path: Path) -> None:
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
         assert torch.equal(got.model(ids, pos, mask), want.model(ids, pos, mask))
+
+
+# -- damaged checkpoints and cache entries: one-line errors, never served ----------------------
+
+
+def _convert_cli(ckpt: Path, cache: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "dllm_serve.cli", "convert-dcp", str(ckpt), "--base-model", str(TINY_LLADA)]
+    cmd += ["--dcp-cache-dir", str(cache), "--no-progress"]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+
+
+def _one_error_line(stderr: str) -> str:
+    """The CLI's error: exactly one `error:` line and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_zeroed_and_truncated_shards_fail_in_one_line_naming_the_file(
+    nemo_step: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "step_4"
+    shutil.copytree(nemo_step, broken)
+    shard = broken / "policy" / "weights" / "__1_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))  # zeroed at its original size
+    cache = tmp_path / "cache"
+    with pytest.raises(
+        DCPCheckpointError, match=r"__1_0\.distcp is damaged: a stored tensor does not decode"
+    ):
+        ensure_converted(str(broken), str(TINY_LLADA), str(cache), show_progress=False)
+    res = _convert_cli(broken, cache)
+    assert res.returncode == 2 and res.stdout == ""
+    assert "__1_0.distcp is damaged" in _one_error_line(res.stderr)
+
+    with shard.open("r+b") as f:  # truncated: refused from the metadata before any read
+        f.truncate(shard.stat().st_size - 1)
+    res = _convert_cli(broken, cache)
+    assert res.returncode == 2
+    assert "__1_0.distcp is truncated" in _one_error_line(res.stderr)
+    assert _cache_listing(cache) == []
+
+
+def test_tensor_with_nan_or_inf_is_refused(trained_tensors: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    name = "model.transformer.blocks.1.ff_out.weight"
+    for bad in (float("nan"), float("inf")):
+        state = {n: t.clone() for n, t in trained_tensors.items()}
+        state[name][3, 7] = bad
+        ckpt = tmp_path / f"ckpt-{bad}"
+        _save_single(state, ckpt)
+        with pytest.raises(DCPCheckpointError, match=f"tensor {name} in .* holds 1 NaN/Inf value"):
+            ensure_converted(str(ckpt), str(TINY_LLADA), str(tmp_path / "cache"), show_progress=False)
+    assert _cache_listing(tmp_path / "cache") == []
+
+
+def test_cache_entry_that_no_longer_matches_is_converted_again(
+    work: Path, trained_tensors: dict[str, torch.Tensor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dllm_serve.checkpoints.dcp")
+    ckpt = work / "for-cache"
+    _save_single(dict(trained_tensors), ckpt)
+    cache = str(tmp_path / "cache")
+    out = ensure_converted(str(ckpt), str(TINY_LLADA), cache, show_progress=False)
+    recorded = json.loads((out / MARKER).read_text())["files"]
+    weights = out / "model.safetensors"
+    assert set(recorded) == {f.name for f in out.iterdir() if f.name != MARKER}
+    assert recorded["model.safetensors"]["bytes"] == weights.stat().st_size
+
+    def tampered(change) -> list[str]:
+        caplog.clear()
+        change()
+        again = ensure_converted(str(ckpt), str(TINY_LLADA), cache, show_progress=False)
+        assert again == out
+        _assert_same_tensors(load_safetensors(out), trained_tensors)
+        return [r.getMessage() for r in caplog.records]
+
+    def flip_one_byte() -> None:  # same size, different content: only the SHA-256 sees it
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+    said = tampered(flip_one_byte)
+    assert any("no longer matches its record" in m and "SHA-256 differs" in m for m in said), said
+    assert any(m.startswith("converting") for m in said), said
+    said = tampered(lambda: (out / "config.json").write_text("{}"))
+    assert any("config.json is 2 bytes" in m for m in said), said
+    said = tampered(lambda: None)  # intact: reused, not converted
+    assert any(m.startswith("reusing cached conversion at") for m in said), said
+    assert not any(m.startswith("converting") for m in said), said
+    assert _cache_listing(tmp_path / "cache") == [out.name]
+
+
+def test_serve_with_a_zeroed_shard_exits_non_zero_promptly(
+    server_factory, nemo_step: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "step_4"
+    shutil.copytree(nemo_step, broken)
+    shard = broken / "policy" / "weights" / "__0_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    flags = [
+        "--dcp-path",
+        str(broken),
+        "--base-model",
+        str(TINY_LLADA),
+        "--dcp-cache-dir",
+        str(tmp_path / "c"),
+    ]
+    server = server_factory(*flags, "--device", "cpu", wait=False)
+    code = server.proc.wait(timeout=120)
+    log = server.log()
+    assert code != 0, log
+    assert "Traceback" not in log and not re.search(r"serving \S+ on http", log), log
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "__0_0.distcp is damaged" in errors[0], log

@@ -379,5 +379,22 @@ def test_remote_code_served_over_the_api(server_factory, remote_checkpoint, voca
 
 def test_remote_code_server_refuses_without_the_flag(server_factory, remote_checkpoint):
     server = server_factory("--model-path", str(remote_checkpoint), wait=False)
-    assert server.proc.wait(timeout=120) == 1
+    assert server.proc.wait(timeout=120) == 2  # refused by the checks before loading (dllm_serve.preflight)
     assert "pass --trust-remote-code" in server.log()
+
+
+def test_remote_code_that_fails_ends_the_server_with_one_line(server_factory, remote_checkpoint, tmp_path):
+    """The checkpoint's own code raising while the model loads: one line naming the directory, exit 1."""
+    broken = tmp_path / "broken-remote"
+    shutil.copytree(remote_checkpoint, broken)
+    modeling = broken / "modeling_tinydiff.py"
+    modeling.write_text(
+        modeling.read_text() + "\nraise RuntimeError('this revision needs a newer library')\n"
+    )
+    server = server_factory("--model-path", str(broken), "--trust-remote-code", wait=False)
+    assert server.proc.wait(timeout=120) == 1
+    log = server.log()
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, log
+    assert f"the modeling code shipped with {broken} failed to load the model" in errors[0], log
+    assert "needs a newer library" in errors[0] and "Traceback" not in log, log

@@ -1,14 +1,16 @@
 """`dllm-serve serve --replicas 2` under real Ray Serve: two CPU replicas of the bundled tiny-llada.
 
 Concurrent requests (plain and streamed) answer exactly what one request alone answers; /metrics
-covers both replicas; killing one replica's process under load fails at most the requests that were
-on it (with a 5xx), loses none that arrive afterwards, and Ray brings the replica back.
+covers both replicas; killing one replica's process under load loses no request that had not sent a
+token yet (it is retried on the other replica), ends streams that had with an SSE error event in
+OpenAI's shape, loses none that arrive afterwards, and Ray brings the replica back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -21,7 +23,8 @@ import httpx
 import pytest
 
 from dllm_serve.bench.tasks import heldout_examples
-from dllm_serve.cluster.replicas import merge_prometheus
+from dllm_serve.cluster.front import FAILED_MESSAGE, carries_tokens
+from dllm_serve.cluster.replicas import DEPLOYMENT_NAME, merge_prometheus
 from tests.helpers import TINY_LLADA
 from tests.integration.conftest import free_port
 
@@ -56,6 +59,46 @@ def test_single_replica_server_does_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+STREAMS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[0]}]}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": PROMPTS[0]}], "stream_mode": "denoise"},
+    ),
+    ("/v1/completions", {"prompt": PROMPTS[0]}),
+    ("/v1/responses", {"input": PROMPTS[0]}),
+]
+
+
+@pytest.fixture(scope="module")
+def single(server_factory):
+    """A single-process server: what each replica streams to the front."""
+    return server_factory("--device", "cpu")
+
+
+@pytest.mark.parametrize(("path", "fields"), STREAMS)
+def test_front_holds_back_only_what_a_stream_sends_before_its_first_token(single, path, fields):
+    """The front may retry a stream only while it has sent nothing past its preamble: check its
+    classifier against what a real server streams, so a change of the chunk format shows here."""
+    body = {"model": "tiny-llada", "stream": True, "max_tokens": 32, "temperature": 0, **fields}
+    if path == "/v1/responses":
+        body["max_output_tokens"] = body.pop("max_tokens")
+    with httpx.stream("POST", single.base_url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    held = 0
+    while held < len(events) and not carries_tokens(events[held].encode()):
+        held += 1
+    assert held < len(events), events
+    first = json.loads(events[held][6:])
+    text = json.dumps(first)
+    # The first event let through has text, a finish or a denoise step; nothing before it had.
+    assert re.search(r'"denoise"|"(content|text|delta|finish_reason)": "[^"]', text), first
+    assert held <= 4, events[:held]  # only an opening: chat's role chunk, the Responses preamble
+    for line in events[:held]:
+        assert not re.search(r'"denoise"|"(content|text|delta|finish_reason)":"[^"]', line), line
+
+
 def _descendants(root: int) -> dict[int, str]:
     """pid -> command line of every process below ``root``."""
     parents: dict[int, int] = {}
@@ -79,7 +122,12 @@ def _descendants(root: int) -> dict[int, str]:
 
 
 def replica_pids(server_pid: int) -> list[int]:
-    return sorted(p for p, cmd in _descendants(server_pid).items() if cmd.startswith("ray::ServeReplica"))
+    """The engine replicas' processes (not the front's, which is a Serve replica too)."""
+    return sorted(
+        p
+        for p, cmd in _descendants(server_pid).items()
+        if cmd.startswith("ray::ServeReplica") and DEPLOYMENT_NAME in cmd
+    )
 
 
 def wait_replicas_ready(base: str, proc: subprocess.Popen, n: int, timeout: float, log: Path) -> dict:
@@ -201,6 +249,67 @@ def test_health_and_metrics_cover_both_replicas(server):
     assert len(set(re.findall(r'replica="([^"]+)"', text))) == 2, text[:2000]
 
 
+# Long requests (no EOS, 256 tokens one step each, in blocks of 32): still running when the replica
+# dies, and a stream has sent its first block's tokens by then.
+LONG = {"algorithm": "llada", "block_length": 32, "logits_eos_inf": True, "early_stop": False}
+LONG_TOKENS = 256
+
+
+async def _ask_long(client, prompt: str) -> str:
+    models = await client.models.list()
+    r = await client.completions.create(
+        model=models.data[0].id, prompt=prompt, max_tokens=LONG_TOKENS, temperature=0, extra_body=LONG
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    return r.choices[0].text
+
+
+async def _stream_long(client, prompt: str, first_token: asyncio.Event) -> str:
+    models = await client.models.list()
+    stream = await client.completions.create(
+        model=models.data[0].id,
+        prompt=prompt,
+        max_tokens=LONG_TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body=LONG,
+    )
+    parts = []
+    async for c in stream:
+        if c.choices and c.choices[0].text:
+            parts.append(c.choices[0].text)
+            first_token.set()
+    return "".join(parts)
+
+
+def _aborted(base: str) -> float:
+    """Choices that ended with reason "abort", summed over the replicas' merged /metrics."""
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dllm_serve_requests_finished_total{") and 'reason="abort"' in line
+    )
+
+
+@needs_ray
+def test_client_disconnect_through_the_front_aborts_the_request(server):
+    """A client that leaves mid-stream: the front cancels the replica call, the engine aborts."""
+    _, base, _ = server
+    before = _aborted(base)
+    model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "x", "max_tokens": LONG_TOKENS, "stream": True, **LONG}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # the first token: leave with 224 of 256 steps to go
+    deadline = time.monotonic() + 30
+    while _aborted(base) <= before:
+        assert time.monotonic() < deadline, "the request was not aborted on its replica"
+        time.sleep(1.0)
+
+
 @needs_ray
 def test_killed_replica_restarts_and_unstarted_requests_survive(server, reference):
     import openai
@@ -209,19 +318,32 @@ def test_killed_replica_restarts_and_unstarted_requests_survive(server, referenc
     before = replica_pids(proc.pid)
     assert len(before) == 2
     victim = before[0]
+    retries_before = log.read_text().count("retrying on another replica")
 
     async def run():
         client = _client(base)
-        inflight = [asyncio.create_task(_ask(client, p, 48)) for p in PROMPTS]
-        await asyncio.sleep(1.0)
+        firsts = [asyncio.Event() for _ in range(4)]
+        streams = [asyncio.create_task(_stream_long(client, f"stream {i}", e)) for i, e in enumerate(firsts)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 120)
+        plain = [asyncio.create_task(_ask_long(client, f"plain {i}")) for i in range(6)]
+        await asyncio.sleep(1.0)  # the plain requests are running, none has answered yet
+        assert not any(t.done() for t in plain)
         os.kill(victim, signal.SIGKILL)
         after = await asyncio.gather(*(_ask(client, p) for p in PROMPTS * 2), return_exceptions=True)
-        first = await asyncio.gather(*inflight, return_exceptions=True)
-        return first, after
+        plain_done = await asyncio.gather(*plain, return_exceptions=True)
+        streamed = await asyncio.gather(*streams, return_exceptions=True)
+        return plain_done, streamed, after
 
-    first, after = asyncio.run(run())
-    for r in first:  # on the dead replica: a clear 5xx; elsewhere: an answer
-        assert isinstance(r, str) or (isinstance(r, openai.APIStatusError) and r.status_code >= 500), repr(r)
+    plain_done, streamed, after = asyncio.run(run())
+    # Nothing had been sent for a plain request: the victim's are retried on the other replica.
+    assert all(isinstance(r, str) for r in plain_done), [repr(r) for r in plain_done]
+    assert log.read_text().count("retrying on another replica") > retries_before, "no request was retried"
+    # A stream that had sent tokens ends with an SSE error event in OpenAI's shape (the SDK raises it).
+    cut = [r for r in streamed if not isinstance(r, str)]
+    assert cut, "no stream was on the killed replica"
+    for r in cut:
+        assert isinstance(r, openai.APIError) and FAILED_MESSAGE in r.message, repr(r)
+        assert r.body is None or r.body.get("code") == "replica_failed", r.body
     assert after == [reference[p] for p in PROMPTS * 2], [repr(a) for a in after]
 
     wait_replicas_ready(base, proc, 2, 180, log)

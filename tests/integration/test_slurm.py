@@ -10,11 +10,13 @@ the server's own error as the reason.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +119,43 @@ def test_api_key_on_the_command_line_is_refused(tmp_path):
         "slurm", "submit", "--output-dir", str(tmp_path), "--dry-run", "--", "--api-key", "x", check=False
     )  # fmt: skip
     assert proc.returncode != 0 and "DLLM_SERVE_API_KEY" in proc.stderr
+
+
+def test_job_is_ready_only_when_every_replica_is():
+    """The job's readiness poll over real HTTP: Serve's proxy answers 200 with 1 of 2 replicas up."""
+    from dllm_serve.cluster.job import server_ready
+
+    answers: list[tuple[int, dict]] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answers[0]
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    port = httpd.server_address[1]
+    try:
+        for answer, ready in [
+            ((503, {"status": "loading"}), False),
+            ((200, {"status": "ok", "replicas_ready": 1, "replicas": 2}), False),
+            ((200, {"status": "ok", "replicas_ready": 2, "replicas": 2}), True),
+            ((200, {"status": "ok"}), True),  # the single-process server has no replica counts
+        ]:
+            answers[:] = [answer]
+            assert server_ready(port) is ready, answer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @needs_slurm

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dllm_serve.engine.kv_cache import KVPool, write_index
-from dllm_serve.models.loader import detect_family, load_model
+from dllm_serve.models.loader import CheckpointLoadError, detect_family, load_model
 from dllm_serve.models.nemotron import NemotronConfig
 from tests.nemotron_helpers import (
     REPO,
@@ -203,11 +203,11 @@ def test_missing_and_extra_tensors_are_clear_errors(tmp_path):
     cfg = random_nemotron_config()
     w = random_nemotron_weights(cfg)
     w.pop("encoder.layers.1.self_attn.k_norm.weight")
-    with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.k_norm"):
+    with pytest.raises(CheckpointLoadError, match=r"layers\.1\.self_attn\.k_norm"):
         load_model(write_nemotron_checkpoint(tmp_path / "a", cfg, w))
     w = random_nemotron_weights(cfg)
     w["encoder.layers.0.self_attn.q_proj.bias"] = torch.zeros(cfg.num_attention_heads * cfg.head_dim)
-    with pytest.raises(KeyError, match=r"q_proj\.bias"):
+    with pytest.raises(CheckpointLoadError, match=r"q_proj\.bias"):
         load_model(write_nemotron_checkpoint(tmp_path / "b", cfg, w))
 
 

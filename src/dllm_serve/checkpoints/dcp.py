@@ -7,6 +7,11 @@ map the checkpoint's keys onto the base model's official weight names (NeMo-RL w
 batch of memory, not the model. The result sits in a cache keyed by the checkpoint's identity, written
 to a temporary directory and renamed into place under a file lock, so N replicas that start together
 convert once and nobody ever sees a half-written directory.
+
+Damage is refused, never served: a shard that does not decode is named in a one-line
+``DCPCheckpointError`` (torch's own ``CheckpointException`` derives from ``BaseException`` and is
+turned into it here), a tensor holding NaN or Inf is an error, and the provenance marker records
+every output file's size and SHA-256 so a cache entry changed after conversion is converted again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -24,11 +30,13 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from dllm_serve.checkpoints.layout import METADATA, CheckpointLayout, DCPCheckpointError, find_layout
@@ -39,7 +47,7 @@ from dllm_serve.checkpoints.safetensors_writer import (
     shard_file_names,
     write_index,
 )
-from dllm_serve.models.loader import DTYPES, resolve_model_path
+from dllm_serve.models.loader import DTYPES, one_line, resolve_model_path
 
 __all__ = [
     "CacheEntry",
@@ -53,9 +61,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the marker records each output file's size and SHA-256
 MAX_SHARD_BYTES = 5 * 1000**3  # Hugging Face's "5GB" shard limit
 READ_BATCH_BYTES = 256 * 2**20  # tensors read from the DCP files per dcp.load call
+HASH_CHUNK_BYTES = 16 * 2**20
+FINITE_CHUNK = 16 * 2**20  # elements checked for NaN/Inf at a time
 MARKER = "dcp_conversion.json"  # provenance, written last inside the temporary directory
 
 # First key components of training state that is not the model (optimizer, schedulers, RNG...).
@@ -164,8 +174,6 @@ def _native_specs(base_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtyp
 
 def read_metadata(weights_dir: Path) -> Any:
     """The checkpoint's DCP metadata, or a clear error for a truncated or foreign file."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
         metadata = FileSystemReader(str(weights_dir)).read_metadata()
     except Exception as exc:
@@ -296,6 +304,35 @@ def _batches(items: list[TensorMapping], limit: int) -> Iterator[list[TensorMapp
         yield batch
 
 
+class _ShardError(Exception):
+    """A read that failed inside one ``.distcp`` file (carried out of DCP's exception wrapper)."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        # torch.load's own text for undecodable bytes is about its weights_only default: misleading.
+        why = type(cause).__name__ if isinstance(cause, pickle.UnpicklingError) else one_line(cause)
+        super().__init__(
+            f"checkpoint file {path} is damaged: a stored tensor does not decode ({why}); "
+            "the file changed after it was saved"
+        )
+
+
+class _FileNamingReader(FileSystemReader):
+    """DCP's file reader, reading one file at a time so that a failure names the file."""
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        per_file: dict[str, list[Any]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        done = None
+        for rel, items in per_file.items():
+            try:
+                done = super().read_data(replace(plan, items=items), planner)
+                done.wait()
+            except Exception as exc:
+                raise _ShardError(Path(self.path) / rel, exc) from exc
+        return done if done is not None else super().read_data(plan, planner)
+
+
 def _read_tensors(weights_dir: Path, batch: list[TensorMapping]) -> dict[str, torch.Tensor]:
     """Load whole (resharded) tensors for a batch of keys, with no process group."""
     import torch.distributed.checkpoint as dcp
@@ -304,10 +341,67 @@ def _read_tensors(weights_dir: Path, batch: list[TensorMapping]) -> dict[str, to
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(buffers, storage_reader=dcp.FileSystemReader(str(weights_dir)), no_dist=True)
+            dcp.load(buffers, storage_reader=_FileNamingReader(str(weights_dir)), no_dist=True)
+    except CheckpointException as exc:  # a BaseException: DCP's wrapper around each rank's failure
+        causes = [failure[0] for failure in exc.failures.values()]
+        cause = causes[0] if causes else exc
+        if isinstance(cause, _ShardError):
+            raise DCPCheckpointError(str(cause)) from None
+        raise DCPCheckpointError(f"reading tensors from {weights_dir} failed: {one_line(cause)}") from None
+    except _ShardError as exc:
+        raise DCPCheckpointError(str(exc)) from None
     except Exception as exc:
-        raise DCPCheckpointError(f"reading tensors from {weights_dir} failed: {exc}") from exc
+        raise DCPCheckpointError(f"reading tensors from {weights_dir} failed: {one_line(exc)}") from exc
     return buffers
+
+
+def _check_finite(tensor: torch.Tensor, name: str, weights_dir: Path) -> None:
+    """NaN or Inf in a weight is a broken training run or a damaged file; never serve it."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    chunks = range(0, flat.numel(), FINITE_CHUNK)  # a bool mask of the 1 GiB embedding at once is 0.5 GB
+    if not all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in chunks):
+        bad = sum(int((~torch.isfinite(flat[i : i + FINITE_CHUNK])).sum()) for i in chunks)
+        raise DCPCheckpointError(
+            f"tensor {name} in {weights_dir} holds {bad} NaN/Inf value(s) of {tensor.numel()}; "
+            "the checkpoint is damaged or the training diverged"
+        )
+
+
+def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file in a converted directory but the marker itself."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name != MARKER:
+            digest = hashlib.sha256()
+            with f.open("rb") as fh:
+                while chunk := fh.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+            out[f.name] = {"bytes": f.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def verify_files(directory: Path) -> str | None:
+    """Why a converted directory no longer matches its marker (None when every file does)."""
+    try:
+        recorded = json.loads((directory / MARKER).read_text()).get("files")
+    except (OSError, ValueError) as exc:
+        return f"{directory / MARKER} is unreadable ({one_line(exc)})"
+    if not isinstance(recorded, dict) or not recorded:
+        return f"{directory / MARKER} records no file digests"
+    present = {f.name for f in directory.iterdir() if f.is_file() and f.name != MARKER}
+    if present != set(recorded):
+        changed = sorted(present ^ set(recorded))
+        return f"files added or removed since conversion: {', '.join(changed[:5])}"
+    for name, want in sorted(recorded.items()):
+        size = (directory / name).stat().st_size
+        if size != want.get("bytes"):
+            return f"{directory / name} is {size} bytes, {want.get('bytes')} when converted"
+    for name, want in file_digests(directory).items():
+        if want["sha256"] != recorded[name].get("sha256"):
+            return f"{directory / name} changed since conversion (SHA-256 differs)"
+    return None
 
 
 def _copy_support_files(base_dir: Path, tokenizer_dir: Path | None, out: Path) -> None:
@@ -365,6 +459,7 @@ def _write_converted(
                     loaded = _read_tensors(layout.weights_dir, batch)
                     for m in batch:
                         tensor = loaded.pop(m.source).to(_out_dtype(m.dtype, dtype))
+                        _check_finite(tensor, m.source, layout.weights_dir)
                         writer.write(m.target, tensor)
                         bar.update(tensor.nbytes)
                         del tensor
@@ -385,6 +480,7 @@ def _write_converted(
         "dtype": dtype or "as saved",
         "identity": identity,
         "seconds": round(time.monotonic() - started, 3),
+        "files": file_digests(out),
     }
     (out / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     log.info(
@@ -535,6 +631,24 @@ def _is_complete(path: Path) -> bool:
     return (path / MARKER).is_file() and (path / "config.json").is_file()
 
 
+def _reusable(entry: CacheEntry) -> bool:
+    """Whether the cache entry is complete and every file still has its recorded size and SHA-256.
+
+    An entry that no longer matches (edited, truncated, bit rot) is converted again from the
+    checkpoint, which is still there: serving it would serve weights nobody trained.
+    """
+    if not _is_complete(entry.path):
+        return False
+    problem = verify_files(entry.path)
+    if problem is None:
+        log.info("reusing cached conversion at %s (of %s)", entry.path, entry.layout.weights_dir)
+        return True
+    log.warning(
+        "cached conversion %s no longer matches its record (%s); converting again", entry.path, problem
+    )
+    return False
+
+
 def ensure_converted(
     dcp_path: str,
     base_model: str,
@@ -549,19 +663,15 @@ def ensure_converted(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     entry = cache_entry(dcp_path, base_model, cache_dir, dtype=dtype)
     layout, base_dir, final, identity = entry.layout, entry.base_dir, entry.path, entry.identity
-    if _is_complete(final):
-        log.info("reusing cached conversion at %s (of %s)", final, layout.weights_dir)
+    if _reusable(entry):
         return final
     read_metadata(layout.weights_dir)  # fail fast, before any cache entry or lock, on a broken checkpoint
     entry.lock.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(entry.lock, str(layout.weights_dir)):
-        if _is_complete(final):
-            log.info("reusing cached conversion at %s (of %s)", final, layout.weights_dir)
+        if _reusable(entry):
             return final
         for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a process that died mid-conversion
             shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete without a marker: cannot come from us, but never serve it
-            shutil.rmtree(final)
         log.info(
             "converting %s (%s layout, base model %s) into %s",
             layout.weights_dir,
@@ -569,6 +679,7 @@ def ensure_converted(
             base_dir,
             final,
         )
+        # replace=True: a stale or damaged entry is swapped out only once the new one is complete.
         _build_then_rename(
             final,
             lambda tmp: _write_converted(
@@ -580,5 +691,6 @@ def ensure_converted(
                 show_progress=show_progress,
                 identity=identity,
             ),
+            replace=True,
         )
     return final

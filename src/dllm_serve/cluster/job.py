@@ -2,7 +2,8 @@
 
 ``python -m dllm_serve.cluster.job --info-file F [--ray-address A --total-gpus N] -- SERVE_ARGS``
 
-The info file goes ``starting`` -> ``ready`` (``/health`` answered 200, polled with a deadline) and
+The info file goes ``starting`` -> ``ready`` (``/health`` answered 200 with every replica ready, polled
+with a deadline) and
 ends ``stopped`` (clean exit or cancelled) or ``failed`` with the reason: the exit code and the tail
 of the server's log. The server's output is passed through to the job log as it comes.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import signal
 import socket
@@ -91,12 +93,24 @@ def wait_for_tcp(address: str, deadline: float, stopping: threading.Event) -> bo
     return False
 
 
-def health_ok(port: int) -> bool:
+def server_ready(port: int) -> bool:
+    """``/health`` answers 200 and, for a replicated server, says every replica is ready.
+
+    Ray Serve's proxy answers 200 as soon as its first replica runs, while the others may still be
+    loading: ``ready`` in the info file promises the whole deployment, so it waits for
+    ``replicas_ready`` to reach ``replicas``.
+    """
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
+            if r.status != 200:
+                return False
+            body = json.loads(r.read() or b"{}")
     except (urllib.error.URLError, OSError, ValueError):
         return False
+    wanted, ready = (body.get("replicas"), body.get("replicas_ready")) if isinstance(body, dict) else (0, 0)
+    if isinstance(wanted, int) and isinstance(ready, int):
+        return ready >= wanted
+    return True
 
 
 class ServerProcess:
@@ -184,7 +198,7 @@ def run_job(args: argparse.Namespace, serve_args: list[str]) -> int:
         code = server.poll()
         if code is not None:
             break
-        if not ready and health_ok(port):
+        if not ready and server_ready(port):
             ready = True
             write_info(info, status="ready")
         if not ready and time.monotonic() > deadline:

@@ -1,9 +1,14 @@
 """N engine replicas under Ray Serve behind one OpenAI endpoint (`dllm-serve serve --gpus N | --replicas N`).
 
 Each replica is the ordinary single-process server: the app ``create_app`` builds, with its own
-engine, created inside the replica (``__serve_build_asgi_app__``) so nothing big is pickled and the
-engine loads on the replica's own GPU (Ray sets CUDA_VISIBLE_DEVICES, so it is ``cuda``). Ray Serve
-does the routing (streaming responses pass through its proxy), health checks and restarts.
+engine, created inside the replica (in its constructor) so nothing big is pickled and the engine
+loads on the replica's own GPU (Ray sets CUDA_VISIBLE_DEVICES, so it is ``cuda``). Ray Serve does
+the routing (streaming responses pass through its proxy and the front), health checks and restarts.
+
+HTTP enters through a small ``Front`` deployment (``dllm_serve.cluster.front``) that forwards each
+request to a replica through a deployment handle, retries once a request that had sent no token when
+its replica died, and answers replica failures in OpenAI's error shape (a 503 body, or an SSE error
+event that ends a stream), which Ray Serve's proxy alone would answer with plain text.
 
 Two endpoints are widened to the whole deployment, because a request lands on one replica only:
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "dllm-serve"
 DEPLOYMENT_NAME = "DllmReplica"
+FRONT_NAME = "DllmFront"
+FRONT_MAX_ONGOING = 100_000  # every request passes the front; the replicas' own limits apply behind it
 NAMESPACE = "dllm_serve"
 HUB_NAME = "dllm-serve-metrics-hub"
 STALE_AFTER_S = 15.0  # three missed health checks: the replica is gone
@@ -176,22 +183,43 @@ class _Wrapped:
 
 
 class ReplicaServer:
-    """One replica: builds the normal app for its device; Serve calls ``check_health`` periodically."""
+    """One replica: the normal app for its device, fed by the front; Serve calls ``check_health``."""
 
-    def __init__(self, config: ServerConfig, use_gpu: bool, expected: int, hub=None):
+    async def __init__(self, config: ServerConfig, use_gpu: bool, expected: int, hub=None):
         from ray import serve
+        from uvicorn.config import Config
+        from uvicorn.lifespan.on import LifespanOn
+
+        from dllm_serve.server.app import create_app
 
         self.config = replica_config(config, use_gpu)
         self.expected = expected
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.inner = None
         self._hub = hub
-
-    def __serve_build_asgi_app__(self):
-        from dllm_serve.server.app import create_app
-
         self.inner = create_app(self.config)
-        return _Wrapped(self.inner, self)
+        self.wrapped = _Wrapped(self.inner, self)
+        # Only the front is an ASGI ingress (Serve allows one), so this replica runs its app's
+        # lifespan itself; startup returns once the engine is ready, so Serve counts the replica
+        # as started only then and never routes to a replica that cannot answer.
+        self._lifespan = LifespanOn(
+            Config(self.wrapped, lifespan="on", log_config=None, log_level=None, access_log=False)
+        )
+        await self._lifespan.startup()
+        if self._lifespan.should_exit:
+            raise RuntimeError("the model failed to load (see the replica log above)")
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop: the app's shutdown drains running requests and stops the engine."""
+        lifespan = getattr(self, "_lifespan", None)
+        if lifespan is not None:
+            await lifespan.shutdown()
+
+    async def forward(self, scope: dict[str, Any], body: bytes):
+        """One HTTP request from the front, run through this replica's app; yields its ASGI messages."""
+        from dllm_serve.cluster.front import run_asgi
+
+        async for message in run_asgi(self.wrapped, scope, body):
+            yield message
 
     def _hub_handle(self):
         if self._hub is None:
@@ -233,8 +261,6 @@ class ReplicaServer:
 
     async def check_health(self) -> None:
         """Serve's health check: also the moment the replica reports its metrics to the hub."""
-        if self.inner is None:
-            return
         status, _ = await self._push()
         if status >= 500 and status != 503:
             raise RuntimeError(f"replica /health answered {status}")
@@ -315,15 +341,26 @@ def _init_ray(config: ServerConfig, n: int, use_gpu: bool) -> bool:
     return True
 
 
+class Front:
+    """The application's ingress: forwards every request to a replica (see ``dllm_serve.cluster.front``)."""
+
+    def __init__(self, replicas) -> None:
+        from dllm_serve.cluster.front import FrontApp
+
+        self.front = FrontApp(replicas)  # not ``app``: Serve's ASGI wrapper owns that name
+
+    def __serve_build_asgi_app__(self):
+        return self.front
+
+
 def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: type = ReplicaServer):
     from ray import serve
 
     actor_options: dict[str, Any] = {"num_cpus": 1}
     if use_gpu:
         actor_options["num_gpus"] = 1
-    cls = serve.ingress()(replica_cls)
-    return serve.deployment(
-        cls,
+    replicas = serve.deployment(
+        replica_cls,
         name=DEPLOYMENT_NAME,
         num_replicas=n,
         ray_actor_options=actor_options,
@@ -335,6 +372,13 @@ def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: t
         # give up after a few tries so the command fails with the reason instead of looping.
         max_constructor_retry_count=max(3, n),
     ).bind(config, use_gpu, n, hub)
+    return serve.deployment(
+        serve.ingress()(Front),
+        name=FRONT_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=FRONT_MAX_ONGOING,
+    ).bind(replicas)
 
 
 def _wait_running(deadline: float, stop: threading.Event) -> bool:

@@ -33,6 +33,28 @@ class ModelNotFoundError(FileNotFoundError):
     """A model path that is neither a directory nor a hub id in the local cache."""
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint directory that exists but cannot be loaded; the message names the file and cause."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, at most 200 characters (torch's messages run long)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``path/config.json`` as a dict, or an error naming the file."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointLoadError(f"cannot read {path / 'config.json'}: {one_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointLoadError(f"{path / 'config.json'} is not a JSON object")
+    return config
+
+
 @dataclass
 class LoadedModel:
     model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
@@ -65,7 +87,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
                 return candidates[-1]
         raise ModelNotFoundError(
             f"model {text!r} is not in the local Hugging Face cache ({hub}); download it first, e.g. "
-            f"`huggingface-cli download {text}`, or pass a local directory"
+            f"`hf download {text}`, or pass a local directory"
         )
     raise ModelNotFoundError(f"model path {path} does not exist")
 
@@ -100,14 +122,24 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        raise CheckpointLoadError(f"cannot read {path}: {one_line(exc)}") from exc
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory, single-file or sharded with model.safetensors.index.json."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointLoadError(f"cannot read {index}: {one_line(exc)}") from exc
         tensors: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(load_file(str(path / shard)))
+            tensors.update(_load_file(path / shard))
         missing = set(weight_map) - set(tensors)
         if missing:
             raise ValueError(
@@ -116,8 +148,16 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return tensors
     single = path / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _load_file(single)
     raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_tokenizer(path: Path) -> ChatTokenizer:
+    """The checkpoint's tokenizer, or an error naming the directory."""
+    try:
+        return ChatTokenizer(path)
+    except Exception as exc:  # tokenizers/transformers raise many types for a bad tokenizer.json
+        raise CheckpointLoadError(f"cannot load the tokenizer in {path}: {one_line(exc)}") from exc
 
 
 def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]]:
@@ -149,9 +189,9 @@ def load_model(
     if load_format not in {"safetensors", "dummy"}:
         raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     path = resolve_model_path(name_or_path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     family = detect_family(config)
-    tokenizer = ChatTokenizer(tokenizer_path or path)
+    tokenizer = load_tokenizer(Path(tokenizer_path or path))
     with torch.device("meta"):
         model = _builders()[family](config, tokenizer)
     # Allocate straight in the target dtype (a bf16 8B model never exists in float32 on the device);
@@ -160,7 +200,13 @@ def load_model(
     if load_format == "dummy":
         _init_dummy(model)
     else:
-        model.load_official(load_safetensors(path))
+        tensors = load_safetensors(path)
+        try:
+            model.load_official(tensors)
+        except (KeyError, RuntimeError, ValueError) as exc:  # a missing tensor, a shape that differs
+            raise CheckpointLoadError(
+                f"weights in {path} do not fit the {family} model its config.json describes: {one_line(exc)}"
+            ) from exc
     model.rotary.reset()
     model.eval().requires_grad_(False)
     log.info("loaded %s model from %s (%s, %s, %s)", family, path, dtype, device, load_format)

@@ -16,7 +16,6 @@ temperature) are those of Nemotron's own ``generate``.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,11 +29,14 @@ from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.models.loader import (
     DTYPES,
     REMOTE_AUTO_CLASSES,
+    CheckpointLoadError,
     LoadedModel,
     has_remote_code,
+    load_tokenizer,
+    one_line,
+    read_config,
     resolve_model_path,
 )
-from dllm_serve.models.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def load_remote_model(
 ) -> LoadedModel:
     """Import the checkpoint's own model class and load its weights; refused unless trusted."""
     path = resolve_model_path(name_or_path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     if not trust_remote_code:
         raise RemoteCodeRefusedError(
             f"{path} would run its own modeling code; pass --trust-remote-code to allow it"
@@ -81,11 +83,16 @@ def load_remote_model(
 
     auto_class = next(name for name in REMOTE_AUTO_CLASSES if name in config["auto_map"])
     log.warning("running modeling code shipped with %s (--trust-remote-code)", path)
-    module = getattr(transformers, auto_class).from_pretrained(
-        str(path), trust_remote_code=True, dtype=DTYPES[dtype]
-    )
-    module = module.to(device).eval()
-    tokenizer = ChatTokenizer(path)
+    try:
+        module = getattr(transformers, auto_class).from_pretrained(
+            str(path), trust_remote_code=True, dtype=DTYPES[dtype]
+        )
+        module = module.to(device).eval()
+    except Exception as exc:  # the checkpoint's own code can raise anything
+        raise CheckpointLoadError(
+            f"the modeling code shipped with {path} failed to load the model: {one_line(exc)}"
+        ) from exc
+    tokenizer = load_tokenizer(path)
     eos = config.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None

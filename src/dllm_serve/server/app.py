@@ -117,11 +117,11 @@ async def _load(state: ServerState) -> None:
 
     try:
         engine = await asyncio.to_thread(build_engine, state.config.engine)
-    except Exception as exc:
-        if isinstance(exc, ValueError):  # invalid settings (e.g. a KV budget too small): one line
-            log.error("failed to load the model: %s", exc)
-        else:
-            log.exception("failed to load the model")
+    except Exception as exc:  # our messages name the file and cause; the traceback with --verbose
+        first = (str(exc).strip().splitlines() or [""])[0]
+        foreign = not isinstance(exc, (ValueError, OSError)) or not first  # e.g. a CUDA RuntimeError
+        log.error("failed to load the model: %s", f"{type(exc).__name__}: {first}" if foreign else exc)
+        log.debug("load failure traceback", exc_info=exc)
         state.status = "failed"
         state.load_error = exc
         for callback in state.on_load_failed:
@@ -132,8 +132,10 @@ async def _load(state: ServerState) -> None:
         return
     state.attach(engine)
     log.info(
-        "engine ready: model %s, default algorithm %s, %d torch threads",
+        "serving %s on http://%s:%d (default algorithm %s, %d torch threads)",
         state.model_id,
+        state.config.host,
+        state.config.port,
         engine.default_algorithm,
         torch.get_num_threads(),
     )
