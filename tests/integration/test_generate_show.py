@@ -17,7 +17,9 @@ from dllm_serve.models.tokenizer import ChatTokenizer
 from dllm_serve.terminal_view import TerminalCanvas
 from tests.helpers import TINY_LLADA
 
-ARGS = ["generate", "--show", "--max-tokens", "32", "--block-length", "8", "--seed", "1", "Copy: a b c d"]
+# llada at one token per step: 128 forwards, so the frame-rate cap still leaves several redraws.
+ARGS = ["generate", "--show", "--algorithm", "llada", "--max-tokens", "128", "--block-length", "32"]
+ARGS += ["Copy: a b c d"]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
