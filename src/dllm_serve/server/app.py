@@ -131,7 +131,9 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     install_handlers(app)
 
     from dllm_serve.server.routes import api, router
+    from dllm_serve.server.scoring_routes import scoring_api
 
     app.include_router(router)
     app.include_router(api)
+    app.include_router(scoring_api)
     return app
