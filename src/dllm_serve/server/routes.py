@@ -357,6 +357,8 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, ChatCompletionRequest)
+    if req.logprobs:
+        raise bad_request("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
     prompt = _check_ready_and_tokenize_chat(state, req)
     prepared = _prepare(state, req, [prompt], "messages", "chatcmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
@@ -408,6 +410,16 @@ async def completions(request: Request) -> Response:
     engine = state.ready_engine()
     req = await _parse(request, CompletionRequest)
     prompts = _encode_prompts(state, req.prompt)
+    if req.echo:  # scoring a prompt (lm-eval's loglikelihood requests): server/scoring_routes.py
+        from dllm_serve.server.scoring_routes import echo_completion
+
+        return await echo_completion(request, state, req, prompts)
+    if req.requested_max_tokens == 0:
+        raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
+    if req.logprobs is not None:
+        raise bad_request(
+            "'logprobs' is not supported by this server without echo", "logprobs", "unsupported_parameter"
+        )
     prepared = _prepare(state, req, prompts, "prompt", "cmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)

@@ -1,9 +1,13 @@
-"""POST /v1/loglikelihood: Monte-Carlo ELBO scores of continuations (docs/evaluation.md).
+"""Likelihood endpoints (docs/evaluation.md), answered by the engine's scoring jobs.
 
-Each item of ``requests`` becomes one engine scoring request (``engine/scoring.py``); they run
-concurrently and share forwards with each other and with other clients' work. Every item of one
-HTTP request uses the same seed (the request's, or one drawn for it), so candidates of a
-multiple-choice question are compared under common random numbers.
+* ``POST /v1/loglikelihood``: Monte-Carlo ELBO scores of continuations. Each item of ``requests``
+  becomes one engine scoring request (``engine/scoring.py``); they run concurrently and share
+  forwards with each other and with other clients' work. Every item of one HTTP request uses the
+  same seed (the request's, or one drawn for it), so candidates of a multiple-choice question are
+  compared under common random numbers.
+* ``/v1/completions`` with ``echo`` (``max_tokens`` 0 or 1), the form lm-eval's
+  ``local-completions`` sends for likelihood tasks: the prompt's per-token log-probabilities (each
+  token alone masked), ``top_logprobs`` and, with ``max_tokens`` 1, one greedy token.
 """
 
 from __future__ import annotations
@@ -19,8 +23,14 @@ from pydantic import field_validator, model_validator
 
 from dllm_serve.decoding.likelihood import MAX_MC_NUM
 from dllm_serve.engine.scheduler import QueueFullError
-from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
-from dllm_serve.protocol import ChatMessage, _Strict, new_id, usage_dict
+from dllm_serve.engine.scoring import (
+    AnyRequest,
+    ScoringEvent,
+    ScoringRequest,
+    TokenLogprob,
+    TokenLogprobRequest,
+)
+from dllm_serve.protocol import ChatMessage, CompletionRequest, _Strict, new_id, now, usage_dict
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import SERVER_ERROR, APIError, bad_request
 from dllm_serve.server.routes import (
@@ -195,7 +205,7 @@ def scoring_requests(state, req: LoglikelihoodRequest) -> list[ScoringRequest]:
 class ScoringCall:
     """Engine scoring requests of one HTTP call, bridged to asyncio futures."""
 
-    def __init__(self, engine, requests: list[ScoringRequest]) -> None:
+    def __init__(self, engine, requests: list[AnyRequest]) -> None:
         self.engine = engine
         self.ids = [r.request_id for r in requests]
         loop = asyncio.get_running_loop()
@@ -218,7 +228,7 @@ def _resolve(fut: asyncio.Future[ScoringEvent], event: ScoringEvent) -> None:
         fut.set_result(event)
 
 
-async def score(request: Request, state, requests: list[ScoringRequest]) -> list[ScoringEvent]:
+async def score(request: Request, state, requests: list[AnyRequest]) -> list[ScoringEvent]:
     """Run the scoring requests; 429 when the queue is full, 499/504/500 as for generation."""
     try:
         call = ScoringCall(state.engine, requests)
@@ -262,8 +272,7 @@ async def loglikelihood(request: Request) -> JSONResponse:
     req = await _parse(request, LoglikelihoodRequest)
     if req.model and req.model != state.model_id:
         raise _model_not_found(req.model)
-    if not hasattr(engine, "add_scoring"):
-        raise bad_request("Likelihood scoring needs the native engine (not --trust-remote-code).", None)
+    _check_native(engine)
     requests = scoring_requests(state, req)
     events = await score(request, state, requests)
     prompt = sum(len(r.context_ids) + len(r.continuation_ids) for r in requests)
@@ -285,3 +294,123 @@ async def loglikelihood(request: Request) -> JSONResponse:
             "usage": usage_dict(prompt, 0),
         }
     )
+
+
+def _check_native(engine) -> None:
+    if not hasattr(engine, "add_scoring"):
+        raise bad_request("Likelihood scoring needs the native engine (not --trust-remote-code).")
+
+
+def _family_settings(engine) -> tuple[int | None, bool]:
+    """(block length of the block-diffusion estimator or None, shift_logits) for the loaded model."""
+    defaults = engine.model_defaults
+    block = int(defaults.get("block_length", 32)) if engine.loaded.family == "nemotron" else None
+    return block, bool(defaults.get("shift_logits", False))
+
+
+async def echo_completion(
+    request: Request, state, req: CompletionRequest, prompts: list[list[int]]
+) -> JSONResponse:
+    """``/v1/completions`` with ``echo``: the prompt (and at most one token), with log-probabilities
+    when ``logprobs`` is set."""
+    engine = state.engine
+    _check_native(engine)
+    max_tokens = req.requested_max_tokens if req.requested_max_tokens is not None else 0
+    if max_tokens > 1:
+        raise bad_request("echo supports max_tokens 0 or 1 (scoring a prompt).", "max_tokens")
+    if req.stream:
+        raise bad_request("echo is not available with stream.", "stream")
+    if req.n != 1:
+        raise bad_request("echo supports n = 1 only.", "n")
+    if req.model and req.model != state.model_id:
+        raise _model_not_found(req.model)
+    for ids in prompts:
+        if len(ids) + max_tokens > state.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {state.max_model_len} tokens; the prompt has "
+                f"{len(ids)} and max_tokens is {max_tokens}.",
+                "prompt",
+                "context_length_exceeded",
+            )
+    tok = engine.loaded.tokenizer
+    block, shift = _family_settings(engine)
+    rid = new_id("cmpl")
+    top_k = req.logprobs or 0
+    wanted = req.logprobs is not None or max_tokens > 0
+    requests = [
+        TokenLogprobRequest(
+            f"{rid}-{i}",
+            ids if req.logprobs is not None else ids[:1],  # text only: nothing to score
+            top_k=max(1, top_k),
+            generate=max_tokens,
+            block_length=block,
+            shift_logits=shift,
+        )
+        for i, ids in enumerate(prompts)
+    ]
+    events = (
+        await score(request, state, requests)
+        if wanted
+        else [ScoringEvent(r.request_id, "stop") for r in requests]
+    )
+    stops = set(tok.stop_ids(engine.loaded.model.roles.eos_token_id))
+    choices = []
+    completion_tokens = 0
+    for i, (ids, event) in enumerate(zip(prompts, events, strict=True)):
+        generated = event.generated
+        completion_tokens += len(generated)
+        stopped = bool(generated) and generated[-1].token in stops
+        text = _prompt_text(req.prompt[i], tok) + tok.decode(
+            [g.token for g in generated if g.token not in stops]
+        )
+        entries = [*event.tokens[: len(ids)], *generated] if req.logprobs is not None else None
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "logprobs": _completion_logprobs(tok, ids, generated, entries, top_k)
+                if entries is not None
+                else None,
+                "finish_reason": "stop" if stopped else "length",
+            }
+        )
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": now(),
+            "model": state.model_id,
+            "choices": choices,
+            "usage": usage_dict(sum(len(p) for p in prompts), completion_tokens),
+        }
+    )
+
+
+def _prompt_text(prompt: str | list[int], tok) -> str:
+    return prompt if isinstance(prompt, str) else tok.decode(prompt)
+
+
+def _completion_logprobs(
+    tok, prompt: list[int], generated: list[TokenLogprob], entries: list[TokenLogprob | None], top_k: int
+) -> dict[str, Any]:
+    """OpenAI's legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    ids = [*prompt, *(g.token for g in generated)]
+    pieces = [tok.hf.decode([t]) for t in ids]
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "tokens": pieces,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None or top_k == 0 else _top_dict(tok, e.top[:top_k]) for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def _top_dict(tok, top: list[tuple[int, float]]) -> dict[str, float]:
+    """Alternatives keyed by text; tokens that decode alike keep the most probable's value."""
+    out: dict[str, float] = {}
+    for t, lp in top:
+        out.setdefault(tok.hf.decode([t]), lp)
+    return out
