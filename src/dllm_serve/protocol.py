@@ -208,6 +208,11 @@ class ChatCompletionRequest(_GenerationRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None, or the top alternatives wanted with each token's log-probability."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @field_validator("messages")
     @classmethod
     def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
@@ -235,6 +240,10 @@ class CompletionRequest(_GenerationRequest):
         if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

@@ -23,7 +23,7 @@ INV = "invalid_request_error"
 # (id, (path, body), status, error.type, error.param)
 CASES = [
     ("unknown-field", chat(foo=1), 400, INV, "foo"),
-    ("logprobs", chat(logprobs=True), 400, INV, "logprobs"),
+    ("logprobs-not-bool", chat(logprobs=1), 400, INV, "logprobs"),
     ("top-logprobs", chat(top_logprobs=2), 400, INV, "top_logprobs"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, INV, "tools"),
     ("tool-choice", chat(tool_choice="auto"), 400, INV, "tool_choice"),

@@ -72,6 +72,8 @@ class EngineBase:
     ``shutdown`` and ``run_to_completion``."""
 
     thread_name = "dllm-engine"
+    # Likelihood scoring and token log-probabilities (the native engine; remote code has neither).
+    supports_logprobs = False
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -124,6 +126,8 @@ class EngineBase:
 
 
 class Engine(EngineBase):
+    supports_logprobs = True
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)

@@ -33,6 +33,7 @@ import torch
 from dllm_serve.config import EngineConfig
 from dllm_serve.decoding.likelihood import block_spans, combine, draw_masks, sample_value
 from dllm_serve.engine.scoring_rows import Row, RowLayout, RowOutput, forward_rows, row_layout
+from dllm_serve.engine.sequence import TokenLogprob
 from dllm_serve.models.base import DiffusionLM
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ class TokenLogprobRequest:
     generate: int = 0
     block_length: int | None = None
     shift_logits: bool = False
-
-
-@dataclass
-class TokenLogprob:
-    """One token's log-probability and the top-k (token id, log-probability) pairs at its position."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
 
 
 @dataclass

@@ -17,12 +17,26 @@ from dllm_serve.engine.algorithms import DecodeParams
 
 @dataclass
 class GenerationRequest:
-    """What the server hands the engine: token ids and fully resolved decoding parameters."""
+    """What the server hands the engine: token ids and fully resolved decoding parameters.
+
+    ``logprobs``: None, or how many top alternatives to report with each generated token's
+    log-probability (0: the token's own only).
+    """
 
     request_id: str
     prompt_ids: list[int]
     params: DecodeParams
     max_new_tokens: int
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability and the top (token id, log-probability) pairs at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -33,7 +47,7 @@ class SequenceEvent:
     ``finish_reason``: None while running; "stop" (a stop token), "length", "abort" (cancelled) or
     "error" (``error`` says what, without internals). ``stopped_on_token`` is True when a stop
     token ended it (usage counts it). ``forwards`` (model forwards the sequence took) is set on the
-    final event only.
+    final event only. ``logprobs`` (requests that ask): one entry per token of ``token_ids``.
     """
 
     request_id: str
@@ -43,6 +57,7 @@ class SequenceEvent:
     error: str | None = None
     forwards: int = 0
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +103,7 @@ class Sequence:
     error: str | None = None
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property

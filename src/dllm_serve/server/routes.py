@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from dllm_serve.engine.algorithms import ParamError, describe_presets
 from dllm_serve.engine.scheduler import QueueFullError
-from dllm_serve.engine.sequence import GenerationRequest
+from dllm_serve.engine.sequence import GenerationRequest, TokenLogprob
 from dllm_serve.protocol import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -44,6 +44,7 @@ from dllm_serve.server.errors import (
     from_validation_error,
     internal_error,
 )
+from dllm_serve.server.logprobs import chat_logprobs, completion_logprobs
 from dllm_serve.server.metrics import CONTENT_TYPE
 from dllm_serve.server.streaming import (
     SSE_DONE,
@@ -166,6 +167,8 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
     engine = state.engine
     if req.model and req.model != state.model_id:
         raise _model_not_found(req.model)
+    if req.requested_logprobs is not None and not engine.supports_logprobs:
+        raise bad_request("logprobs need the native engine (not --trust-remote-code).", "logprobs")
     max_tokens = req.requested_max_tokens or DEFAULT_MAX_TOKENS
     max_len = state.max_model_len
     for ids in prompts:
@@ -198,7 +201,11 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
             seed = req.seed + k if req.seed is not None else secrets.randbits(31)
             requests.append(
                 GenerationRequest(
-                    f"{request_id}-{k}", list(ids), dataclasses.replace(params, seed=seed), max_tokens
+                    f"{request_id}-{k}",
+                    list(ids),
+                    dataclasses.replace(params, seed=seed),
+                    max_tokens,
+                    logprobs=req.requested_logprobs,
                 )
             )
     return _Prepared(request_id, prompts, requests, params.algorithm, req.stop)
@@ -357,14 +364,18 @@ async def chat_completions(request: Request) -> Response:
     state = _state(request)
     engine = state.ready_engine()
     req = await _parse(request, ChatCompletionRequest)
-    if req.logprobs:
-        raise bad_request("'logprobs' is not supported by this server", "logprobs", "unsupported_parameter")
     prompt = _check_ready_and_tokenize_chat(state, req)
     prepared = _prepare(state, req, [prompt], "messages", "chatcmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
     if req.stream:
-        return _stream_response(run, "chat.completion.chunk", req.include_usage, _chat_delta)
+        return _stream_response(
+            run,
+            "chat.completion.chunk",
+            req.include_usage,
+            _chat_delta,
+            lambda e: chat_logprobs(run.tokenizer, e),
+        )
     outcomes = await _complete(request, run)
     return JSONResponse(
         {
@@ -376,7 +387,7 @@ async def chat_completions(request: Request) -> Response:
                 {
                     "index": o.index,
                     "message": {"role": "assistant", "content": o.text},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(run.tokenizer, o.logprobs) if o.logprobs is not None else None,
                     "finish_reason": o.finish_reason,
                 }
                 for o in outcomes
@@ -416,15 +427,17 @@ async def completions(request: Request) -> Response:
         return await echo_completion(request, state, req, prompts)
     if req.requested_max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
-    if req.logprobs is not None:
-        raise bad_request(
-            "'logprobs' is not supported by this server without echo", "logprobs", "unsupported_parameter"
-        )
     prepared = _prepare(state, req, prompts, "prompt", "cmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
     if req.stream:
-        return _stream_response(run, "text_completion", req.include_usage, _text_delta)
+        return _stream_response(
+            run,
+            "text_completion",
+            req.include_usage,
+            _text_delta,
+            lambda e: _text_logprobs(run.tokenizer, e, req.logprobs or 0),
+        )
     outcomes = await _complete(request, run)
     return JSONResponse(
         {
@@ -433,7 +446,12 @@ async def completions(request: Request) -> Response:
             "created": now(),
             "model": state.model_id,
             "choices": [
-                {"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                {
+                    "index": o.index,
+                    "text": o.text,
+                    "logprobs": _text_logprobs(run.tokenizer, o.logprobs, req.logprobs or 0),
+                    "finish_reason": o.finish_reason,
+                }
                 for o in outcomes
             ],
             "usage": run.usage(),
@@ -445,34 +463,45 @@ async def completions(request: Request) -> Response:
 # ------------------------------------------------------------------------------ streaming
 
 
-def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> EventStreamResponse:
-    """Submit first (a full queue is still a real 429), then stream."""
-    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
-    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)))
-    for i, task in enumerate(tasks):  # (i, None) marks the end of choice i, after all its deltas
-        task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
+def _stream_response(run: _Run, kind: str, include_usage: bool, choice, fmt_logprobs) -> EventStreamResponse:
+    """Submit first (a full queue is still a real 429), then stream. ``fmt_logprobs`` turns a
+    delta's token log-probabilities into the response's ``logprobs`` object."""
+    queue: asyncio.Queue[tuple[int, str | None, Any]] = asyncio.Queue()
+    tasks = run.choice_tasks(
+        lambda i, d, lp: queue.put_nowait((i, d, None if lp is None else fmt_logprobs(lp)))
+    )
+    for i, task in enumerate(tasks):  # (i, None, None) marks the end of choice i, after all its deltas
+        task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None, None)))
     return EventStreamResponse(
         _stream(run, tasks, queue, kind, include_usage, choice), on_close=lambda: run.close(tasks)
     )
 
 
-def _chat_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+def _text_logprobs(tok, entries: list[TokenLogprob] | None, top: int) -> dict[str, Any] | None:
+    return None if entries is None else completion_logprobs(tok, entries, [e.token for e in entries], top)
+
+
+def _chat_delta(
+    index: int, text: str | None, finish: str | None, first: bool = False, logprobs: Any = None
+) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if first:
         delta = {"role": "assistant", "content": ""}
     elif text is not None:
         delta = {"content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _text_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+def _text_delta(
+    index: int, text: str | None, finish: str | None, first: bool = False, logprobs: Any = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
 
 async def _stream(
     run: _Run,
     tasks: list[asyncio.Task[ChoiceOutcome]],
-    queue: asyncio.Queue[tuple[int, str | None]],
+    queue: asyncio.Queue[tuple[int, str | None, Any]],
     kind: str,
     include_usage: bool,
     choice,
@@ -508,16 +537,16 @@ async def _stream(
                 out.clear()
             try:
                 if deadline is None:
-                    index, text = await queue.get()
+                    index, text, logprobs = await queue.get()
                 else:
                     left = max(0.0, deadline - time.perf_counter())
-                    index, text = await asyncio.wait_for(queue.get(), left)
+                    index, text, logprobs = await asyncio.wait_for(queue.get(), left)
             except asyncio.TimeoutError:
                 run.end_reason = "timeout"
                 out.append(sse(_timeout_error(run.state.config.request_timeout).body()))
                 break
             if text is not None:
-                out.append(chunk([choice(index, text, None)]))
+                out.append(chunk([choice(index, text, None, logprobs=logprobs)]))
                 continue
             remaining -= 1  # choice ``index`` ended; its deltas were queued before this marker
             task = tasks[index]

@@ -27,12 +27,12 @@ from dllm_serve.engine.scoring import (
     AnyRequest,
     ScoringEvent,
     ScoringRequest,
-    TokenLogprob,
     TokenLogprobRequest,
 )
 from dllm_serve.protocol import ChatMessage, CompletionRequest, _Strict, new_id, now, usage_dict
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import SERVER_ERROR, APIError, bad_request
+from dllm_serve.server.logprobs import completion_logprobs
 from dllm_serve.server.routes import (
     _failure,
     _model_not_found,
@@ -297,7 +297,7 @@ async def loglikelihood(request: Request) -> JSONResponse:
 
 
 def _check_native(engine) -> None:
-    if not hasattr(engine, "add_scoring"):
+    if not engine.supports_logprobs:
         raise bad_request("Likelihood scoring needs the native engine (not --trust-remote-code).")
 
 
@@ -363,13 +363,14 @@ async def echo_completion(
         text = _prompt_text(req.prompt[i], tok) + tok.decode(
             [g.token for g in generated if g.token not in stops]
         )
-        entries = [*event.tokens[: len(ids)], *generated] if req.logprobs is not None else None
+        entries = [*event.tokens[: len(ids)], *generated]
+        tokens = [*ids, *(g.token for g in generated)]
         choices.append(
             {
                 "index": i,
                 "text": text,
-                "logprobs": _completion_logprobs(tok, ids, generated, entries, top_k)
-                if entries is not None
+                "logprobs": completion_logprobs(tok, entries, tokens, top_k)
+                if req.logprobs is not None
                 else None,
                 "finish_reason": "stop" if stopped else "length",
             }
@@ -388,29 +389,3 @@ async def echo_completion(
 
 def _prompt_text(prompt: str | list[int], tok) -> str:
     return prompt if isinstance(prompt, str) else tok.decode(prompt)
-
-
-def _completion_logprobs(
-    tok, prompt: list[int], generated: list[TokenLogprob], entries: list[TokenLogprob | None], top_k: int
-) -> dict[str, Any]:
-    """OpenAI's legacy completions ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
-    ids = [*prompt, *(g.token for g in generated)]
-    pieces = [tok.hf.decode([t]) for t in ids]
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
-    return {
-        "tokens": pieces,
-        "token_logprobs": [None if e is None else e.logprob for e in entries],
-        "top_logprobs": [None if e is None or top_k == 0 else _top_dict(tok, e.top[:top_k]) for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def _top_dict(tok, top: list[tuple[int, float]]) -> dict[str, float]:
-    """Alternatives keyed by text; tokens that decode alike keep the most probable's value."""
-    out: dict[str, float] = {}
-    for t, lp in top:
-        out.setdefault(tok.hf.decode([t]), lp)
-    return out
