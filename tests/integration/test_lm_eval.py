@@ -3,7 +3,8 @@
 - the local multiple-choice task (the correct answer among 4 candidates, from the bundled task
   set) reaches >= 90 % accuracy through the dllm-serve model class (ELBO endpoint) and through
   lm-eval's unmodified ``local-completions`` (the echo path);
-- the local perplexity task runs through the model class (unconditional ELBO per window);
+- the local perplexity task runs through the model class (unconditional ELBO per window), and the
+  local generation task (generate_until through /v1/completions) reaches >= 90 % exact match;
 - ``dllm-serve lm-eval`` runs lm-eval's own CLI with the model class in one command.
 """
 
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from dllm_serve.evaluation.local_tasks import MC_TASK, PPL_TASK, write_local_tasks
+from dllm_serve.evaluation.local_tasks import GEN_TASK, MC_TASK, PPL_TASK, write_local_tasks
 from tests.helpers import TINY_LLADA
 from tests.nemotron_helpers import TINY_NEMOTRON
 
@@ -51,13 +52,14 @@ def _evaluate(model, model_args: dict | None, tasks, names: list[str]) -> dict:
     return out["results"]
 
 
-def test_model_class_multiple_choice_and_perplexity(served, tasks):
+def test_model_class_multiple_choice_perplexity_and_generation(served, tasks):
     server, path = served
     lm = DllmServeLM(base_url=server.base_url, mc_num=32, tokenizer=str(path), max_length=256)
-    results = _evaluate(lm, None, tasks, [MC_TASK, PPL_TASK])
+    results = _evaluate(lm, None, tasks, [MC_TASK, PPL_TASK, GEN_TASK])
     assert results[MC_TASK]["acc,none"] >= 0.9, results
     ppl = results[PPL_TASK]
     assert 0 < ppl["bits_per_byte,none"] < float("inf") and ppl["word_perplexity,none"] > 1
+    assert results[GEN_TASK]["exact_match,none"] >= 0.9, results  # generate_until through completions
 
 
 def test_unmodified_local_completions_multiple_choice(served, tasks):

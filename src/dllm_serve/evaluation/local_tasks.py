@@ -3,6 +3,7 @@
 * ``dllm_mc``: multiple choice: the prompt of a held-out example and 4 candidate answers, the
   correct one, a near miss (one item changed) and the answers of two other examples of the same
   task; metric ``acc``.
+* ``dllm_gen``: generation (``generate_until``) of the answers, metric ``exact_match``;
 * ``dllm_ppl``: perplexity (``loglikelihood_rolling``) of held-out "prompt\\nanswer" documents;
   metrics word/byte perplexity and bits per byte.
 
@@ -23,6 +24,7 @@ from dllm_serve.bench.tasks import heldout_examples
 
 MC_TASK = "dllm_mc"
 PPL_TASK = "dllm_ppl"
+GEN_TASK = "dllm_gen"
 
 
 def _near_miss(answer: str, rng: random.Random) -> str:
@@ -76,7 +78,11 @@ def write_local_tasks(directory: str | Path, n: int = 100) -> Path:
     out = Path(directory).resolve()
     out.mkdir(parents=True, exist_ok=True)
     mc_data, ppl_data = out / f"{MC_TASK}.jsonl", out / f"{PPL_TASK}.jsonl"
+    gen_data = out / f"{GEN_TASK}.jsonl"
     mc_data.write_text("".join(json.dumps(d) + "\n" for d in mc_documents(n)))
+    gen_data.write_text(
+        "".join(json.dumps({"question": ex.prompt, "answer": ex.answer}) + "\n" for ex in heldout_examples(n))
+    )
     ppl_data.write_text("".join(json.dumps(d) + "\n" for d in ppl_documents(n)))
     mc = [
         "output_type: multiple_choice",
@@ -104,6 +110,19 @@ def write_local_tasks(directory: str | Path, n: int = 100) -> Path:
         "    aggregation: bits_per_byte",
         "    higher_is_better: false",
     ]
+    gen = [
+        "output_type: generate_until",
+        'doc_to_text: "{{question}}"',
+        'doc_to_target: "{{answer}}"',
+        "generation_kwargs:",
+        '  until: ["\\n"]',
+        "  max_gen_toks: 48",
+        "metric_list:",
+        "  - metric: exact_match",
+        "    aggregation: mean",
+        "    higher_is_better: true",
+    ]
     (out / f"{MC_TASK}.yaml").write_text(_task_yaml(MC_TASK, mc_data, mc))
+    (out / f"{GEN_TASK}.yaml").write_text(_task_yaml(GEN_TASK, gen_data, gen))
     (out / f"{PPL_TASK}.yaml").write_text(_task_yaml(PPL_TASK, ppl_data, ppl))
     return out
