@@ -7,6 +7,7 @@ subset), never hard-coded, so the tests hold for any retrained bundled checkpoin
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -146,3 +147,17 @@ def test_a_full_queue_is_a_429_and_the_server_keeps_serving(served):
     r = _post(server, {"requests": items, "mc_num": 8})
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
     assert _post(server, {"requests": items[:2], "mc_num": 8}).status_code == 200
+
+
+def test_a_client_that_disconnects_cancels_its_scoring(served):
+    server, loaded, _ = served
+    item, _, _ = _item(0, 16, loaded)
+    with pytest.raises(httpx.TimeoutException):
+        _post(server, {"requests": [item] * 4, "mc_num": 4096}, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = server.health()
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["running"] == 0 and health["waiting"] == 0, health
