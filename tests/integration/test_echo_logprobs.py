@@ -102,6 +102,12 @@ def test_openai_client_echo_with_max_tokens_zero_scores_the_prompt_only(served):
     # Text only: echo without logprobs needs no model work.
     plain = client.completions.create(model=server.health()["model"], prompt=text, max_tokens=0, echo=True)
     assert plain.choices[0].text == text and plain.choices[0].logprobs is None
+    # With one token and no logprobs the token is the same (conditioned on the whole prompt).
+    one = client.completions.create(model=server.health()["model"], prompt=text, max_tokens=1, echo=True)
+    scored = client.completions.create(
+        model=server.health()["model"], prompt=text, max_tokens=1, echo=True, logprobs=1
+    )
+    assert one.choices[0].text == scored.choices[0].text and one.usage.completion_tokens == 1
 
 
 @pytest.mark.parametrize(

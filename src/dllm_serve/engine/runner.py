@@ -404,9 +404,9 @@ class Runner:
                         seq.request.request_id, ready, prompt_tokens=seq.prompt_len, logprobs=logprobs
                     )
                 )
-                ready, logprobs = [], token_logprobs.take(seq, 0, 0)
+                ready, logprobs = [], token_logprobs.none(seq)
         else:
-            ready, logprobs = [], token_logprobs.take(seq, 0, 0)
+            ready, logprobs = [], token_logprobs.none(seq)
         if seq.pending_finish and (p.early_stop or canvas_done):
             self._finish(seq, seq.pending_finish, ready, logprobs)
 

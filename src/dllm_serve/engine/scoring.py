@@ -64,6 +64,7 @@ class TokenLogprobRequest:
 
     request_id: str
     prompt_ids: list[int]
+    score_prompt: bool = True
     top_k: int = 1
     generate: int = 0
     block_length: int | None = None
@@ -226,7 +227,10 @@ class TokenLogprobJob(_Job):
             if not request.block_length:
                 break
         self.todo = [
-            (p, i) for p, (lay, s) in enumerate(self.pieces) for i in range(lay.continuation_len) if s + i
+            (p, i)
+            for p, (lay, s) in enumerate(self.pieces)
+            for i in range(lay.continuation_len)
+            if s + i and request.score_prompt
         ]
         self.tokens: list[TokenLogprob | None] = [None] * len(prompt)
         self.generated: list[TokenLogprob] = []

@@ -44,3 +44,8 @@ def take(seq: Sequence, start: int, count: int) -> list[TokenLogprob] | None:
     if seq.request.logprobs is None:
         return None
     return [seq.token_logprobs.pop(p) for p in range(start, start + count)]
+
+
+def none(seq: Sequence) -> list[TokenLogprob] | None:
+    """An event's entries when it carries no tokens: [] if the request asked, else None."""
+    return [] if seq.request.logprobs is not None else None

@@ -340,7 +340,8 @@ async def echo_completion(
     requests = [
         TokenLogprobRequest(
             f"{rid}-{i}",
-            ids if req.logprobs is not None else ids[:1],  # text only: nothing to score
+            ids,
+            score_prompt=req.logprobs is not None,  # text only: the prompt needs no scoring
             top_k=max(1, top_k),
             generate=max_tokens,
             block_length=block,
