@@ -161,3 +161,14 @@ def test_a_client_that_disconnects_cancels_its_scoring(served):
             break
         time.sleep(0.2)
     assert health["running"] == 0 and health["waiting"] == 0, health
+
+
+def test_the_endpoint_needs_the_api_key_like_every_v1_route(server_factory):
+    key = "sk-scoring-test"
+    server = server_factory("--model-path", str(TINY_LLADA), env={"DLLM_SERVE_API_KEY": key})
+    body = {"requests": [{"context": "a", "continuation": "b"}], "mc_num": 1}
+    assert _post(server, body).status_code == 401
+    r = httpx.post(
+        server.v1 + "/loglikelihood", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
