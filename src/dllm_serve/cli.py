@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "dllm_serve.bench.cli",  # bench serve, bench engine
     "dllm_serve.checkpoints.cli",  # convert-dcp
     "dllm_serve.cluster.cli",  # slurm
+    "dllm_serve.evaluation.cli",  # lm-eval
 )
 
 

@@ -27,11 +27,10 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 # Integers are 64-bit downstream (torch seeds, tensor sizes): larger ones are a 400 naming the field.
 # A seed leaves room for seed + choice index (see routes) below 2**64, which torch still accepts.
 MAX_INT = 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs; used for completions' logprobs too
 
 # OpenAI fields this server does not implement, with the values that request nothing.
 _HARMLESS: dict[str, typing.Callable[[Any], bool]] = {
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v is None,
     "logit_bias": lambda v: v is None or v == {},
     "presence_penalty": lambda v: v is None or v == 0,
     "frequency_penalty": lambda v: v is None or v == 0,
@@ -43,7 +42,6 @@ _HARMLESS: dict[str, typing.Callable[[Any], bool]] = {
     "function_call": lambda v: v is None or v == "none",
     "response_format": lambda v: v is None or v == {"type": "text"},
     "best_of": lambda v: v is None or v == 1,
-    "echo": lambda v: v is None or v is False,
     "suffix": lambda v: v is None or v == "",
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
@@ -227,6 +225,24 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        if not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None, or the top alternatives wanted with each token's log-probability."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -238,6 +254,27 @@ class ChatCompletionRequest(_GenerationRequest):
 
 class CompletionRequest(_GenerationRequest):
     prompt: Any
+    echo: bool = False
+    logprobs: int | None = None  # top alternatives per token; 0: the chosen tokens' only
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        """0 is allowed here (with echo: score the prompt, generate nothing); the route checks echo."""
+        if value is not None and value < 0:
+            raise ValueError("must be a non-negative integer")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        return value
+
+    @property
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

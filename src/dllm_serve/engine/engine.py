@@ -20,6 +20,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
+from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
 from dllm_serve.threads import apply_threads
@@ -82,6 +83,8 @@ class EngineBase:
 
     thread_name = "dllm-engine"
     traces_denoise = False  # can stream each step's provisional state (stream_mode "denoise")
+    # Likelihood scoring and token log-probabilities (the native engine; remote code has neither).
+    supports_logprobs = False
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -136,6 +139,7 @@ class EngineBase:
 
 class Engine(EngineBase):
     traces_denoise = True
+    supports_logprobs = True
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         super().__init__(loaded, config)
@@ -153,9 +157,21 @@ class Engine(EngineBase):
             raise QueueFullError("the server is shutting down")
         self.scheduler.submit(request, on_event)
 
+    def add_scoring(self, request: ScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
+        """Queue a likelihood scoring request (engine/scoring.py); ``on_event`` gets its one event.
+
+        Raises QueueFullError like ``add_request``: scoring and generation share ``max_queue``.
+        """
+        if self._draining:
+            raise QueueFullError("the server is shutting down")
+        if self.scheduler.counts()[0] >= self.config.max_queue:
+            raise QueueFullError(f"the server's queue is full ({self.config.max_queue} waiting requests)")
+        self.scheduler.scoring.submit(request, on_event)
+
     def abort(self, request_id: str) -> None:
         """Cancel a request; it is retired (and its cache freed) within one iteration."""
         self.scheduler.abort(request_id)
+        self.scheduler.scoring.abort(request_id)
 
     def stats(self) -> EngineStats:
         waiting, running = self.scheduler.counts()
@@ -189,13 +205,18 @@ class Engine(EngineBase):
     def step(self) -> bool:
         """One iteration: admit, forward the running batch, commit, emit, retire. False if idle."""
         info = self.scheduler.step()
-        if info is None:
+        scored = self.scheduler.scoring.step()
+        if info is None and scored is None:
             return False
         self.steps += 1
-        self.forwards += info.forwards
-        self.finished += info.finished
-        for observer in self.step_observers:
-            observer(info)
+        if scored is not None:
+            self.forwards += scored.forwards
+            self.finished += scored.finished
+        if info is not None:
+            self.forwards += info.forwards
+            self.finished += info.finished
+            for observer in self.step_observers:
+                observer(info)
         return True
 
     def _loop(self) -> None:

@@ -26,12 +26,12 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
-from dllm_serve.engine import denoise
+from dllm_serve.engine import denoise, token_logprobs
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
-from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent
+from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
@@ -185,16 +185,25 @@ class Runner:
         block = upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
+        lp_rows = token_logprobs.wanting([r.seq for r in rows])
+        logp = token_logprobs.before_edits(logits, lp_rows)
         tokens, commit, conf = self._decide(rows, logits, candidates, masked)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
         provisional = denoise.read_back([r.seq for r in rows], tokens, conf)  # {} unless a row traces
+        if logp is not None:  # requests that asked for log-probabilities: one more small copy
+            k = max(rows[i].seq.request.logprobs or 0 for i in lp_rows)
+            values = dict(zip(lp_rows, token_logprobs.chosen_and_top(logp, tokens[lp_rows], k), strict=True))
         committed = 0
         for i, (row, out) in enumerate(zip(rows, host, strict=True)):
             if out[-1]:
                 self._fail(row.seq, "numerical error: the model produced NaN or infinite logits")
             else:
+                if logp is not None and i in values:
+                    seq = row.seq
+                    old = seq.canvas[seq.block_start : seq.block_end]
+                    token_logprobs.record(seq, old, out[: seq.params.block_length], values[i])
                 committed += self._apply(row, out[:-2], int(out[-2]), provisional.get(i))
         return committed
 
@@ -419,20 +428,27 @@ class Runner:
             stop_at = next((i for i, t in enumerate(ready) if t in seq.stop_ids), None)
             if stop_at is not None:
                 ready = ready[:stop_at]
+            logprobs = token_logprobs.take(seq, seq.prompt_len + seq.emitted, len(ready))
             seq.emitted += len(ready)
             if stop_at is not None:
                 seq.pending_finish, seq.stopped_on_token = "stop", True
             elif seq.emitted >= seq.request.max_new_tokens:
                 seq.pending_finish = "length"
             if ready and not (seq.pending_finish and (p.early_stop or canvas_done)):
-                seq.push(SequenceEvent(seq.request.request_id, ready, prompt_tokens=seq.prompt_len))
-                ready = []
+                seq.push(
+                    SequenceEvent(
+                        seq.request.request_id, ready, prompt_tokens=seq.prompt_len, logprobs=logprobs
+                    )
+                )
+                ready, logprobs = [], token_logprobs.none(seq)
         else:
-            ready = []
+            ready, logprobs = [], token_logprobs.none(seq)
         if seq.pending_finish and (p.early_stop or canvas_done):
-            self._finish(seq, seq.pending_finish, ready)
+            self._finish(seq, seq.pending_finish, ready, logprobs)
 
-    def _finish(self, seq: Sequence, reason: str, tokens: list[int]) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, tokens: list[int], logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         seq.finish_reason = reason
         seq.push(
             SequenceEvent(
@@ -443,5 +459,6 @@ class Runner:
                 error=seq.error,
                 forwards=seq.forwards,
                 prompt_tokens=seq.prompt_len,
+                logprobs=logprobs,
             )
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine import faults
 from dllm_serve.engine.runner import Runner, StepInfo
+from dllm_serve.engine.scoring import ScoringQueue
 from dllm_serve.engine.sequence import GenerationRequest, Sequence, SequenceEvent
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._sinks: dict[str, EventSink] = {}
         self._faults = faults.enabled()
+        # Likelihood scoring jobs: stepped by the engine after each generation step, same lock.
+        self.scoring = ScoringQueue(runner.model, config, self._work)
 
     # -- any thread -----------------------------------------------------------------------------
 
@@ -71,14 +74,16 @@ class Scheduler:
             self._aborts.update(w.request.request_id for w in self._waiting)
             self._aborts.update(s.request.request_id for s in self._running)
         self._apply_aborts()
+        self.scoring.abort_all()
 
     def counts(self) -> tuple[int, int]:
         with self._lock:
-            return len(self._waiting), len(self._running)
+            waiting, running = self.scoring.counts()
+            return len(self._waiting) + waiting, len(self._running) + running
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running)
+            return bool(self._waiting or self._running or self.scoring.pending())
 
     def wake(self) -> None:
         with self._work:
@@ -86,7 +91,7 @@ class Scheduler:
 
     def wait_for_work(self, timeout: float) -> None:
         with self._work:
-            if not (self._waiting or self._aborts):
+            if not (self._waiting or self._aborts or self.scoring.pending()):
                 self._work.wait(timeout)
 
     # -- engine thread --------------------------------------------------------------------------

@@ -19,13 +19,27 @@ from dllm_serve.engine.kv_cache import Extent
 
 @dataclass
 class GenerationRequest:
-    """What the server hands the engine: token ids and fully resolved decoding parameters."""
+    """What the server hands the engine: token ids and fully resolved decoding parameters.
+
+    ``logprobs``: None, or how many top alternatives to report with each generated token's
+    log-probability (0: the token's own only).
+    """
 
     request_id: str
     prompt_ids: list[int]
     params: DecodeParams
     max_new_tokens: int
     denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
+    logprobs: int | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability and the top (token id, log-probability) pairs at its position."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -38,6 +52,7 @@ class SequenceEvent:
     token ended it (usage counts it). ``forwards`` (model forwards the sequence took) is set on the
     final event only. ``denoise`` (requests that asked for it) is one step's provisional state;
     such an event comes before that step's token event.
+    ``logprobs`` (requests that ask): one entry per token of ``token_ids``.
     """
 
     request_id: str
@@ -48,6 +63,7 @@ class SequenceEvent:
     forwards: int = 0
     prompt_tokens: int = 0
     denoise: DenoiseStep | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -94,6 +110,7 @@ class Sequence:
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
+    token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property

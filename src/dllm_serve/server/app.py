@@ -178,9 +178,11 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     from dllm_serve.server.playground import mount_playground
     from dllm_serve.server.responses_api import responses
     from dllm_serve.server.routes import api, router
+    from dllm_serve.server.scoring_routes import scoring_api
 
     app.include_router(router)
     app.include_router(api)
+    app.include_router(scoring_api)
     mount_playground(app)
     app.include_router(responses)
 

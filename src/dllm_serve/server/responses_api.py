@@ -190,7 +190,7 @@ async def create_response(request: Request) -> Response:
     shape = _Shape(req, state.model_id)
     if req.stream:
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        tasks = run.choice_tasks(lambda _, d: queue.put_nowait(d))
+        tasks = run.choice_tasks(lambda _, d, _logprobs: queue.put_nowait(d))
         tasks[0].add_done_callback(lambda _: queue.put_nowait(None))
         return EventStreamResponse(_events(run, tasks[0], queue, shape), on_close=lambda: run.close(tasks))
     (outcome,) = await _complete(request, run)

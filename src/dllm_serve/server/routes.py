@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from dllm_serve.engine.algorithms import ParamError, describe_presets
 from dllm_serve.engine.scheduler import QueueFullError
-from dllm_serve.engine.sequence import GenerationRequest
+from dllm_serve.engine.sequence import GenerationRequest, TokenLogprob
 from dllm_serve.protocol import (
     DEFAULT_MAX_TOKENS,
     ChatCompletionRequest,
@@ -45,6 +45,7 @@ from dllm_serve.server.errors import (
     from_validation_error,
     internal_error,
 )
+from dllm_serve.server.logprobs import chat_logprobs, completion_logprobs
 from dllm_serve.server.metrics import CONTENT_TYPE
 from dllm_serve.server.prompts import check_fits
 from dllm_serve.server.streaming import (
@@ -187,6 +188,8 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
     engine = state.engine
     if req.model and req.model != state.model_id:
         raise _model_not_found(req.model)
+    if req.requested_logprobs is not None and not engine.supports_logprobs:
+        raise bad_request("logprobs need the native engine (not --trust-remote-code).", "logprobs")
     max_tokens = req.requested_max_tokens or DEFAULT_MAX_TOKENS
     max_len = state.max_model_len
     for ids in prompts:
@@ -229,6 +232,7 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
                     dataclasses.replace(params, seed=seed),
                     max_tokens,
                     denoise=denoise,
+                    logprobs=req.requested_logprobs,
                 )
             )
     return _Prepared(request_id, prompts, requests, params.algorithm, req.stop, denoise)
@@ -400,7 +404,13 @@ async def chat_completions(request: Request) -> Response:
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
     if req.stream:
-        return _stream_response(run, "chat.completion.chunk", req.include_usage, _chat_delta)
+        return _stream_response(
+            run,
+            "chat.completion.chunk",
+            req.include_usage,
+            _chat_delta,
+            lambda e: chat_logprobs(run.tokenizer, e),
+        )
     outcomes = await _complete(request, run)
     return JSONResponse(
         {
@@ -412,7 +422,7 @@ async def chat_completions(request: Request) -> Response:
                 {
                     "index": o.index,
                     "message": {"role": "assistant", "content": o.text, "refusal": None, "annotations": []},
-                    "logprobs": None,
+                    "logprobs": chat_logprobs(run.tokenizer, o.logprobs) if o.logprobs is not None else None,
                     "finish_reason": o.finish_reason,
                 }
                 for o in outcomes
@@ -447,11 +457,23 @@ async def completions(request: Request) -> Response:
     engine = state.ready_engine()
     req = await _parse(request, CompletionRequest)
     prompts = await state.offload(_encode_prompts, state, req)
+    if req.echo:  # scoring a prompt (lm-eval's loglikelihood requests): server/scoring_routes.py
+        from dllm_serve.server.scoring_routes import echo_completion
+
+        return await echo_completion(request, state, req, prompts)
+    if req.requested_max_tokens == 0:
+        raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
     prepared = _prepare(state, req, prompts, "prompt", "cmpl")
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
     if req.stream:
-        return _stream_response(run, "text_completion", req.include_usage, _text_delta)
+        return _stream_response(
+            run,
+            "text_completion",
+            req.include_usage,
+            _text_delta,
+            lambda e: _text_logprobs(run.tokenizer, e, req.logprobs or 0),
+        )
     outcomes = await _complete(request, run)
     return JSONResponse(
         {
@@ -460,7 +482,12 @@ async def completions(request: Request) -> Response:
             "created": now(),
             "model": state.model_id,
             "choices": [
-                {"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+                {
+                    "index": o.index,
+                    "text": o.text,
+                    "logprobs": _text_logprobs(run.tokenizer, o.logprobs, req.logprobs or 0),
+                    "finish_reason": o.finish_reason,
+                }
                 for o in outcomes
             ],
             "usage": run.usage(),
@@ -472,38 +499,49 @@ async def completions(request: Request) -> Response:
 # ------------------------------------------------------------------------------ streaming
 
 
-def _stream_response(run: _Run, kind: str, include_usage: bool, choice) -> EventStreamResponse:
-    """Submit first (a full queue is still a real 429), then stream."""
-    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]] = asyncio.Queue()
+def _stream_response(run: _Run, kind: str, include_usage: bool, choice, fmt_logprobs) -> EventStreamResponse:
+    """Submit first (a full queue is still a real 429), then stream. ``fmt_logprobs`` turns a
+    delta's token log-probabilities into the response's ``logprobs`` object."""
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None, Any]] = asyncio.Queue()
     on_denoise = None
     if run.prepared.denoise:  # each engine step's JSON goes to the same queue as the text
         view = DenoiseView(run.tokenizer)
-        on_denoise = view.sender(queue.put_nowait)
-    tasks = run.choice_tasks(lambda i, d: queue.put_nowait((i, d)), on_denoise)
-    for i, task in enumerate(tasks):  # (i, None) marks the end of choice i, after all its deltas
-        task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None)))
+        on_denoise = view.sender(lambda item: queue.put_nowait((*item, None)))
+    tasks = run.choice_tasks(
+        lambda i, d, lp: queue.put_nowait((i, d, None if lp is None else fmt_logprobs(lp))), on_denoise
+    )
+    for i, task in enumerate(tasks):  # (i, None, None) marks the end of choice i, after all its deltas
+        task.add_done_callback(lambda _, i=i: queue.put_nowait((i, None, None)))
     return EventStreamResponse(
         _stream(run, tasks, queue, kind, include_usage, choice), on_close=lambda: run.close(tasks)
     )
 
 
-def _chat_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+def _text_logprobs(tok, entries: list[TokenLogprob] | None, top: int) -> dict[str, Any] | None:
+    return None if entries is None else completion_logprobs(tok, entries, [e.token for e in entries], top)
+
+
+def _chat_delta(
+    index: int, text: str | None, finish: str | None, first: bool = False, logprobs: Any = None
+) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if first:
         delta = {"role": "assistant", "content": "", "refusal": None}
     elif text is not None:
         delta = {"content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _text_delta(index: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+def _text_delta(
+    index: int, text: str | None, finish: str | None, first: bool = False, logprobs: Any = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
 
 async def _stream(
     run: _Run,
     tasks: list[asyncio.Task[ChoiceOutcome]],
-    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None]],
+    queue: asyncio.Queue[tuple[int, str | dict[str, Any] | None, Any]],
     kind: str,
     include_usage: bool,
     choice,
@@ -540,10 +578,10 @@ async def _stream(
                 out.clear()
             try:
                 if deadline is None:
-                    index, text = await queue.get()
+                    index, text, logprobs = await queue.get()
                 else:
                     left = max(0.0, deadline - time.perf_counter())
-                    index, text = await asyncio.wait_for(queue.get(), left)
+                    index, text, logprobs = await asyncio.wait_for(queue.get(), left)
             except asyncio.TimeoutError:
                 run.end_reason = "timeout"
                 out.append(sse(_timeout_error(run.state.config.request_timeout).body()))
@@ -552,7 +590,7 @@ async def _stream(
                 out.append(chunk([{**choice(index, None, None), "denoise": text}]))
                 continue
             if text is not None:
-                out.append(chunk([choice(index, text, None)]))
+                out.append(chunk([choice(index, text, None, logprobs=logprobs)]))
                 continue
             remaining -= 1  # choice ``index`` ended; its deltas were queued before this marker
             task = tasks[index]

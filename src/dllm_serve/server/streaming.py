@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dllm_serve.engine.denoise import DenoiseStep
-from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
+from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent, TokenLogprob
 
 REPLACEMENT = "\ufffd"
 
@@ -217,30 +217,40 @@ class ChoiceOutcome:
     finish_reason: str  # "stop" | "length"
     completion_tokens: int
     forwards: int
+    logprobs: list[TokenLogprob] | None = None  # one per returned token, when asked
 
 
 async def run_choice(
     index: int,
     stream: EngineStream,
     text: ChoiceText,
-    emit: Callable[[int, str], None] | None = None,
+    emit: Callable[[int, str, list[TokenLogprob] | None], None] | None = None,
     on_tokens: Callable[[], None] | None = None,
     on_denoise: Callable[[int, DenoiseStep], None] | None = None,
 ) -> ChoiceOutcome:
-    """Consume one engine request to its end; ``emit(index, delta)`` gets text as it becomes final,
-    ``on_denoise(index, step)`` each engine step of a request that traces them.
+    """Consume one engine request to its end; ``emit(index, delta, logprobs)`` gets text as it
+    becomes final, with the log-probabilities (when asked) of the tokens received since the last
+    delta (their text may still be held back: a possible stop string, an incomplete character);
+    ``on_denoise(index, step)`` gets each engine step of a request that traces them.
 
     Leaving early (cancelled, stop string) aborts the engine request.
     """
     forwards = 0
+    entries: list[TokenLogprob] | None = None  # tokens accepted by ``text`` (up to a stop string)
+    sent = 0
 
-    def push(delta: str) -> None:
-        if delta and emit is not None:
-            emit(index, delta)
+    def push(delta: str, last: bool = False) -> None:
+        nonlocal sent
+        if emit is None:
+            return
+        chunk = entries[sent:] if entries is not None else None
+        if delta or (last and chunk):
+            emit(index, delta, chunk)
+            sent = len(entries) if entries is not None else 0
 
     def outcome(reason: str, stopped_on_token: bool = False) -> ChoiceOutcome:
         return ChoiceOutcome(
-            index, text.text[: text.sent], reason, text.completion_tokens(stopped_on_token), forwards
+            index, text.text[: text.sent], reason, text.completion_tokens(stopped_on_token), forwards, entries
         )
 
     try:
@@ -250,8 +260,13 @@ async def run_choice(
             if event.token_ids and on_tokens is not None:
                 on_tokens()
             forwards = max(forwards, event.forwards)
-            push(text.add(event.token_ids))
+            before = len(text.token_ids)
+            delta = text.add(event.token_ids)
+            if event.logprobs is not None:
+                entries = (entries or []) + event.logprobs[: len(text.token_ids) - before]
+            push(delta)
             if text.stop_hit is not None:
+                push("", last=True)
                 final = await stream.abort_and_wait()
                 if final is not None:
                     forwards = max(forwards, final.forwards)
@@ -259,7 +274,7 @@ async def run_choice(
             if event.finished:
                 if event.finish_reason not in ("stop", "length"):
                     raise EngineFailure(event.finish_reason or "error", event.error)
-                push(text.finish())
+                push(text.finish(), last=True)
                 return outcome(event.finish_reason, event.stopped_on_token)
         raise EngineFailure("error", "event stream ended without a final event")
     finally:
