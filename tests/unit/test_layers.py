@@ -12,7 +12,7 @@ from pathlib import Path
 import dllm_serve
 
 SRC = Path(dllm_serve.__file__).parent
-ENTRY_POINTS = {"bench", "commands", "preflight", "cli", "terminal_view"}
+ENTRY_POINTS = {"bench", "commands", "preflight", "cli", "terminal_view", "evaluation"}
 ALLOWED: dict[str, set[str]] = {
     "tensors": set(),
     "config": set(),

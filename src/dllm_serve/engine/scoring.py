@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dllm_serve.config import EngineConfig
+from dllm_serve.decoding.likelihood import MAX_MC_NUM as MAX_MC_NUM  # the server's bound on mc_num
 from dllm_serve.decoding.likelihood import block_spans, combine, draw_masks, sample_value
 from dllm_serve.engine.scoring_rows import Row, RowLayout, RowOutput, forward_rows, row_layout
 from dllm_serve.engine.sequence import TokenLogprob

@@ -21,9 +21,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import field_validator, model_validator
 
-from dllm_serve.decoding.likelihood import MAX_MC_NUM
 from dllm_serve.engine.scheduler import QueueFullError
 from dllm_serve.engine.scoring import (
+    MAX_MC_NUM,
     AnyRequest,
     ScoringEvent,
     ScoringRequest,
