@@ -31,6 +31,11 @@ def _prompt(loaded) -> list[int]:
     return tok.render_chat([{"role": "user", "content": ex.prompt}]) + tok.encode(ex.answer)
 
 
+def _model(server) -> str:
+    """The served model's id (the API requires ``model``)."""
+    return httpx.get(server.v1 + "/models", timeout=10).json()["data"][0]["id"]
+
+
 def _each_token_alone_masked(model, prompt: list[int], block: int | None) -> list[float | None]:
     """Reference: token i's log-probability with it alone masked (block diffusion: its block
     after the clean prompt before it)."""
@@ -47,7 +52,15 @@ def test_echo_returns_each_prompt_token_alone_masked_and_one_greedy_token(served
     prompt = _prompt(loaded)
     body = httpx.post(
         server.v1 + "/completions",
-        json={"prompt": prompt, "max_tokens": 1, "logprobs": 3, "echo": True, "temperature": 0, "seed": 1},
+        json={
+            "model": _model(server),
+            "prompt": prompt,
+            "max_tokens": 1,
+            "logprobs": 3,
+            "echo": True,
+            "temperature": 0,
+            "seed": 1,
+        },
         timeout=120,
     ).json()
     choice = body["choices"][0]
@@ -74,7 +87,7 @@ def test_lm_eval_greedy_check_is_exact_for_argmax_tokens(served):
     prompt = _prompt(loaded)
     lp = httpx.post(
         server.v1 + "/completions",
-        json={"prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True},
+        json={"model": _model(server), "prompt": prompt, "max_tokens": 1, "logprobs": 1, "echo": True},
         timeout=120,
     ).json()["choices"][0]["logprobs"]
     answer = len(loaded.tokenizer.encode(heldout_examples(1)[0].answer))
@@ -123,6 +136,8 @@ def test_openai_client_echo_with_max_tokens_zero_scores_the_prompt_only(served):
 def test_echo_errors_name_the_field(served, fields, param):
     server, _, _ = served
     r = httpx.post(
-        server.v1 + "/completions", json={"prompt": "a b", "echo": True, "logprobs": 1, **fields}, timeout=30
+        server.v1 + "/completions",
+        json={"model": _model(server), "prompt": "a b", "echo": True, "logprobs": 1, **fields},
+        timeout=30,
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -85,5 +85,6 @@ def test_logprob_limits_are_400s(server):
         ({"messages": _messages(), "top_logprobs": 2}, "top_logprobs"),
         ({"messages": _messages(), "logprobs": 1}, "logprobs"),
     ):
-        r = httpx.post(server.v1 + "/chat/completions", json={"max_tokens": 8, **body}, timeout=30)
+        full = {"model": "tiny-llada", "max_tokens": 8, **body}
+        r = httpx.post(server.v1 + "/chat/completions", json=full, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -103,6 +103,7 @@ def _tokenizer():
 
 def test_completions_denoise_with_two_choices(server):
     body = {
+        "model": "tiny-llada",
         "prompt": "a b c",
         "max_tokens": 8,
         "n": 2,
@@ -130,8 +131,8 @@ def test_completions_denoise_with_two_choices(server):
 def test_denoise_needs_stream_and_a_known_mode(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     for body, param in (
-        ({"prompt": "a", "stream_mode": "denoise"}, "stream_mode"),
-        ({"prompt": "a", "stream": True, "stream_mode": "tokens"}, "stream_mode"),
+        ({"model": "tiny-llada", "prompt": "a", "stream_mode": "denoise"}, "stream_mode"),
+        ({"model": "tiny-llada", "prompt": "a", "stream": True, "stream_mode": "tokens"}, "stream_mode"),
     ):
         r = httpx.post(server.v1 + "/completions", json=body, headers=headers, timeout=30)
         assert r.status_code == 400, r.text

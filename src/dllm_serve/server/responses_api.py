@@ -77,6 +77,11 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     # The denoise view streams chat/completions chunks; Responses events carry committed text only.
     stream_mode: Literal["committed"] = "committed"
 
+    @property
+    def requested_logprobs(self) -> None:
+        """Token log-probabilities are offered on chat and completions, not here."""
+        return None
+
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:  # type: ignore[override]
         """Fields of the Responses API this server cannot honour are a 400 naming them, first."""

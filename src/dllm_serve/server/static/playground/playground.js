@@ -212,7 +212,12 @@ class Lane {
       let value;
       if (input.type === "checkbox") value = input.checked;
       else if (input.type === "number") value = input.value === "" ? def : Number(input.value);
-      else value = input.value;
+      else if (def === null) {
+        // An optional knob that is off by default (max_steps_per_block, ...): empty stays off,
+        // a number is sent as a number.
+        const text = input.value.trim();
+        value = text === "" ? null : Number.isFinite(Number(text)) ? Number(text) : text;
+      } else value = input.value;
       if (value !== def) out[input.name] = value;
     }
     return out;
