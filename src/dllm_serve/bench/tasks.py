@@ -7,18 +7,15 @@ Two suites (docs/tasks.md describes every task and its checker):
   function of one prompt token a fixed distance before it, an alignment a 4-layer model learns in
   minutes on a CPU, so the model is certain of the whole answer at once. One answer is right: the
   checker is an exact match. Its held-out prompts and seed are those of every earlier figure.
-- ``dependent``: tasks with many right answers whose tokens constrain each other (write given
-  letters in any order; pick k different letters from a set; write one odd letter among N), checked
-  by a rule. Trained on uniformly random right answers, the model's best guess at a masked position
-  is spread over what is still unused, and every position that is still open has the same guess, so
-  committing several of them in one forward repeats a letter or leaves the odd one out: the price
-  of parallel decoding that the ``standard`` suite never charges.
+- ``dependent``: answers whose tokens constrain each other, checked by a rule. ``same_case``: copy
+  a list or upper-case it, all letters alike. Trained on both answers equally, the model's best guess
+  at every open answer position is its letter in either case with probability about 1/2, so
+  committing several open positions in one forward mixes the cases: the price of parallel decoding
+  that the ``standard`` suite never charges. Decoded one token per step, the first letter decides.
 
 Items are separated by single spaces, which the bundled BPE tokenizer turns into one token each.
-Answers have a fixed length per task (or per stated count), so each ends at a known place.
-Training and held-out examples come from disjoint seeds, and ``heldout_examples`` can exclude any
-prompts given to it (the ``place`` task has only a few thousand distinct prompts, so held-out
-prompts of that task also occur in training, with other answers).
+Answers have a fixed length per task, so each ends at a known place. Training and held-out examples
+come from disjoint seeds, and ``heldout_examples`` can exclude any prompts given to it.
 """
 
 from __future__ import annotations
@@ -132,7 +129,7 @@ def make_example(rng: random.Random, task: str | None = None) -> Example:
 
 def training_stream(seed: int = TRAIN_SEED, dependent_share: float = 1 / 3) -> Iterator[Example]:
     """An endless, deterministic stream of training examples: a ``dependent`` task with probability
-    ``dependent_share`` (the default is uniform over all six tasks), else a ``standard`` one."""
+    ``dependent_share``, else a ``standard`` one (tasks uniform within a suite)."""
     rng = random.Random(seed)
     while True:
         suite = "dependent" if rng.random() < dependent_share else "standard"
