@@ -1,15 +1,24 @@
-"""Train a bundled tiny checkpoint in a real published format on the synthetic chat task set.
+"""Train a bundled tiny checkpoint in a real published format on the synthetic chat task suites.
 
-The bundled models (their TRAINING.json records the arguments and run time):
+The bundled models are two stages (their TRAINING.json records both): the first release, trained
+from scratch on the standard suite and canvases of 32-96 tokens by this script as of commit 086d8fb,
+then a continuation on both suites (docs/tasks.md) and, for LLaDA, canvases up to 512 tokens, from
+the first release's weights and tokenizer (``git archive 086d8fb models | tar -x -C OLD`` restores
+them):
 
-    python scripts/train_tiny.py --steps 3000 --stop-after 1000 --threads 2     # models/tiny-llada
-    python scripts/train_tiny.py --family nemotron --steps 1500 --threads 1     # models/tiny-nemotron
+    python scripts/train_tiny.py --init OLD/models/tiny-llada \
+        --tokenizer-from OLD/models/tiny-llada --steps 900 --schedule wsd --lr 2e-3 \
+        --dependent-share 0.5 --threads 1
+    python scripts/train_tiny.py --family nemotron --init OLD/models/tiny-nemotron \
+        --tokenizer-from OLD/models/tiny-nemotron --steps 700 --schedule wsd --lr 2e-3 \
+        --dependent-share 0.5 --threads 1
 
-Both families share the tokenizer recipe (a byte-level BPE trained on task text, with the family's
-special tokens and chat template), the task stream, the response canvases (CANVAS_LENGTHS, cycled
-per step: answer, end-of-turn, then EOS padding, exactly as the sampler sees it) and the training
-loop (AdamW, warm-up + cosine or WSD, clipping, periodic checkpoints). They differ in model/format and
-objective:
+Both families share the tokenizer recipe (a byte-level BPE trained on task text of both suites, with
+the family's special tokens and chat template; or ``--tokenizer-from`` an earlier checkpoint, so its
+weights can be continued), the task stream, the response canvases (CANVAS_LENGTHS, cycled per step:
+answer, end-of-turn, then EOS padding, exactly as the sampler sees it; fewer rows at long canvases)
+and the training loop (AdamW, warm-up + cosine or WSD, clipping, periodic checkpoints). They differ
+in model/format and objective:
 
 - ``llada``: LLaDA's masked-diffusion SFT. Only the response is masked, with ratio
   p = (1 - eps) * t + eps, t ~ U(0, 1) per example; the loss is the cross-entropy on masked tokens
@@ -43,7 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dllm_serve.bench.tasks import TASKS, make_example, training_stream
+from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -77,8 +86,18 @@ QWEN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
-# ends answers cleanly on any canvas a user picks, not just one.
-CANVAS_LENGTHS = (32, 64, 48, 96)
+# ends answers cleanly on any canvas a user picks. LLaDA attends over the whole canvas, so it must see
+# every max_tokens a client may ask for (32..512; trained on 32-96 only it answered nothing at 256);
+# long canvases take fewer rows (ROW_TOKENS per batch row at --batch-size rows), which keeps the
+# tokens per step, and so the seconds per step, about level. Nemotron decodes block by block behind
+# committed blocks only, so the canvas after the answer never reaches it: short canvases suffice.
+CANVAS_LENGTHS = {
+    "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
+    "nemotron": (32, 48, 32, 64),
+}
+ROW_TOKENS = 96
+# Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
+MAX_LENGTH = 1024
 # Nemotron: block sizes drawn per row, so any of them decodes well.
 BLOCK_SIZES = (8, 16, 32)
 BLOCK_WEIGHTS = (0.25, 0.25, 0.5)
@@ -108,7 +127,7 @@ FORMATS = {
             "eos_token": "<|endoftext|>",
             "pad_token": "<|endoftext|>",
             "mask_token": "<|mdm_mask|>",
-            "model_max_length": 512,
+            "model_max_length": MAX_LENGTH,
             "clean_up_tokenization_spaces": False,
             "chat_template": LLADA_CHAT_TEMPLATE,
         },
@@ -128,7 +147,7 @@ FORMATS = {
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "add_prefix_space": False,
             "errors": "replace",
-            "model_max_length": 512,
+            "model_max_length": MAX_LENGTH,
             "clean_up_tokenization_spaces": False,
             "chat_template": QWEN_CHAT_TEMPLATE,
         },
@@ -157,8 +176,8 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     """Train a byte-level BPE on task-like text and write tokenizer.json + tokenizer_config.json."""
     rng = random.Random(seed)
     corpus = []
-    for _ in range(4000):
-        ex = make_example(rng)
+    for i in range(6000):
+        ex = make_example(rng, ALL_TASKS[i % len(ALL_TASKS)])
         corpus += [ex.prompt, ex.answer]
     corpus += ["system user assistant", "You are a helpful assistant.", "Hello! How are you today?"]
     tok = Tokenizer(models.BPE())
@@ -171,6 +190,11 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    write_tokenizer(out, tok, fmt)
+
+
+def write_tokenizer(out: Path, tok: Tokenizer, fmt: Format) -> None:
+    """tokenizer.json plus the family's tokenizer_config.json and special_tokens_map.json."""
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
@@ -319,7 +343,7 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
             embedding_size=n_vocab,
             rope_theta=10000.0,
             rms_norm_eps=1e-5,
-            max_sequence_length=512,
+            max_sequence_length=MAX_LENGTH,
             mask_token_id=ids.mask,
             eos_token_id=ids.eos,
             pad_token_id=ids.eos,
@@ -335,7 +359,7 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
         vocab_size=n_vocab,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_LENGTH,
         mask_token_id=ids.mask,
         eos_token_id=ids.eos,
         pad_token_id=ids.eos,
@@ -369,8 +393,9 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
         "family": args.family,
         "objective": OBJECTIVES[args.family],
         "args": {k: str(v) for k, v in vars(args).items()},
-        "tasks": list(TASKS),
-        "canvas_lengths": list(CANVAS_LENGTHS),
+        "suites": {name: list(tasks) for name, tasks in SUITES.items()},
+        "canvas_lengths": list(args.canvases),
+        "rows_per_canvas": {c: rows_for(c, args.batch_size) for c in sorted(set(args.canvases))},
         "step": step,
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
@@ -378,6 +403,11 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
     if args.family == "nemotron":
         record["block_sizes"] = list(BLOCK_SIZES)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
+
+
+def rows_for(canvas: int, batch_size: int) -> int:
+    """Batch rows at a canvas: ``batch_size`` up to ROW_TOKENS tokens, fewer (at least 4) beyond."""
+    return max(4, min(batch_size, round(batch_size * ROW_TOKENS / canvas)))
 
 
 def lr_factor(schedule: str, steps: int, step: int) -> float:
@@ -416,9 +446,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
+    ap.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint's weights")
+    ap.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="reuse this checkpoint's tokenizer.json instead of training one (needed with --init)",
+    )
+    ap.add_argument("--canvases", type=int, nargs="+", default=None, help="default: CANVAS_LENGTHS[family]")
+    ap.add_argument(
+        "--dependent-share", type=float, default=1 / 3, help="share of examples from the dependent suite"
+    )
     ap.add_argument("--skip-examples", type=int, default=0, help="skip this many training examples first")
     args = ap.parse_args(argv)
+    args.canvases = tuple(args.canvases or CANVAS_LENGTHS[args.family])
     for key, value in DEFAULTS[args.family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -431,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
+    if args.tokenizer_from is None:
+        build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
+    else:
+        write_tokenizer(args.out, Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json")), fmt)
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
@@ -441,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         model.load_official(load_file(str(args.init / "model.safetensors")))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
-    stream = training_stream()
+    stream = training_stream(dependent_share=args.dependent_share)
     for _ in range(args.skip_examples):
         next(stream)
     gen = torch.Generator().manual_seed(args.seed)
@@ -450,8 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     last = args.stop_after or args.steps
     for step in range(1, last + 1):
-        examples = [next(stream) for _ in range(args.batch_size)]
-        canvas = CANVAS_LENGTHS[step % len(CANVAS_LENGTHS)]
+        canvas = args.canvases[step % len(args.canvases)]
+        examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if args.family == "llada":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
         else:
@@ -463,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         sched.step()
         if step % args.save_every == 0 and step < last:
             save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
-        if step % 50 == 0 or step == 1:
+        if step % args.log_every == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
                 f"{time.time() - t0:7.1f}s",

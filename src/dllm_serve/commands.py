@@ -59,9 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("prompt")
     gen.set_defaults(func=run_generate)
 
-    ev = sub.add_parser("eval", help="accuracy and speed on the bundled synthetic task set")
+    ev = sub.add_parser("eval", help="accuracy and speed on the bundled synthetic task suites")
     add_engine_arguments(ev)
     add_decoding_arguments(ev)
+    ev.add_argument(
+        "--suite",
+        choices=["standard", "dependent"],
+        default="standard",
+        help="standard: one right answer per prompt; dependent: answers whose tokens constrain each "
+        "other, checked by a rule (docs/tasks.md)",
+    )
     ev.add_argument("--limit", type=int, default=200, help="held-out prompts to run")
     ev.add_argument("--gen-length", dest="gen_length", type=int, default=48)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -137,14 +144,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def evaluate(
-    engine, algorithm: str, limit: int, gen_length: int, overrides: dict[str, Any]
+    engine,
+    algorithm: str,
+    limit: int,
+    gen_length: int,
+    overrides: dict[str, Any],
+    suite: str = "standard",
 ) -> dict[str, Any]:
-    """Run the held-out synthetic tasks through ``engine``; accuracy and throughput figures."""
+    """Run a suite's held-out synthetic tasks through ``engine``; accuracy and throughput figures."""
     from dllm_serve.bench.tasks import heldout_examples, is_correct
     from dllm_serve.engine.sequence import GenerationRequest
 
     tok = engine.loaded.tokenizer
-    examples = heldout_examples(limit)
+    examples = heldout_examples(limit, suite=suite)
     params = engine.resolve_params(gen_length, {"seed": 0, **overrides}, algorithm)
     requests = [
         GenerationRequest(
@@ -166,6 +178,7 @@ def evaluate(
     correct = sum(sum(v) for v in by_task.values())
     return {
         "model": str(engine.loaded.path),
+        "suite": suite,
         "algorithm": params.algorithm,
         "params": {k: v for k, v in params.to_dict().items() if k != "seed"},
         "batch_size": engine.config.max_batch_size,
@@ -205,7 +218,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from dllm_serve.engine.engine import build_engine
 
     engine = build_engine(engine_config_from_args(args))
-    report = evaluate(engine, engine.default_algorithm, args.limit, args.gen_length, decoding_overrides(args))
+    report = evaluate(
+        engine, engine.default_algorithm, args.limit, args.gen_length, decoding_overrides(args), args.suite
+    )
     if args.json:
         print(json.dumps(report))
     else:

@@ -107,7 +107,7 @@ CASES = [
         INV,
         "stream_options",
     ),
-    ("context-too-long", chat(max_tokens=600), 400, INV, "messages"),
+    ("context-too-long", chat(max_tokens=1100), 400, INV, "messages"),  # tiny-llada: 1024 positions
     ("prompt-bad-type", completion(prompt=123), 400, INV, "prompt"),
     ("prompt-token-out-of-range", completion(prompt=[1, 99999]), 400, INV, "prompt"),
     ("wrong-model", chat(model="gpt-4o"), 404, INV, "model"),
@@ -201,9 +201,9 @@ def test_bad_request(http, path_body, status, kind, param) -> None:
 
 
 def test_context_error_names_both_numbers(http) -> None:
-    path, body = chat(max_tokens=600)
+    path, body = chat(max_tokens=1100)
     err = _check(http.post(path, json=body), 400, INV, "messages")
-    assert "512" in err["message"] and "600" in err["message"] and err["code"] == "context_length_exceeded"
+    assert "1024" in err["message"] and "1100" in err["message"] and err["code"] == "context_length_exceeded"
 
 
 def test_not_json_unknown_route_and_method(http) -> None:

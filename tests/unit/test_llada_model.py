@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from dllm_serve.engine.kv_cache import KVPool, write_index
-from dllm_serve.models.llada import PREFIX, LLaDAConfig
+from dllm_serve.models import llada as llada_module
+from dllm_serve.models.llada import PREFIX, LLaDAConfig, llada_config_dict
 from dllm_serve.models.loader import CheckpointLoadError, load_model
-from tests.helpers import random_llada_config, random_official_weights, write_llada_checkpoint
+from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
 
 
 def reference_logits(
@@ -177,3 +180,57 @@ def test_cached_span_equals_full_forward(tmp_path):
     kv = pool.view(ext, write_index(ext, span_pos, pool.sink), n)
     step = model(ids[:, block], span_pos, torch.ones(1, 4, n, dtype=torch.bool), kv)
     assert (step - full[:, block]).abs().max() < 1e-5
+
+
+REAL_CONFIG = Path(llada_module.__file__).parent / "configs" / "llada-8b-instruct" / "config.json"
+# Keys whose value differs in a small float32 model trained by scripts/train_tiny.py (shapes and
+# token ids aside): how and in which precision it was initialised and trained, and its dtype.
+OWN_VALUES = {"init_device", "init_fn", "precision", "torch_dtype"}
+SHAPES_AND_IDS = {
+    "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
+    "rope_theta", "max_sequence_length", "mask_token_id", "eos_token_id", "pad_token_id",
+}  # fmt: skip
+
+
+def test_written_config_has_every_key_of_llada_8b_with_its_values():
+    """config.json as train_tiny writes it (and the bundled tiny-llada's): every key of
+    LLaDA-8B-Instruct's, the real value wherever it applies; auto_map is absent (no modeling code)."""
+    real = json.loads(REAL_CONFIG.read_text())
+    for written in (
+        llada_config_dict(random_llada_config()),
+        json.loads((TINY_LLADA / "config.json").read_text()),
+    ):
+        assert set(written) == set(real), set(written) ^ set(real)
+        assert "auto_map" not in written
+        same = set(real) - OWN_VALUES - SHAPES_AND_IDS
+        assert {k: written[k] for k in same} == {k: real[k] for k in same}
+    assert LLaDAConfig.from_dict(real).n_kv_heads == 32  # the real config loads
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"alibi": True},
+        {"include_qkv_bias": True},
+        {"include_bias": True},
+        {"block_group_size": 2},
+        {"layer_norm_with_affine": False},
+        {"layer_norm_type": "default"},
+        {"rope": False},
+        {"scale_logits": True},
+        {"multi_query_attention": True, "n_kv_heads": 4},
+    ],
+)
+def test_options_the_native_model_cannot_run_are_refused_by_name(tmp_path, change):
+    cfg = random_llada_config()
+    path = write_llada_checkpoint(tmp_path / "m", cfg, random_official_weights(cfg))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"not supported by the native model: .*{key}="):
+        load_model(path)
+
+
+def test_multi_query_attention_means_one_kv_head():
+    real = json.loads(REAL_CONFIG.read_text())
+    assert LLaDAConfig.from_dict({**real, "multi_query_attention": True, "n_kv_heads": None}).n_kv_heads == 1

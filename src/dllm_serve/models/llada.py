@@ -45,12 +45,14 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LLaDAConfig:
-        unsupported = [k for k in ("attention_layer_norm", "scale_logits", "input_emb_norm") if raw.get(k)]
-        if unsupported:
-            raise ValueError(f"LLaDA config options not supported by the native model: {unsupported}")
-        if raw.get("include_bias"):
-            raise ValueError("LLaDA checkpoints with include_bias=true are not supported")
-        n_kv = raw.get("n_kv_heads") or raw["n_heads"]
+        problems = unsupported_options(raw)
+        if problems:
+            raise ValueError(
+                f"LLaDA config options not supported by the native model: {', '.join(problems)} "
+                "(it implements LLaDA-8B's architecture: RoPE, RMSNorm with weights and no bias, "
+                "no biases, one block per layer)"
+            )
+        n_kv = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else raw["n_heads"])
         return cls(
             d_model=raw["d_model"],
             n_layers=raw["n_layers"],
@@ -72,6 +74,39 @@ class LLaDAConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+
+# Options of LLaDA's (OLMo-derived) config whose value the native model supports, and that value;
+# any other value is refused at load with the key named. Dropouts, init_* and precision only matter
+# in training, rope_full_precision is what the native model does anyway (RoPE in float32), and
+# flash_attention / use_cache select code paths of the published modeling file, not the math.
+REQUIRED_VALUES: dict[str, Any] = {
+    "alibi": False,
+    "attention_layer_norm": False,
+    "scale_logits": False,
+    "input_emb_norm": False,
+    "include_bias": False,
+    "include_qkv_bias": False,
+    "bias_for_layer_norm": False,
+    "layer_norm_with_affine": True,
+    "layer_norm_type": "rms",
+    "activation_type": "silu",
+    "block_type": "llama",
+    "block_group_size": 1,
+    "rope": True,
+}
+
+
+def unsupported_options(raw: dict[str, Any]) -> list[str]:
+    """``key=value`` for every option in ``raw`` the native model cannot run as written."""
+    problems = [
+        f"{key}={raw[key]!r}"
+        for key, want in REQUIRED_VALUES.items()
+        if raw.get(key) is not None and raw[key] != want
+    ]
+    if raw.get("multi_query_attention") and raw.get("n_kv_heads") not in (None, 1):
+        problems.append(f"multi_query_attention=true with n_kv_heads={raw['n_kv_heads']}")
+    return problems
 
 
 class LLaDAModel(DiffusionLM):
@@ -171,28 +206,55 @@ class LLaDAModel(DiffusionLM):
 
 
 def llada_config_dict(cfg: LLaDAConfig) -> dict[str, Any]:
-    """config.json content in LLaDA's own format (keys and model_type as the official release)."""
+    """config.json content in LLaDA's own format: every key of LLaDA-8B-Instruct's config.json, with
+    the real values where they apply (models/configs/llada-8b-instruct/config.json) and the small
+    model's where it differs (shapes, token ids, float32, its initialisation). ``auto_map`` is left
+    out on purpose: it names modeling code shipped beside the weights, and none is shipped."""
     return {
         "architectures": ["LLaDAModelLM"],
         "model_type": "llada",
         "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
         "block_type": "llama",
-        "layer_norm_type": "rms",
-        "rope": True,
         "d_model": cfg.d_model,
-        "n_layers": cfg.n_layers,
+        "embedding_dropout": 0.0,
+        "embedding_size": cfg.embedding_size,
+        "eos_token_id": cfg.eos_token_id,
+        "flash_attention": False,
+        "include_bias": cfg.include_bias,
+        "include_qkv_bias": False,
+        # scripts/train_tiny.py: normal(0.02), residual output projections 0.02 / sqrt(2 n_layers)
+        "init_cutoff_factor": None,
+        "init_device": "cpu",
+        "init_fn": "full_megatron",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": cfg.mask_token_id,
+        "max_sequence_length": cfg.max_sequence_length,
+        "mlp_hidden_size": cfg.mlp_hidden_size,
+        "mlp_ratio": 4,  # as in LLaDA-8B; unused, since mlp_hidden_size is set
+        "multi_query_attention": None,
         "n_heads": cfg.n_heads,
         "n_kv_heads": cfg.n_kv_heads,
-        "mlp_hidden_size": cfg.mlp_hidden_size,
-        "vocab_size": cfg.vocab_size,
-        "embedding_size": cfg.embedding_size,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_sequence_length": cfg.max_sequence_length,
-        "mask_token_id": cfg.mask_token_id,
-        "eos_token_id": cfg.eos_token_id,
+        "n_layers": cfg.n_layers,
         "pad_token_id": cfg.pad_token_id,
-        "weight_tying": cfg.weight_tying,
-        "include_bias": cfg.include_bias,
+        "precision": "fp32",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": cfg.rope_theta,
+        "scale_logits": False,
         "torch_dtype": "float32",
+        "use_cache": False,
+        "vocab_size": cfg.vocab_size,
+        "weight_tying": cfg.weight_tying,
     }
