@@ -139,7 +139,7 @@ def test_the_cache_is_allocated_at_start_up_from_the_budget(tiny):
     assert pool.bytes_per_token == TINY_BYTES_PER_TOKEN
     assert pool.capacity == 2**20 // TINY_BYTES_PER_TOKEN == 256
     assert pool.cache.shape[2] == 257  # allocated now, before any request (the last token: the sink)
-    with pytest.raises(KVBudgetError, match="512 tokens"):  # the model's own 512-token maximum
+    with pytest.raises(KVBudgetError, match="1024 tokens"):  # the model's own 1024-token maximum
         Engine(tiny, EngineConfig(kv_cache_memory="1MiB"))
 
 
