@@ -42,14 +42,21 @@ def _item(k: int, n_tokens: int, loaded) -> tuple[dict, list[int], list[int]]:
 
 def test_endpoint_estimate_lies_within_three_standard_errors_of_the_exact_expectation(served):
     server, loaded, block = served
+    # A confident model's per-sample values are skewed (most near 0, a few large), so one run's
+    # sample stderr can be small by chance; eight independent seeds of 512 samples each, pooled,
+    # keep the check at 3 standard errors honest. A biased estimator is off by many of them.
     for k, n in ((0, 2), (1, 4)):
         item, context, answer = _item(k, n, loaded)
-        body = _post(server, {"requests": [item], "mc_num": 512, "seed": 3}).json()
-        row = body["data"][0]
+        rows = []
+        for seed in range(8):
+            body = _post(server, {"requests": [item], "mc_num": 512, "seed": seed}).json()
+            assert body["object"] == "loglikelihood" and body["data"][0]["num_tokens"] == n
+            assert body["usage"]["prompt_tokens"] == len(context) + n
+            rows.append(body["data"][0])
         want = exact_expectation(loaded.model, context, answer, block)
-        assert body["object"] == "loglikelihood" and row["num_tokens"] == n
-        assert abs(row["logprob"] - want) <= 3 * row["stderr"], (row, want)
-        assert body["usage"]["prompt_tokens"] == len(context) + n
+        pooled = sum(r["logprob"] for r in rows) / len(rows)
+        pooled_stderr = sum(r["stderr"] ** 2 for r in rows) ** 0.5 / len(rows)
+        assert abs(pooled - want) <= 3 * pooled_stderr, (rows, want)
 
 
 def test_one_token_answer_with_mc_num_one_is_exact_for_messages_and_token_ids(served):

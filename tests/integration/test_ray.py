@@ -249,26 +249,35 @@ def test_health_and_metrics_cover_both_replicas(server):
     assert len(set(re.findall(r'replica="([^"]+)"', text))) == 2, text[:2000]
 
 
-# Long requests (no EOS, 256 tokens one step each, in blocks of 32): still running when the replica
-# dies, and a stream has sent its first block's tokens by then.
+# Long requests: a chat task whose answer comes first, then (no early stop) the rest of a 256-token
+# canvas one token per step, so a request is still running when the replica dies and a stream has
+# sent its answer by then.
 LONG = {"algorithm": "llada", "block_length": 32, "logits_eos_inf": True, "early_stop": False}
 LONG_TOKENS = 256
 
 
-async def _ask_long(client, prompt: str) -> str:
+def _long_prompt(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+async def _ask_long(client, i: int) -> str:
     models = await client.models.list()
-    r = await client.completions.create(
-        model=models.data[0].id, prompt=prompt, max_tokens=LONG_TOKENS, temperature=0, extra_body=LONG
+    r = await client.chat.completions.create(
+        model=models.data[0].id,
+        messages=_long_prompt(i),
+        max_tokens=LONG_TOKENS,
+        temperature=0,
+        extra_body=LONG,
     )
     assert r.choices[0].finish_reason in ("stop", "length")
-    return r.choices[0].text
+    return r.choices[0].message.content
 
 
-async def _stream_long(client, prompt: str, first_token: asyncio.Event) -> str:
+async def _stream_long(client, i: int, first_token: asyncio.Event) -> str:
     models = await client.models.list()
-    stream = await client.completions.create(
+    stream = await client.chat.completions.create(
         model=models.data[0].id,
-        prompt=prompt,
+        messages=_long_prompt(i),
         max_tokens=LONG_TOKENS,
         temperature=0,
         stream=True,
@@ -276,8 +285,8 @@ async def _stream_long(client, prompt: str, first_token: asyncio.Event) -> str:
     )
     parts = []
     async for c in stream:
-        if c.choices and c.choices[0].text:
-            parts.append(c.choices[0].text)
+        if c.choices and c.choices[0].delta.content:
+            parts.append(c.choices[0].delta.content)
             first_token.set()
     return "".join(parts)
 
@@ -298,12 +307,12 @@ def test_client_disconnect_through_the_front_aborts_the_request(server):
     _, base, _ = server
     before = _aborted(base)
     model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-    body = {"model": model, "prompt": "x", "max_tokens": LONG_TOKENS, "stream": True, **LONG}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+    body = {"model": model, "messages": _long_prompt(0), "max_tokens": LONG_TOKENS, "stream": True, **LONG}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
-                break  # the first token: leave with 224 of 256 steps to go
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the answer's first text: leave with most of the 256 steps to go
     deadline = time.monotonic() + 30
     while _aborted(base) <= before:
         assert time.monotonic() < deadline, "the request was not aborted on its replica"
@@ -323,9 +332,9 @@ def test_killed_replica_restarts_and_unstarted_requests_survive(server, referenc
     async def run():
         client = _client(base)
         firsts = [asyncio.Event() for _ in range(4)]
-        streams = [asyncio.create_task(_stream_long(client, f"stream {i}", e)) for i, e in enumerate(firsts)]
+        streams = [asyncio.create_task(_stream_long(client, i, e)) for i, e in enumerate(firsts)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in firsts)), 120)
-        plain = [asyncio.create_task(_ask_long(client, f"plain {i}")) for i in range(6)]
+        plain = [asyncio.create_task(_ask_long(client, i)) for i in range(6)]
         await asyncio.sleep(1.0)  # the plain requests are running, none has answered yet
         assert not any(t.done() for t in plain)
         os.kill(victim, signal.SIGKILL)

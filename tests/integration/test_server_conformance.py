@@ -131,7 +131,7 @@ def test_responses_api_refuses_what_it_cannot_do(client) -> None:
         ({"text": {"format": {"type": "json_object"}}}, "text"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"max_output_tokens": 600}, "input"),
+        ({"max_output_tokens": 1100}, "input"),
         (
             {
                 "input": [

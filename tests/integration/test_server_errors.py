@@ -162,7 +162,7 @@ CASES = [
     ("responses-store", response(store=True), 400, INV, "store"),
     ("responses-max-output-zero", response(max_output_tokens=0), 400, INV, "max_output_tokens"),
     ("responses-seed-2^64", response(seed=BIG), 400, INV, "seed"),
-    ("responses-context", response(max_output_tokens=600), 400, INV, "input"),
+    ("responses-context", response(max_output_tokens=1100), 400, INV, "input"),
     ("responses-unknown-algorithm", response(algorithm="nope"), 400, INV, "algorithm"),
 ]
 

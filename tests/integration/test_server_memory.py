@@ -121,4 +121,4 @@ def test_a_budget_too_small_for_one_sequence_stops_start_up_with_one_line(tmp_pa
     )
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     errors = [line for line in cli.stderr.splitlines() if "KV cache cannot hold" in line]
-    assert len(errors) == 1 and "error:" in errors[0] and "512 tokens need" in errors[0], cli.stderr
+    assert len(errors) == 1 and "error:" in errors[0] and "1024 tokens need" in errors[0], cli.stderr
