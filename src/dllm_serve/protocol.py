@@ -101,6 +101,15 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+def one_algorithm(cls: type, value: str | None, info: ValidationInfo) -> str | None:
+    """Validator for ``generation_algorithm`` (the alias some clients send): it may not disagree
+    with ``algorithm``. Shared by every request model that takes both."""
+    other = info.data.get("algorithm")
+    if value and other and value != other:
+        raise ValueError("algorithm and generation_algorithm disagree; send one of them")
+    return value
+
+
 class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     """Fields shared by /v1/chat/completions and /v1/completions.
 
@@ -168,13 +177,7 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
             raise ValueError("stream_mode 'denoise' needs stream: true")
         return value
 
-    @field_validator("generation_algorithm")
-    @classmethod
-    def _one_algorithm(cls, value: str | None, info: ValidationInfo) -> str | None:
-        other = info.data.get("algorithm")
-        if value and other and value != other:
-            raise ValueError("algorithm and generation_algorithm disagree; send one of them")
-        return value
+    _one_algorithm = field_validator("generation_algorithm")(one_algorithm)
 
     @property
     def requested_max_tokens(self) -> int | None:

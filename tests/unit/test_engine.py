@@ -13,21 +13,9 @@ from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.runner import Runner
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import load_model
-from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
+from tests.helpers import TINY_LLADA
 
 LLADA_PRESETS = tuple(p.name for p in presets_for("llada"))  # the set is pinned in test_algorithms
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_LLADA)
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    cfg = random_llada_config(n_kv_heads=2)
-    path = tmp_path_factory.mktemp("eng") / "m"
-    return load_model(write_llada_checkpoint(path, cfg, random_official_weights(cfg, scale=0.3)))
 
 
 def _chat(loaded, text: str) -> list[int]:

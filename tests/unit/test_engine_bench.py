@@ -34,11 +34,6 @@ RATES = PeakRates("test", "float32", 1e10, 1e10, 0, 0, source="given")
 SMALL_8B_WIDTH = ["n_layers=1", "d_model=256", "n_heads=2", "n_kv_heads=2", "mlp_hidden_size=512"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_LLADA)
-
-
 def _bench(loaded, algorithm: str, batch: int = 3, k: int = 4, gen: int = 32, block: int = 16) -> dict:
     engine = Engine(loaded, EngineConfig(max_batch_size=batch, max_model_len=128))
     settings = BenchSettings(

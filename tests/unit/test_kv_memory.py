@@ -25,15 +25,8 @@ from dllm_serve.engine.memory import (
     profile_forward,
 )
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models.loader import load_model
-from tests.helpers import TINY_LLADA
 
 TINY_BYTES_PER_TOKEN = 2 * 4 * 4 * 32 * 4  # k+v, 4 layers, 4 KV heads of 32, float32
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_LLADA)
 
 
 def test_size_classes():

@@ -30,8 +30,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import resolve_params
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
-from dllm_serve.models.loader import load_model
-from tests.helpers import TINY_LLADA, random_llada_config, random_official_weights, write_llada_checkpoint
+from tests.helpers import TINY_LLADA
 
 NEG = -math.inf
 
@@ -143,19 +142,6 @@ def test_fastdllm_generate_hand_case_ignores_steps_under_threshold() -> None:
 
 
 # -- the engine against the reference ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model(TINY_LLADA)
-
-
-@pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    """Unsaturated probabilities: thresholds are rarely reached, so ``steps`` would matter."""
-    cfg = random_llada_config(n_kv_heads=2)
-    path = tmp_path_factory.mktemp("pub") / "m"
-    return load_model(write_llada_checkpoint(path, cfg, random_official_weights(cfg, scale=0.3)))
 
 
 TEXTS = [

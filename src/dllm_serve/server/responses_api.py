@@ -26,9 +26,9 @@ from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationInfo, field_validator
+from pydantic import field_validator
 
-from dllm_serve.protocol import ChatMessage, DiffusionFields
+from dllm_serve.protocol import ChatMessage, DiffusionFields, one_algorithm
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import APIError, internal_error
 from dllm_serve.server.routes import (
@@ -103,13 +103,7 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
             raise ValueError("must be a positive integer")
         return value
 
-    @field_validator("generation_algorithm")
-    @classmethod
-    def _one_algorithm(cls, value: str | None, info: ValidationInfo) -> str | None:
-        other = info.data.get("algorithm")
-        if value and other and value != other:
-            raise ValueError("algorithm and generation_algorithm disagree; send one of them")
-        return value
+    _one_algorithm = field_validator("generation_algorithm")(one_algorithm)
 
     # What the chat path (_prepare, _check_ready_and_tokenize_chat) reads from a request.
     n: ClassVar[int] = 1
