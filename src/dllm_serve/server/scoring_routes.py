@@ -273,7 +273,7 @@ async def loglikelihood(request: Request) -> JSONResponse:
     if req.model and req.model != state.model_id:
         raise _model_not_found(req.model)
     _check_native(engine)
-    requests = scoring_requests(state, req)
+    requests = await state.offload(scoring_requests, state, req)  # templating and tokenizing: off the loop
     events = await score(request, state, requests)
     prompt = sum(len(r.context_ids) + len(r.continuation_ids) for r in requests)
     return JSONResponse(
