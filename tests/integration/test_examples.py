@@ -122,3 +122,12 @@ def test_lm_eval_generation_example(server):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == "exact_match", row
     assert float(cells[6]) >= 0.9, out
+
+
+def test_lm_eval_likelihood_example(server):
+    """The ELBO path: dllm-serve's lm-eval model class on the local multiple-choice task."""
+    out = run_example(["bash", str(EXAMPLES / "lm_eval_likelihood.sh")], example_env(server), timeout=600)
+    row = next(line for line in out.splitlines() if line.startswith("|dllm_mc"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "acc", row
+    assert float(cells[6]) >= 0.75, out

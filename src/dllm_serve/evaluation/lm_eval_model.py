@@ -13,7 +13,8 @@ Model args (``--model_args k=v,...``): ``base_url`` (required, e.g. http://127.0
 ``model`` (default: the server's), ``mc_num`` (128), ``cfg_scale`` (0), ``seed`` (1234),
 ``check_greedy`` (false), ``block_length`` (block-diffusion estimator), ``batch_items`` (16),
 ``num_concurrent`` (4), ``tokenizer`` (path or Hugging Face name: chat templates and windows),
-``max_length``, ``api_key``, ``timeout`` (600 s), and for generation ``algorithm``, ``steps``,
+``max_length``, ``api_key`` (default: $DLLM_SERVE_API_KEY; prefer the variable, a model arg shows on
+the command line), ``timeout`` (600 s), and for generation ``algorithm``, ``steps``,
 ``gen_block_length``, ``threshold``, ``temperature`` (0), ``max_gen_toks`` (256).
 
 Importing this module registers the model with lm-eval (an optional dependency:
@@ -22,6 +23,7 @@ Importing this module registers the model with lm-eval (an optional dependency:
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,6 +62,7 @@ class DllmServeLM(LM):
     ) -> None:
         super().__init__()
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        api_key = api_key or os.environ.get("DLLM_SERVE_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.model = model or self._get("/v1/models")["data"][0]["id"]
