@@ -364,3 +364,15 @@ def test_killed_replica_restarts_and_unstarted_requests_survive(server, referenc
         return await asyncio.gather(*(_ask(client, p) for p in PROMPTS))
 
     assert asyncio.run(again()) == [reference[p] for p in PROMPTS]
+
+
+@needs_ray
+def test_replicas_get_the_drain_plus_a_margin_before_ray_stops_them():
+    """Ray Serve must not kill a replica while it still drains and sends its abort errors."""
+    from dllm_serve.cluster.replicas import REPLICA_SHUTDOWN_MARGIN_S, _deployment
+    from dllm_serve.config import ServerConfig
+
+    app = _deployment(ServerConfig(drain_timeout=12.0), 2, False, None)
+    replica = app._bound_deployment.init_args[0]._bound_deployment  # the front's one argument
+    assert replica.name == "DllmReplica"
+    assert replica._deployment_config.graceful_shutdown_timeout_s == 12.0 + REPLICA_SHUTDOWN_MARGIN_S

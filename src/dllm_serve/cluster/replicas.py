@@ -353,6 +353,9 @@ class Front:
         return self.front
 
 
+REPLICA_SHUTDOWN_MARGIN_S = 10.0  # after the drain: abort errors sent, engine stopped
+
+
 def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: type = ReplicaServer):
     from ray import serve
 
@@ -367,7 +370,9 @@ def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: t
         max_ongoing_requests=max(2 * config.engine.max_batch_size, 4),
         health_check_period_s=HEALTH_PERIOD_S,
         health_check_timeout_s=60.0,
-        graceful_shutdown_timeout_s=30.0,
+        # Each replica drains for --drain-timeout, then ends what still runs with OpenAI-shaped
+        # errors; Ray must not kill it before those have gone out.
+        graceful_shutdown_timeout_s=config.drain_timeout + REPLICA_SHUTDOWN_MARGIN_S,
         # A replica that cannot build its engine (bad path, no memory) rarely succeeds on retry:
         # give up after a few tries so the command fails with the reason instead of looping.
         max_constructor_retry_count=max(3, n),
