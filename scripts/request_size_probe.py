@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from probe_server import start_dummy_server
 
 
 def rss_mib(pid: int) -> float:
@@ -91,22 +83,8 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=10.0, help="request body size in megabytes")
     parser.add_argument("serve_args", nargs="*", help="extra `serve` flags (after --)")
     args = parser.parse_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "dllm_serve.cli", "serve", "--port", str(port), "--load-format", "dummy"]
-    proc = subprocess.Popen(
-        [*cmd, *args.serve_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
+    proc, base = start_dummy_server(args.serve_args)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
         body = big_chat(args.mb)
         small = json.dumps(
             {"model": "tiny-llada", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

@@ -14,40 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
+
+from probe_server import start_dummy_server
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("serve_args", nargs="*", help="extra `serve` flags (after --)")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "dllm_serve.cli", "serve", "--port", str(port), "--load-format", "dummy"]
-    proc = subprocess.Popen(
-        [*cmd, "--max-batch-size", "1", *args.serve_args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    proc, base = start_dummy_server(["--max-batch-size", "1", *args.serve_args])
     results: dict[str, object] = {}
 
     def send(name: str, stream: bool) -> None:
