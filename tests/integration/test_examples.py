@@ -115,19 +115,21 @@ def test_serve_dcp_example(tmp_path):
     assert any(p.suffix == ".safetensors" for p in (tmp_path / "cache").rglob("*")), "converted once, cached"
 
 
+def lm_eval_score(out: str, task: str, metric: str) -> float:
+    """The value in lm-eval's printed results table for ``task``'s ``metric``."""
+    row = next(line for line in out.splitlines() if line.startswith(f"|{task}"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == metric, row
+    return float(cells[6])
+
+
 def test_lm_eval_generation_example(server):
     """lm-eval's own local-chat-completions client runs the local task through the server."""
     out = run_example(["bash", str(EXAMPLES / "lm_eval_generate.sh")], example_env(server), timeout=300)
-    row = next(line for line in out.splitlines() if line.startswith("|dllm_tiny_tasks"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4] == "exact_match", row
-    assert float(cells[6]) >= 0.9, out
+    assert lm_eval_score(out, "dllm_tiny_tasks", "exact_match") >= 0.9, out
 
 
 def test_lm_eval_likelihood_example(server):
     """The ELBO path: dllm-serve's lm-eval model class on the local multiple-choice task."""
     out = run_example(["bash", str(EXAMPLES / "lm_eval_likelihood.sh")], example_env(server), timeout=600)
-    row = next(line for line in out.splitlines() if line.startswith("|dllm_mc"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4] == "acc", row
-    assert float(cells[6]) >= 0.75, out
+    assert lm_eval_score(out, "dllm_mc", "acc") >= 0.75, out
