@@ -59,7 +59,7 @@ def read_config(path: Path) -> dict[str, Any]:
 class LoadedModel:
     model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
     tokenizer: ChatTokenizer
-    family: str  # "llada" | "nemotron"
+    family: str  # "llada" | "llada2" | "nemotron"
     path: Path
     config: dict[str, Any]
 
@@ -106,6 +106,8 @@ def detect_family(config: dict[str, Any]) -> str:
     """The architecture named by config.json (model_type / architectures), never by the path."""
     model_type = str(config.get("model_type", "")).lower()
     archs = [a.lower() for a in config.get("architectures") or []]
+    if model_type == "llada2_moe" or any("llada2moe" in a for a in archs):
+        return "llada2"
     if model_type == "llada" or any("llada" in a for a in archs):
         return "llada"
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
@@ -118,7 +120,8 @@ def detect_family(config: dict[str, Any]) -> str:
     raise ValueError(
         f"unsupported model: model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')}; "
-        f"supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel){hint}"
+        f"supported: LLaDA (model_type 'llada'), LLaDA2.x (model_type 'llada2_moe') and Nemotron diffusion "
+        f"(DiffEncoderModel){hint}"
     )
 
 
@@ -166,7 +169,12 @@ def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], Diffusion
     def build_llada(cfg: dict[str, Any], tok: ChatTokenizer) -> DiffusionLM:
         return llada.LLaDAModel(llada.LLaDAConfig.from_dict(cfg), eot_token_id=tok.end_of_turn_id)
 
-    builders: dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]] = {"llada": build_llada}
+    from dllm_serve.models import llada2
+
+    builders: dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]] = {
+        "llada": build_llada,
+        "llada2": llada2.build,
+    }
     try:
         from dllm_serve.models import nemotron
     except ImportError:  # the Nemotron model lands in its own module

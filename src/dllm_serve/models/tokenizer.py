@@ -19,8 +19,8 @@ from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-# Names of end-of-turn tokens used by the families we serve (LLaDA/Llama-3, Qwen).
-END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>")
+# Names of end-of-turn tokens used by the families we serve (LLaDA/Llama-3, Qwen, LLaDA2/Ling).
+END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<|role_end|>")
 
 
 @dataclass
