@@ -41,6 +41,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -56,6 +57,9 @@ from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_str
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
 from dllm_serve.models.tokenizer import ChatTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_llada2  # LLaDA2's format, objective and routing balance
 
 LLADA_SPECIALS = [
     "<|startoftext|>",
@@ -94,6 +98,7 @@ QWEN_CHAT_TEMPLATE = (
 CANVAS_LENGTHS = {
     "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
     "nemotron": (32, 48, 32, 64),
+    "llada2": (32, 48, 32, 64),
 }
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
@@ -153,15 +158,25 @@ FORMATS = {
         },
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
     ),
+    "llada2": Format(
+        tiny_llada2.SPECIALS,
+        "<|endoftext|>",
+        "<|role_end|>",
+        "<|mask|>",
+        {**tiny_llada2.TOKENIZER_CONFIG, "model_max_length": MAX_LENGTH},
+        tiny_llada2.SPECIAL_TOKENS_MAP,
+    ),
 }
 # Per-family defaults of the flags whose default is None.
 DEFAULTS = {
     "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
     "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
+    "llada2": {"out": Path("models/tiny-llada2"), "kv_heads": 2},
 }
 OBJECTIVES = {
     "llada": "masked diffusion SFT (1/p-weighted, response masked)",
     "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "llada2": "block diffusion, blocks aligned at position 0, two-copy, uniform CE; aux-free expert bias",
 }
 
 
@@ -349,6 +364,9 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
             pad_token_id=ids.eos,
         )
         return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
+    if family == "llada2":
+        cfg = tiny_llada2.build_config(args, n_vocab, ids.mask, ids.eos, MAX_LENGTH)
+        return tiny_llada2.LLaDA2Model(cfg, eot_token_id=ids.eot), cfg
     cfg = NemotronConfig(
         hidden_size=args.d_model,
         num_hidden_layers=args.layers,
@@ -383,6 +401,9 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
     if args.family == "llada":
         config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
+    elif args.family == "llada2":
+        config = tiny_llada2.llada2_config_dict(cfg)
+        eos_ids = [cfg.eos_token_id, model.roles.eot_token_id]
     else:
         config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -402,7 +423,17 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
     }
     if args.family == "nemotron":
         record["block_sizes"] = list(BLOCK_SIZES)
+    if args.family == "llada2":
+        record["block_size"] = tiny_llada2.BLOCK
+        record["routing"] = tiny_llada2.RoutingBalance.record()
+        if args.init is not None:
+            record["init"] = args.init_record
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
+
+
+def _is_nemotron(path: Path) -> bool:
+    """Whether a checkpoint directory holds tiny-nemotron (an init source for tiny-llada2)."""
+    return json.loads((path / "config.json").read_text()).get("model_type") == "nvrdiff"
 
 
 def rows_for(canvas: int, batch_size: int) -> int:
@@ -475,6 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tokenizer_from is None:
         build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
+    elif args.family == "llada2" and _is_nemotron(args.tokenizer_from):
+        converted = tiny_llada2.tokenizer_json_from_nemotron(args.tokenizer_from)
+        write_tokenizer(args.out, Tokenizer.from_str(json.dumps(converted)), fmt)
     else:
         write_tokenizer(args.out, Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json")), fmt)
     tok = ChatTokenizer(args.out)
@@ -482,8 +516,13 @@ def main(argv: list[str] | None = None) -> None:
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
     model, cfg = build_model(args.family, args, len(vocab), ids)
     init_weights(model, args.layers)
-    if args.init is not None:
+    if args.init is not None and args.family == "llada2" and _is_nemotron(args.init):
+        copied = tiny_llada2.init_from_nemotron(model, load_file(str(args.init / "model.safetensors")))
+        args.init_record = {"from": str(args.init), "copied": copied, "rest": "init_weights (std 0.02)"}
+    elif args.init is not None:
         model.load_official(load_file(str(args.init / "model.safetensors")))
+        args.init_record = {"from": str(args.init), "copied": "all"}
+    balance = tiny_llada2.RoutingBalance(model) if args.family == "llada2" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -499,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if args.family == "llada":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
+        elif args.family == "llada2":
+            prompts, responses = encode_rows(tok, examples, ids.eos, ids.eot, canvas)
+            loss = tiny_llada2.loss(model, prompts, responses, ids.mask, ids.eos, gen)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)
@@ -506,12 +548,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if balance is not None:
+            balance.update()
         if step % args.save_every == 0 and step < last:
             save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
         if step % args.log_every == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
-                f"{time.time() - t0:7.1f}s",
+                f"{time.time() - t0:7.1f}s" + (f"  {balance.report()}" if balance else ""),
                 flush=True,
             )
 
