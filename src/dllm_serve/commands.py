@@ -34,6 +34,8 @@ _DECODING_FLAGS: tuple[tuple[str, type], ...] = (
     ("prefix_look", int),
     ("after_look", int),
     ("warmup_steps", int),
+    ("editing_threshold", float),
+    ("max_post_steps", int),
     ("seed", int),
 )
 _BOOL_FLAGS = ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits")

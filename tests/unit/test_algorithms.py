@@ -309,9 +309,18 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
-    assert set(listing) == {*LLADA_NAMES, "nemotron"}
-    aliases = {a: name for name, p in listing.items() for a in p["aliases"]}
+    llada2 = {
+        "llada2": ["llada2.0"],
+        "llada2_quality": ["llada2.1", "llada2.1_quality"],
+        "llada2_speed": ["llada2.1_speed"],
+    }
+    assert set(listing) == {*LLADA_NAMES, "nemotron", *llada2}
+    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if p["model_family"] == "llada"}
     assert aliases == LLADA_ALIASES
+    assert {name: listing[name]["aliases"] for name in llada2} == llada2
+    assert listing["llada2"]["defaults"]["threshold"] == 0.95  # LLaDA2.0's generate()
+    assert listing["llada2_quality"]["defaults"]["editing_threshold"] == 0.5
+    assert listing["llada2_speed"]["defaults"]["editing_threshold"] is None
     for name, (cache, rule) in LLADA_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"

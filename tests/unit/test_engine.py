@@ -69,10 +69,10 @@ class _ExtraForwardAfterRefresh(Runner):
     """Fast-dLLM's cached loops: after a block's refresh forward, one more cached forward even when
     the refresh committed the whole block (they test for masks after the forward, not before)."""
 
-    def _apply(self, row, block, n_committed, provisional=None):
+    def _apply(self, row, block, n_committed, *rest):
         seq = row.seq
         before = seq.block
-        committed = super()._apply(row, block, n_committed, provisional)
+        committed = super()._apply(row, block, n_committed, *rest)
         if row.plan.refresh and seq.block == before + 1 and not seq.finished:
             seq.block, seq.step_in_block = before, 1  # stay: the next plan is a cached block step
         return committed

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-CACHES = ("none", "prefix", "dual", "vicinity", "committed")
+CACHES = ("none", "prefix", "dual", "vicinity", "committed", "aligned")
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
@@ -54,6 +54,11 @@ class DecodeParams:
     shift_logits: bool = False
     seed: int | None = None
     max_steps_per_block: int | None = None
+    # LLaDA2.1's token-to-token editing: None is off; otherwise committed tokens of the active
+    # block are re-decoded when the model's probability of another token exceeds this, for at
+    # most max_post_steps forwards after the block's last mask is filled.
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
 
     @property
     def num_blocks(self) -> int:
@@ -158,10 +163,46 @@ PRESETS: dict[str, Preset] = {
             "Nemotron block diffusion: committed-context KV cache, threshold decoding",
             steps_bound_rules=True,
         ),
+        Preset(
+            "llada2",
+            "llada2",
+            "llada2",
+            "aligned",
+            "threshold",
+            ("llada2.0",),
+            "LLaDA2.0's generate: blocks of 32 from position 0, committed-context KV cache, threshold 0.95",
+            defaults=(("threshold", 0.95),),
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "llada2_quality",
+            "llada2",
+            "llada2",
+            "aligned",
+            "threshold",
+            ("llada2.1", "llada2.1_quality"),
+            "LLaDA2.1 quality mode: threshold 0.7, token editing above 0.5, up to 16 post steps",
+            defaults=(("threshold", 0.7), ("editing_threshold", 0.5), ("max_post_steps", 16)),
+        ),
+        Preset(
+            "llada2_speed",
+            "llada2",
+            "llada2",
+            "aligned",
+            "threshold",
+            ("llada2.1_speed",),
+            "LLaDA2.1 speed mode: threshold 0.5, no token editing",
+            defaults=(("threshold", 0.5), ("max_post_steps", 16)),
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
-ENGINE_DEFAULT_PRESET = {"fast-dllm": "dual_cache", "dinfer": "dinfer_blockwise", "nemotron": "nemotron"}
+ENGINE_DEFAULT_PRESET = {
+    "fast-dllm": "dual_cache",
+    "dinfer": "dinfer_blockwise",
+    "nemotron": "nemotron",
+    "llada2": "llada2",
+}
 DEFAULT_BLOCK_LENGTH = 32
 
 # Request fields that override DecodeParams fields of the same name.
@@ -195,7 +236,7 @@ def canonical_name(name: str, family: str) -> str:
 def default_preset(engine: str, family: str) -> str:
     """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
     if engine == "auto":
-        engine = "nemotron" if family == "nemotron" else "dinfer"
+        engine = family if family in ("nemotron", "llada2") else "dinfer"
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]
@@ -321,6 +362,14 @@ def _validate(p: DecodeParams) -> None:
                 "max_steps_per_block bounds the threshold-style rules; the schedule rule takes exactly "
                 "steps / num_blocks steps per block (set steps instead)",
             )
+    if p.editing_threshold is not None:
+        _check_range("editing_threshold", p.editing_threshold, 0.0, 1.0)
+        if p.cache != "aligned":
+            raise ParamError(
+                "editing_threshold",
+                "token editing needs a LLaDA2 preset (llada2, llada2_quality, llada2_speed)",
+            )
+    _check_int("max_post_steps", p.max_post_steps, 0)
     if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
         raise ParamError("seed", f"seed must be a non-negative integer, got {p.seed!r}")
 

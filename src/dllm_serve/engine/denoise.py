@@ -82,9 +82,9 @@ class DenoiseTrace:
         return DenoiseStep(
             step=self.steps,
             block=seq.block,
-            block_start=offset,
+            block_start=max(0, offset),
             block_length=bl,
-            canvas_length=seq.params.gen_length,
+            canvas_length=seq.length - seq.prompt_len,
             refresh=refresh,
             committed=committed,
             guesses=guesses,

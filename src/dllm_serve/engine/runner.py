@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.decoding import rules
+from dllm_serve.decoding import editing, rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine import denoise, token_logprobs
@@ -31,7 +31,14 @@ from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
-from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.engine.sequence import (
+    ForwardPlan,
+    GenerationRequest,
+    Sequence,
+    SequenceEvent,
+    TokenLogprob,
+    canvas_tokens,
+)
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
@@ -106,16 +113,17 @@ class Runner:
 
     def can_admit(self, request: GenerationRequest) -> bool:
         """Whether the request's KV memory (its prompt + canvas) is free now."""
-        tokens = len(request.prompt_ids) + request.params.gen_length
+        tokens = canvas_tokens(len(request.prompt_ids), request.params, request.max_new_tokens)
         return request.params.cache == "none" or self.pool.fits(tokens)
 
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
         cache (start-up checked that), so a valid request waits at most for memory to free."""
-        total = len(request.prompt_ids) + request.params.gen_length
+        total = canvas_tokens(len(request.prompt_ids), request.params, request.max_new_tokens)
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
+                f"prompt ({len(request.prompt_ids)}) + canvas ({total - len(request.prompt_ids)}) tokens "
+                f"exceed "
                 f"the model's {self.max_len}"
             )
         if not request.prompt_ids:
@@ -125,9 +133,11 @@ class Runner:
         """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
         self.check(request)
         params = request.params
-        total = len(request.prompt_ids) + params.gen_length
+        total = canvas_tokens(len(request.prompt_ids), params, request.max_new_tokens)
         mask = self.roles.mask_token_id
-        canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
+        canvas = torch.tensor(
+            request.prompt_ids + [mask] * (total - len(request.prompt_ids)), dtype=torch.long
+        )
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
@@ -188,9 +198,12 @@ class Runner:
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
         tokens, commit, conf = self._decide(rows, logits, candidates, masked)
+        edits = self._edits(rows, block, tokens, conf, candidates)
+        commit = commit | edits
         new_block = torch.where(commit, tokens, block)
-        # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
-        host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
+        # The step's one device-to-host transfer: new blocks, commit and edit counts, NaN flags.
+        counts = torch.stack([commit.sum(-1), edits.sum(-1)], dim=1)
+        host = torch.cat([new_block, counts, bad[:, None]], dim=1).cpu()
         provisional = denoise.read_back([r.seq for r in rows], tokens, conf)  # {} unless a row traces
         if logp is not None:  # requests that asked for log-probabilities: one more small copy
             k = max(rows[i].seq.request.logprobs or 0 for i in lp_rows)
@@ -204,8 +217,30 @@ class Runner:
                     seq = row.seq
                     old = seq.canvas[seq.block_start : seq.block_end]
                     token_logprobs.record(seq, old, out[: seq.params.block_length], values[i])
-                committed += self._apply(row, out[:-2], int(out[-2]), provisional.get(i))
+                committed += self._apply(row, out[:-3], int(out[-3]), provisional.get(i), int(out[-2]))
         return committed
+
+    def _edits(
+        self,
+        rows: list[_Row],
+        block: torch.Tensor,
+        tokens: torch.Tensor,
+        conf: torch.Tensor,
+        candidates: torch.Tensor,
+    ) -> torch.Tensor:
+        """LLaDA2.1 token editing of each editing row's decoded, non-prompt block positions."""
+        if not any(r.seq.editing for r in rows):
+            return torch.zeros_like(candidates)
+        width = block.shape[1]
+        editable = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            seq = r.seq
+            if seq.editing:
+                first = max(0, seq.prompt_len - seq.block_start)  # the prompt's tail is never edited
+                editable[i, first : seq.params.block_length] = True
+        editable = upload(editable, self.device) & ~candidates
+        limit = [r.seq.params.editing_threshold if r.seq.editing else 2.0 for r in rows]
+        return editing.edit_mask(block, tokens, conf, editable, upload(limit, self.device, torch.float32))
 
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
         """One batched forward; returns float32 logits [B, P, V] for each row's active block.
@@ -396,7 +431,12 @@ class Runner:
     # -- state updates ------------------------------------------------------------------------
 
     def _apply(
-        self, row: _Row, block: torch.Tensor, n_committed: int, provisional: torch.Tensor | None = None
+        self,
+        row: _Row,
+        block: torch.Tensor,
+        n_committed: int,
+        provisional: torch.Tensor | None = None,
+        n_edits: int = 0,
     ) -> int:
         """Write the row's new block (host tensor), advance, emit the grown prefix. Returns commits."""
         seq = row.seq
@@ -404,25 +444,46 @@ class Runner:
             step = seq.trace.observe(seq, block, provisional, row.plan.refresh)
             seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
+        had_masks = bool((seq.canvas[seq.block_start : seq.block_end] == seq.mask_id).any())
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
-        if seq.params.cache == "committed":
+        if seq.params.cache in ("committed", "aligned"):
             seq.committed_context = max(seq.committed_context, seq.block_start)
-        if not bool((block[:bl] == seq.mask_id).any()):
+        if self._block_done(seq, bool((block[:bl] == seq.mask_id).any()), had_masks, n_edits):
             seq.block += 1
             seq.step_in_block = 0
+            seq.post_steps = 0
             seq.credit = None
         self._emit(seq)
         return n_committed
 
+    @staticmethod
+    def _block_done(seq: Sequence, masks_left: bool, had_masks: bool, n_edits: int) -> bool:
+        """Whether the active block is finished after this step.
+
+        Without editing: when no mask is left. With LLaDA2.1's editing: a forward of the filled
+        block that edits nothing ends it, and so does the ``max_post_steps``-th such forward.
+        """
+        if not seq.editing:
+            return not masks_left
+        if not had_masks:  # a post step (an edit may even have written the mask token back)
+            seq.post_steps += 1
+            if n_edits == 0:
+                return True
+        return not masks_left and seq.post_steps >= seq.params.max_post_steps
+
     def _emit(self, seq: Sequence) -> None:
-        """Send the newly committed left-to-right prefix; finish when the output is final."""
+        """Send the newly committed left-to-right prefix; finish when the output is final.
+
+        With token editing only finished blocks are final, so the prefix stops at the active block.
+        """
         p = seq.params
-        canvas_done = seq.block >= p.num_blocks
+        canvas_done = seq.block >= seq.num_blocks
         if seq.pending_finish is None:
-            region = seq.canvas[seq.prompt_len + seq.emitted : seq.prompt_len + seq.request.max_new_tokens]
+            end = min(seq.prompt_len + seq.request.max_new_tokens, seq.final_end)
+            region = seq.canvas[seq.prompt_len + seq.emitted : end]
             masked = (region == seq.mask_id).nonzero()
             ready = region[: int(masked[0]) if len(masked) else region.shape[0]].tolist()
             stop_at = next((i for i, t in enumerate(ready) if t in seq.stop_ids), None)

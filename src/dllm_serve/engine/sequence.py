@@ -3,6 +3,10 @@
 The canvas is prompt + ``gen_length`` mask tokens. Blocks are decoded left to right; inside a
 block the commit rule picks positions. Whenever the committed left-to-right prefix of the
 generation grows, the new tokens are emitted (text streams while later positions are still masked).
+
+Under the ``aligned`` cache policy (LLaDA2) blocks are counted from position 0, not from the end
+of the prompt: the block holding the prompt's tail is the first one decoded, its prompt tokens
+stay fixed, and the canvas runs to the end of the block that holds the last requested token.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Sequence:
     error: str | None = None
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    post_steps: int = 0  # token editing: forwards of the active block since its last mask was filled
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)
@@ -126,8 +131,29 @@ class Sequence:
         return self.canvas.shape[0]
 
     @property
+    def block_origin(self) -> int:
+        """Where block 0 starts: the prompt's end, or (aligned) the start of the block holding it."""
+        if self.params.cache == "aligned":
+            return self.prompt_len // self.params.block_length * self.params.block_length
+        return self.prompt_len
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.length - self.block_origin) // self.params.block_length
+
+    @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block * self.params.block_length
+        return self.block_origin + self.block * self.params.block_length
+
+    @property
+    def editing(self) -> bool:
+        """Committed tokens of the active block may still change (LLaDA2.1 token editing)."""
+        return self.params.editing_threshold is not None
+
+    @property
+    def final_end(self) -> int:
+        """Canvas positions before this never change again."""
+        return self.block_start if self.editing else self.length
 
     @property
     def block_end(self) -> int:
@@ -168,7 +194,7 @@ class Sequence:
             if self.step_in_block < max(1, p.warmup_steps):
                 return _plan(0, n, n, bs, be, refresh=True)
             return _plan(max(0, bs - p.prefix_look), min(n, be + p.after_look), n, bs, be, refresh=False)
-        if p.cache == "committed":
+        if p.cache in ("committed", "aligned"):
             return self.committed_plan()
         raise ValueError(f"unknown cache policy {p.cache!r}")
 
@@ -182,7 +208,10 @@ class Sequence:
         bs, be = self.block_start, self.block_end
         start = self.committed_context
         limits = torch.full((be - start,), be, dtype=torch.long)
-        if start < bs:
+        if start < bs and self.params.cache == "aligned":  # every block, prompt included, block-causal
+            bl = self.params.block_length
+            limits[: bs - start] = (torch.arange(start, bs) // bl + 1) * bl
+        elif start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
             block_of = torch.where(
@@ -199,6 +228,15 @@ class Sequence:
     def pop_events(self) -> list[SequenceEvent]:
         events, self._events = self._events, []
         return events
+
+
+def canvas_tokens(prompt_len: int, params: DecodeParams, max_new_tokens: int) -> int:
+    """Canvas length (prompt + masks) of a request: ``gen_length`` masks, or under the aligned
+    policy up to the end of the block holding the last requested token (LLaDA2's canvas)."""
+    if params.cache == "aligned":
+        bl = params.block_length
+        return -(-(prompt_len + max_new_tokens) // bl) * bl
+    return prompt_len + params.gen_length
 
 
 def _plan(qs: int, qe: int, keys: int, ls: int, le: int, *, refresh: bool) -> ForwardPlan:

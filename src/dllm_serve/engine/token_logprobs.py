@@ -30,10 +30,10 @@ def chosen_and_top(logp: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Te
 
 
 def record(seq: Sequence, old: torch.Tensor, new: torch.Tensor, values: torch.Tensor) -> None:
-    """Keep the entries of the block positions this step committed (mask before, token after)."""
+    """Keep the entries of the block positions this step committed or edited (token changed)."""
     k = seq.request.logprobs or 0
     width = (values.shape[-1] - 1) // 2
-    for j in ((old == seq.mask_id) & (new != seq.mask_id)).nonzero()[:, 0].tolist():
+    for j in ((old != new) & (new != seq.mask_id)).nonzero()[:, 0].tolist():
         v = values[j]
         top = list(zip(v[1 + width : 1 + width + k].long().tolist(), v[1 : 1 + k].tolist(), strict=True))
         seq.token_logprobs[seq.block_start + j] = TokenLogprob(int(new[j]), float(v[0]), top)
