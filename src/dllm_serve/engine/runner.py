@@ -32,6 +32,7 @@ from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
@@ -72,9 +73,11 @@ class _Row:
 
 class Runner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.model = loaded.model
+        if not isinstance(loaded.model, DiffusionLM):
+            raise TypeError("the native runner needs a native model (remote code runs in RemoteEngine)")
+        self.model: DiffusionLM = loaded.model
         self.config = config
-        self.roles = loaded.model.roles
+        self.roles = self.model.roles
         self.stop_ids = loaded.tokenizer.stop_ids(self.roles.eos_token_id)
         self.eot_id = loaded.tokenizer.end_of_turn_id
         self.device = next(self.model.parameters()).device
