@@ -244,10 +244,10 @@ class Runner:
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
         positions = starts[:, None] + torch.arange(q_len)
         index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
+        extents = [r.seq.extent for r in rows] if cached else []
+        write = positions
         if cached:  # each query's arena token; padding queries write to the arena's sink
-            write = write_index([r.seq.kv for r in rows], positions, self.pool.sink, valid_q)
-        else:
-            write = positions
+            write = write_index(extents, positions, self.pool.sink, valid_q)
         # One upload: token ids, positions, key limits, cache write positions, logits index.
         packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
@@ -260,13 +260,14 @@ class Runner:
         if not cached:
             hidden = self.model.hidden_states(ids, positions, mask, None, index)
         else:
-            extents = [r.seq.kv for r in rows]
-            hidden = None
+            replayed = None
             if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
-                hidden = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
-            if hidden is None:
+                replayed = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
+            if replayed is None:
                 kv = self.pool.view(extents, write, key_len)
                 hidden = self.model.hidden_states(ids, positions, mask, kv, index)
+            else:
+                hidden = replayed
         logits = self.model.logits(hidden).float()
         if cfg_rows:
             cond = logits[cfg_rows]
@@ -374,8 +375,8 @@ class Runner:
         width, vocab = sub.shape[1], sub.shape[2]
         state = torch.stack(
             [
-                rows[i].seq.credit
-                if rows[i].seq.credit is not None
+                credit
+                if (credit := rows[i].seq.credit) is not None
                 else torch.zeros((width, vocab), device=self.device)
                 for i in credit_rows
             ]

@@ -102,6 +102,14 @@ class DiffusionLM(nn.Module):
         """Logits at the requested positions; takes ``hidden_states``'s arguments."""
         return self.logits(self.hidden_states(*args, **kwargs))
 
+    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a published checkpoint's tensors in (each family maps its own names)."""
+        raise NotImplementedError
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the published names (the DCP converter and tests use it)."""
+        raise NotImplementedError
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -200,6 +208,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """NeoX rotate-half RoPE with angles computed in float32 from explicit position ids."""
+
+    inv_freq: torch.Tensor  # a non-persistent buffer
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -323,7 +333,7 @@ class DecoderLayer(nn.Module):
         q, k, v = self.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(b, q_len, nh, hd)
         k = k.view(b, q_len, nkv, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
         q = apply_partial_rope(q.transpose(1, 2), cos, sin)
