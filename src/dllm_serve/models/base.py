@@ -102,14 +102,6 @@ class DiffusionLM(nn.Module):
         """Logits at the requested positions; takes ``hidden_states``'s arguments."""
         return self.logits(self.hidden_states(*args, **kwargs))
 
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a published checkpoint's tensors in (each family maps its own names)."""
-        raise NotImplementedError
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under the published names (the DCP converter and tests use it)."""
-        raise NotImplementedError
-
     def hidden_states(
         self,
         input_ids: torch.Tensor,
