@@ -22,40 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dllm_serve.models.llada2 import LLaDA2Config, LLaDA2Model, llada2_config_dict  # noqa: F401
-from dllm_serve.models.moe import MoEConfig
-
 BLOCK = 32
 BIAS_RATE = 1e-3
-SPECIALS = ["<|endoftext|>", "<role>", "<|role_end|>", "<|mask|>", "</role>"]
 # tiny-nemotron's special tokens take ids 0-3; an init from it renames them (same roles: text end,
 # turn start, turn end, mask) and adds </role>.
 FROM_NEMOTRON = {"<|endoftext|>": "<|endoftext|>", "<|im_start|>": "<role>", "<|im_end|>": "<|role_end|>"}
-# The role-tagged template of LLaDA2 / Ling-2.0: <role>HUMAN</role>text<|role_end|> per message,
-# generation prompt <role>ASSISTANT</role>.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
-    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
-    "{%- if message['role'] == 'user' %}{%- set role = 'HUMAN' %}"
-    "{%- else %}{%- set role = message['role'] | upper %}{%- endif %}"
-    "{{- '<role>' + role + '</role>' + text + '<|role_end|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<role>ASSISTANT</role>' }}{%- endif %}"
-)
-TOKENIZER_CONFIG: dict[str, Any] = {
-    "tokenizer_class": "PreTrainedTokenizerFast",
-    "bos_token": None,
-    "eos_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-    "mask_token": "<|mask|>",
-    "additional_special_tokens": ["<role>", "</role>", "<|role_end|>"],
-    "add_prefix_space": False,
-    "model_max_length": 1024,
-    "clean_up_tokenization_spaces": False,
-    "chat_template": CHAT_TEMPLATE,
-}
-SPECIAL_TOKENS_MAP = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"}
 
 
 def tokenizer_json_from_nemotron(source: Path) -> dict[str, Any]:
@@ -74,41 +45,7 @@ def tokenizer_json_from_nemotron(source: Path) -> dict[str, Any]:
     return tok
 
 
-def build_config(args: Any, n_vocab: int, mask: int, eos: int, max_length: int) -> LLaDA2Config:
-    """The tiny model: one dense layer, then MoE layers of 8 experts in 4 groups (2 kept), top-2."""
-    return LLaDA2Config(
-        hidden_size=args.d_model,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.d_model // args.heads,
-        intermediate_size=args.mlp,
-        vocab_size=n_vocab,
-        moe=MoEConfig(
-            hidden_size=args.d_model,
-            num_experts=8,
-            num_experts_per_tok=2,
-            n_group=4,
-            topk_group=2,
-            routed_scaling_factor=2.5,
-            moe_intermediate_size=96,
-            num_shared_experts=1,
-        ),
-        first_k_dense_replace=1,
-        mask_token_id=mask,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        partial_rotary_factor=0.5,
-        max_position_embeddings=max_length,
-        use_qkv_bias=False,
-        use_bias=False,
-        use_qk_norm=True,
-    )
-
-
-def init_from_nemotron(model: LLaDA2Model, tensors: dict[str, torch.Tensor]) -> list[str]:
+def init_from_nemotron(model: Any, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Copy tiny-nemotron's embeddings, head, norms, attention and dense-layer MLP; returns what was
     copied. Rows past its vocabulary (the added ``</role>``) and the experts keep their init."""
     copied = []
@@ -135,10 +72,10 @@ def init_from_nemotron(model: LLaDA2Model, tensors: dict[str, torch.Tensor]) -> 
             layer.qkv.weight.copy_(qkv)
             put(layer.o_proj.weight, p + "self_attn.o_proj.weight")
             copied.append(p + "self_attn.{q,k,v}_proj.weight")
-            if i < model.cfg.first_k_dense_replace:
+            if layer.moe is None:
                 gate_up = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
-                layer.mlp.gate_up.weight.copy_(gate_up)
-                put(layer.mlp.down.weight, p + "mlp.down_proj.weight")
+                layer.gate_up.weight.copy_(gate_up)
+                put(layer.down.weight, p + "mlp.down_proj.weight")
     return copied
 
 
@@ -196,9 +133,7 @@ def aligned_batch(
     }
 
 
-def loss(
-    model: LLaDA2Model, prompts, responses, mask_id: int, pad_id: int, gen: torch.Generator
-) -> torch.Tensor:
+def loss(model: Any, prompts, responses, mask_id: int, pad_id: int, gen: torch.Generator) -> torch.Tensor:
     """Mean cross-entropy on the masked response tokens of the noisy copy."""
     batch = aligned_batch(prompts, responses, mask_id, pad_id, gen)
     logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
@@ -209,7 +144,7 @@ def loss(
 class RoutingBalance:
     """Moves each MoE layer's expert bias toward equal load and keeps load statistics for the log."""
 
-    def __init__(self, model: LLaDA2Model) -> None:
+    def __init__(self, model: Any) -> None:
         self.blocks = model.moe_blocks()
         for blk in self.blocks:
             blk.expert_bias.requires_grad_(False)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dllm_serve.models.base import DiffusionLM, KVView, RotaryEmbedding, TokenRoles, rms_norm
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.moe import MoEBlock, MoEConfig
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -137,80 +137,64 @@ class LLaDA2Config:
         )
 
 
-def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first ``cos.shape[-1]`` channels of each head, in float32; the rest
-    pass through unchanged."""
-    dim = cos.shape[-1]
-    dtype = x.dtype
-    rot, rest = x[..., :dim].float(), x[..., dim:]
-    half = dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat(((rot * cos + rotated * sin).to(dtype), rest), dim=-1)
-
-
-class DenseMLP(nn.Module):
-    """SwiGLU with the gate/up pair fused (``gate_proj``/``up_proj`` in the checkpoint)."""
-
-    def __init__(self, hidden: int, inner: int) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * inner, bias=False)
-        self.down = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class LLaDA2Layer(nn.Module):
-    """Pre-RMSNorm attention (partial RoPE, q/k norm, optional biases) then a dense or MoE MLP."""
+class LLaDA2Layer(DecoderLayer):
+    """base.DecoderLayer (pre-RMSNorm GQA, q/k norm, partial RoPE through the model's rotary width,
+    optional q/k/v and output biases) whose MLP is dense SwiGLU in the first
+    ``first_k_dense_replace`` layers and a mixture of experts after them."""
 
     def __init__(self, cfg: LLaDA2Config, index: int) -> None:
-        super().__init__()
-        h, hd = cfg.hidden_size, cfg.head_dim
-        self.heads, self.kv_heads, self.head_dim, self.eps = (
+        moe = cfg.is_moe(index)
+        super().__init__(
+            cfg.hidden_size,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
-            hd,
+            cfg.head_dim,
+            1 if moe else cfg.intermediate_size,  # a MoE layer drops the dense MLP below
             cfg.rms_norm_eps,
+            qk_norm=cfg.use_qk_norm,
+            qkv_bias=cfg.use_qkv_bias,
+            o_bias=cfg.use_bias,
         )
-        self.attn_norm = nn.Parameter(torch.ones(h))
-        self.mlp_norm = nn.Parameter(torch.ones(h))
-        self.q_norm = nn.Parameter(torch.ones(hd)) if cfg.use_qk_norm else None
-        self.k_norm = nn.Parameter(torch.ones(hd)) if cfg.use_qk_norm else None
-        self.qkv = nn.Linear(h, (self.heads + 2 * self.kv_heads) * hd, bias=cfg.use_qkv_bias)
-        self.o_proj = nn.Linear(self.heads * hd, h, bias=cfg.use_bias)
-        self.mlp: nn.Module = MoEBlock(cfg.moe) if cfg.is_moe(index) else DenseMLP(h, cfg.intermediate_size)
+        self.moe: MoEBlock | None = None
+        if moe:
+            del self.gate_up, self.down  # the experts replace the dense MLP
+            self.moe = MoEBlock(cfg.moe)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bias: torch.Tensor | None,
-        kv: KVView | None,
-        layer: int,
-    ) -> torch.Tensor:
-        b, q_len, _ = x.shape
-        hd, nh, nkv = self.head_dim, self.heads, self.kv_heads
-        h = rms_norm(x, self.attn_norm, self.eps)
-        q, k, v = self.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(b, q_len, nh, hd)
-        k = k.view(b, q_len, nkv, hd)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.eps)
-            k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_partial_rope(q.transpose(1, 2), cos, sin)
-        k = apply_partial_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(b, q_len, nkv, hd).transpose(1, 2)
-        if kv is not None:
-            k, v = kv.update(layer, k, v)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh)
-        x = x + self.o_proj(att.transpose(1, 2).reshape(b, q_len, nh * hd))
-        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return super().mlp(h) if self.moe is None else self.moe(h)
+
+
+_LAYER = PREFIX + "layers.{i}."
+_ATTN = _LAYER + "attention."
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); the routed experts'
+# names depend on the expert count, so LLaDA2Model.weight_map adds them per layer.
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "word_embeddings.weight",
+        "norm": PREFIX + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": _ATTN + "query_key_value.weight",
+        "qkv.bias": _ATTN + "query_key_value.bias",
+        "o_proj.weight": _ATTN + "dense.weight",
+        "o_proj.bias": _ATTN + "dense.bias",
+        "q_norm": _ATTN + "query_layernorm.weight",
+        "k_norm": _ATTN + "key_layernorm.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
 
 
 class LLaDA2Model(DiffusionLM):
     """``LLaDA2MoeModelLM``: word embeddings, LLaDA2 layers, final norm, ``lm_head``."""
+
+    weight_names = WEIGHT_NAMES
+    title = "LLaDA2"
 
     def __init__(self, cfg: LLaDA2Config, eot_token_id: int | None = None) -> None:
         super().__init__()
@@ -221,7 +205,6 @@ class LLaDA2Model(DiffusionLM):
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.decode_defaults: dict[str, Any] = {"block_length": BLOCK_LENGTH}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LLaDA2Layer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
@@ -233,72 +216,28 @@ class LLaDA2Model(DiffusionLM):
         self.norm_eps = cfg.rms_norm_eps
 
     def moe_blocks(self) -> list[MoEBlock]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoEBlock)]
+        return [layer.moe for layer in self.layers if layer.moe is not None]
 
-    # -- official checkpoint names ------------------------------------------------------------
-
-    def _names(self) -> list[tuple[str, torch.Tensor]]:
-        """(official name, local tensor or fused slice) for every checkpoint tensor."""
-        cfg = self.cfg
-        out: list[tuple[str, torch.Tensor]] = [
-            (PREFIX + "word_embeddings.weight", self.embed.weight),
-            (PREFIX + "norm.weight", self.norm),
-        ]
-        if self.head is not None:
-            out.append((HEAD, self.head.weight))
+    def weight_map(self) -> dict[str, tuple[str, ...]]:
+        """The table's names plus, per MoE layer, the router's and every expert's."""
+        params = dict(self.named_parameters())
+        table = self.weight_names
+        out = {k: _tuple(v) for k, v in table.top.items() if k in params}
         for i, layer in enumerate(self.layers):
-            p = f"{PREFIX}layers.{i}."
-            a = p + "attention."
-            out += [
-                (p + "input_layernorm.weight", layer.attn_norm),
-                (p + "post_attention_layernorm.weight", layer.mlp_norm),
-                (a + "query_key_value.weight", layer.qkv.weight),
-                (a + "dense.weight", layer.o_proj.weight),
-            ]
-            if cfg.use_qkv_bias:
-                out.append((a + "query_key_value.bias", layer.qkv.bias))
-            if cfg.use_bias:
-                out.append((a + "dense.bias", layer.o_proj.bias))
-            if layer.q_norm is not None:
-                out += [
-                    (a + "query_layernorm.weight", layer.q_norm),
-                    (a + "key_layernorm.weight", layer.k_norm),
-                ]
-            mlp = layer.mlp
-            if isinstance(mlp, MoEBlock):
-                out += mlp.official_names(p + "mlp.")
-            else:
-                gate, up = mlp.gate_up.weight.chunk(2)
-                out += [
-                    (p + "mlp.gate_proj.weight", gate),
-                    (p + "mlp.up_proj.weight", up),
-                    (p + "mlp.down_proj.weight", mlp.down.weight),
-                ]
+            names = {k: _tuple(v) for k, v in table.layers.items()}
+            if layer.moe is not None:
+                names.update({f"moe.{k}": v for k, v in layer.moe.official_names(_LAYER + "mlp.").items()})
+            for internal, official in names.items():
+                if f"layers.{i}.{internal}" in params:
+                    out[f"layers.{i}.{internal}"] = tuple(n.format(i=i) for n in official)
+        unmapped = sorted(set(params) - set(out))
+        if unmapped:
+            raise TypeError(f"LLaDA2Model.weight_map does not map {unmapped[:5]}")
         return out
 
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in the published checkpoint into the fused modules."""
-        names = self._names()
-        with torch.no_grad():
-            for name, target in names:
-                if name not in tensors:
-                    raise KeyError(f"checkpoint is missing tensor {name!r}")
-                source = tensors[name]
-                if source.shape != target.shape:
-                    raise ValueError(
-                        f"tensor {name!r} has shape {tuple(source.shape)}, expected {tuple(target.shape)}"
-                    )
-                target.copy_(source)
-        used = {name for name, _ in names}
-        if self.head is None:
-            used.add(HEAD)  # tied checkpoints may still store the (identical) head
-        unexpected = sorted(set(tensors) - used)
-        if unexpected:
-            raise KeyError(f"checkpoint has tensors the LLaDA2 model does not use: {unexpected[:5]}")
 
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under the published names (un-fused, contiguous copies)."""
-        return {name: t.detach().contiguous().clone() for name, t in self._names()}
+def _tuple(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
@@ -352,3 +291,120 @@ def llada2_config_dict(cfg: LLaDA2Config) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": "float32",
     }
+
+
+def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """LLaDA2's generate() decodes blocks of 32 (config.json names no block size)."""
+    return {"block_length": BLOCK_LENGTH}
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape: 8 of 256 routed experts plus one shared expert per token in mini."""
+    c = LLaDA2Config.from_dict(config)
+    moe = c.moe.num_experts > 0
+    return ModelShape(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.moe.moe_intermediate_size if moe else c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_length=c.max_position_embeddings,
+        attention_bias=c.use_qkv_bias,
+        experts=c.moe.num_experts if moe else 1,
+        active_experts=c.moe.num_experts_per_tok if moe else 1,
+        shared_mlp_hidden=c.moe.moe_intermediate_size * c.moe.num_shared_experts if moe else 0,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-llada2: one dense layer, then MoE layers of 8 experts in 4
+    groups of which 2 are kept, top-2, one shared expert (scripts/train_tiny.py)."""
+    cfg = LLaDA2Config(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d_model // shape.heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        moe=MoEConfig(
+            hidden_size=shape.d_model,
+            num_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            moe_intermediate_size=96,
+            num_shared_experts=1,
+        ),
+        first_k_dense_replace=1,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=shape.max_length,
+        use_qkv_bias=False,
+        use_bias=False,
+        use_qk_norm=True,
+    )
+    return llada2_config_dict(cfg)
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<role>", "<|role_end|>", "<|mask|>", "</role>")
+# The role-tagged template of LLaDA2 / Ling-2.0 (docs/llada2.md): <role>HUMAN</role>text<|role_end|>
+# per message, generation prompt <role>ASSISTANT</role>. Served checkpoints use their own template.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- set role = 'HUMAN' %}"
+    "{%- else %}{%- set role = message['role'] | upper %}{%- endif %}"
+    "{{- '<role>' + role + '</role>' + text + '<|role_end|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<role>ASSISTANT</role>' }}{%- endif %}"
+)
+
+SPEC = FamilySpec(
+    name="llada2",
+    title="LLaDA2.x",
+    model_types=(MODEL_TYPE,),
+    architectures=("llada2moe",),
+    build=build,
+    attention="block_aligned",
+    default_preset="llada2",
+    cost_shape=cost_shape,
+    decode_defaults=decode_defaults,
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|role_end|>",
+        mask="<|mask|>",
+        tokenizer_config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<role>", "</role>", "<|role_end|>"],
+            "add_prefix_space": False,
+            "model_max_length": 1024,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+        },
+        config=tiny_config,
+        objective="aligned_block_diffusion",
+        # Decoded block by block behind committed blocks: short canvases suffice, as for Nemotron.
+        canvas_lengths=(32, 48, 32, 64),
+        default_kv_heads=2,
+        generation_eos_both=True,
+    ),
+)

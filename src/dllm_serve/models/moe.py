@@ -111,7 +111,12 @@ GROUPED_GEMM = True
 
 
 class MoEBlock(nn.Module):
-    """Router, routed experts stacked as [E, 2I, H] / [E, H, I] tensors, optional shared experts."""
+    """Router, routed experts, optional shared experts.
+
+    The experts' matrices are stored as the published per-expert tensors concatenated along dim 0
+    (``gate_up``: expert 0's gate and up, expert 1's, ...; ``down``: each expert's down), which is
+    how the family's weight map fuses them, and viewed as [E, 2I, H] / [E, H, I] to compute.
+    """
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -121,8 +126,8 @@ class MoEBlock(nn.Module):
         # A parameter (not a buffer) so dummy weights initialise it; training moves it by the
         # balancing rule, never by gradient (scripts/train_tiny.py sets requires_grad False).
         self.expert_bias = nn.Parameter(torch.zeros(e))
-        self.gate_up = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down = nn.Parameter(torch.empty(e, h, i))
+        self.gate_up = nn.Parameter(torch.empty(e * 2 * i, h))
+        self.down = nn.Parameter(torch.empty(e * h, i))
         shared = cfg.num_shared_experts * i
         self.shared_gate_up = nn.Linear(h, 2 * shared, bias=False) if shared else None
         self.shared_down = nn.Linear(shared, h, bias=False) if shared else None
@@ -145,31 +150,28 @@ class MoEBlock(nn.Module):
         order = torch.argsort(slots, stable=True)
         counts = torch.bincount(slots, minlength=self.cfg.num_experts)
         self.last_counts = counts
-        h = grouped_matmul(x[order // k], self.gate_up, counts)
+        e, hidden = self.cfg.num_experts, x.shape[-1]
+        h = grouped_matmul(x[order // k], self.gate_up.view(e, -1, hidden), counts)
         gate, up = h.chunk(2, dim=-1)
-        out_sorted = grouped_matmul(F.silu(gate) * up, self.down, counts)
+        out_sorted = grouped_matmul(F.silu(gate) * up, self.down.view(e, hidden, -1), counts)
         out = torch.empty_like(out_sorted)
         out[order] = out_sorted
         # Weighted in float32 and summed over the slots in routing order, as published.
         return (out.view(t, k, -1).float() * weights[..., None]).sum(1).to(x.dtype)
 
-    def official_names(self, prefix: str) -> list[tuple[str, torch.Tensor]]:
-        """(published name, local tensor or slice) for the gate, every expert and the shared experts."""
-        out = [(prefix + "gate.weight", self.gate), (prefix + "gate.expert_bias", self.expert_bias)]
-        for e in range(self.cfg.num_experts):
-            gate, up = self.gate_up[e].chunk(2)
-            p = f"{prefix}experts.{e}."
-            out += [
-                (p + "gate_proj.weight", gate),
-                (p + "up_proj.weight", up),
-                (p + "down_proj.weight", self.down[e]),
-            ]
+    def official_names(self, prefix: str) -> dict[str, tuple[str, ...]]:
+        """Internal parameter -> published tensor name(s) under ``prefix`` (``model.layers.{i}.mlp.``)."""
+        experts = range(self.cfg.num_experts)
+        out = {
+            "gate": (prefix + "gate.weight",),
+            "expert_bias": (prefix + "gate.expert_bias",),
+            "gate_up": tuple(f"{prefix}experts.{e}.{m}_proj.weight" for e in experts for m in ("gate", "up")),
+            "down": tuple(f"{prefix}experts.{e}.down_proj.weight" for e in experts),
+        }
         if self.shared_gate_up is not None:
-            gate, up = self.shared_gate_up.weight.chunk(2)
-            p = prefix + "shared_experts."
-            out += [
-                (p + "gate_proj.weight", gate),
-                (p + "up_proj.weight", up),
-                (p + "down_proj.weight", self.shared_down.weight),
-            ]
+            out["shared_gate_up.weight"] = (
+                prefix + "shared_experts.gate_proj.weight",
+                prefix + "shared_experts.up_proj.weight",
+            )
+            out["shared_down.weight"] = (prefix + "shared_experts.down_proj.weight",)
         return out
