@@ -264,3 +264,60 @@ def test_nemotron_config_runs_or_says_why(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["family"] == "nemotron"
     assert report["results"]["totals"]["committed_tokens"] == 32
+
+
+@pytest.mark.parametrize(
+    ("name", "total", "active"),
+    [("llada2.0-mini", (15.5e9, 17.5e9), (1.0e9, 1.6e9)), ("llada2.0-flash", (99e9, 107e9), (5.0e9, 6.5e9))],
+)
+def test_shipped_llada2_configs_count_active_experts_only(name, total, active):
+    """LLaDA2.0-mini (16B-A1.4B) and -flash (100B-A6B): a token multiplies its 8 routed experts and the
+    shared one; a forward reads the experts its tokens hit, all of them only for a large batch."""
+    from dllm_serve.models.llada2 import LLaDA2Config, LLaDA2Model
+
+    raw = json.loads((engine_bench.SHIPPED_CONFIGS / name / "config.json").read_text())
+    shape = shape_from_config(raw)
+    with torch.device("meta"):
+        model = LLaDA2Model(LLaDA2Config.from_dict(raw))
+    stored = sum(p.numel() for p in model.parameters())
+    assert total[0] < stored < total[1]
+    per_token = shape.n_layers * shape.layer_matmul_params + shape.head_params
+    assert active[0] < per_token < active[1]
+    assert shape.experts_hit(1) == pytest.approx(8) and shape.experts_hit(4096) == pytest.approx(256)
+    one = forward_cost(shape, 1, 1, 1, 1, 2)
+    assert one.weight_bytes == pytest.approx(2 * per_token)  # one token: only its experts are read
+    many = forward_cost(shape, 64, 32, 32, 32, 2)
+    assert many.weight_bytes == pytest.approx(2 * shape.streamed_params, rel=1e-3)
+    assert (raw["vocab_size"], raw["pad_token_id"]) == (157184, 156892)
+
+
+def test_cli_on_the_shipped_llada2_mini_config_reduced():
+    """bench engine on LLaDA2.0-mini's config narrowed to a few experts (dummy weights, its default
+    preset): it runs, and reports the MoE shape it timed."""
+    args = ["bench", "engine", "--model-path", "llada2.0-mini", "--load-format", "dummy", "--batch-size", "2"]
+    small = [
+        "num_hidden_layers=2",
+        "hidden_size=128",
+        "intermediate_size=256",
+        "num_attention_heads=4",
+        "num_key_value_heads=2",
+        "head_dim=32",
+        "num_experts=16",
+        "moe_intermediate_size=64",
+    ]
+    args += [a for o in small for a in ("--config-override", o)]
+    args += ["--prompt-len", "8", "--gen-length", "32", "--fixed-tokens-per-step", "4", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dllm_serve.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    shape = report["model"]["shape"]
+    assert (shape["experts"], shape["active_experts"], shape["mlp_hidden"]) == (16, 8, 64)
+    # LLaDA2 decodes to the end of the block holding the last token (as its generate() does):
+    # 8 prompt + 32 tokens end in the second 32-token block, so 64 - 8 positions per row.
+    assert report["results"]["totals"]["committed_tokens"] == 2 * 56

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dllm_serve.bench.engine_measure import BenchError, BenchSettings, measure
+from dllm_serve.engine.algorithms import DEFAULT_BLOCK_LENGTH
 
 if TYPE_CHECKING:
     from dllm_serve.bench.hardware import PeakRates
@@ -42,6 +43,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 # -- setup ----------------------------------------------------------------------------------------
+
+
+def _canvas_slack(model_dir: Path, block_length: int | None) -> int:
+    """Tokens a canvas may need past prompt + generation: the block length when given; a
+    block-aligned family (LLaDA2) decodes to the end of the block holding the last token."""
+    from dllm_serve.models import registry
+    from dllm_serve.models.loader import read_config
+
+    if block_length:
+        return block_length
+    family = registry.find_family(read_config(model_dir))
+    return DEFAULT_BLOCK_LENGTH if family is not None and family.attention == "block_aligned" else 0
 
 
 def resolve_model_dir(path: str) -> str:
@@ -160,7 +173,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
         if config_overrides:
             model_dir = patched_model_dir(model_dir, config_overrides, Path(tmp) / "model")
         base = engine_config_from_args(args)
-        canvas = settings.prompt_len + settings.gen_length + (settings.block_length or 0)
+        canvas = settings.prompt_len + settings.gen_length + _canvas_slack(model_dir, settings.block_length)
         kv_memory = base.kv_cache_memory or str(
             batch_kv_bytes(model_dir, settings.batch_size, canvas, base.resolved_dtype())
         )

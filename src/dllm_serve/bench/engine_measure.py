@@ -148,6 +148,7 @@ def _params(engine: Engine, settings: BenchSettings) -> DecodeParams:
     not fit in one batch, is a ``BenchError``."""
     from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.kv_cache import extent_tokens
+    from dllm_serve.engine.sequence import canvas_tokens
 
     overrides = dict(settings.overrides)
     if settings.block_length is not None:
@@ -161,7 +162,8 @@ def _params(engine: Engine, settings: BenchSettings) -> DecodeParams:
     except ParamError as exc:
         raise BenchError(f"{exc.param}: {exc}") from exc
     pool = engine.runner.pool
-    need = settings.batch_size * extent_tokens(settings.prompt_len + params.gen_length)
+    canvas = canvas_tokens(settings.prompt_len, params, settings.gen_length)
+    need = settings.batch_size * extent_tokens(canvas)
     if params.cache != "none" and need > pool.capacity:
         raise BenchError(
             f"the KV cache holds {pool.capacity} tokens, the batch needs {need}: the wave would not run "

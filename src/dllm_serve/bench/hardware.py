@@ -60,16 +60,17 @@ def forward_cost(
     """Cost of a forward over ``batch`` rows of ``queries`` tokens attending to ``keys`` keys,
     with LM-head logits for ``logits`` positions per row.
 
-    FLOPs: 2 per multiply-add of every weight matrix per query token, the LM head per logit
-    position, and attention's two products (Q K^T and P V) over all heads. Bytes: the weights
-    streamed once, plus the keys and values attention reads (K and V, every layer, every row);
-    activations are left out, so this is a lower bound on traffic.
+    FLOPs: 2 per multiply-add of every weight matrix per query token (a mixture of experts: the
+    experts each token uses), the LM head per logit position, and attention's two products (Q K^T
+    and P V) over all heads. Bytes: the weights streamed once (a mixture of experts: the experts the
+    forward's tokens hit, ``ModelShape.experts_hit``), plus the keys and values attention reads (K
+    and V, every layer, every row); activations are left out, so this is a lower bound on traffic.
     """
     tokens = batch * queries
     flops = 2.0 * shape.n_layers * shape.layer_matmul_params * tokens
     flops += 2.0 * shape.head_params * batch * logits
     flops += 4.0 * shape.n_layers * shape.n_heads * shape.head_dim * tokens * keys
-    weight_bytes = float(shape.streamed_params * elem_bytes)
+    weight_bytes = float(shape.streamed_params_for(tokens) * elem_bytes)
     kv_bytes = 2.0 * shape.n_layers * batch * shape.n_kv_heads * keys * shape.head_dim * elem_bytes
     return ForwardCost(flops, weight_bytes, kv_bytes)
 

@@ -32,9 +32,10 @@ class ModelShape:
     """The dimensions that set a forward's cost (bench/hardware.py's FLOP and byte counts).
 
     ``mlp_hidden`` is one expert's width. A dense MLP is one expert with ``active_experts`` 1; a
-    mixture of experts reads ``active_experts`` experts per token (plus ``shared_mlp_hidden`` of
-    always-on experts) and streams every expert a batch touches, here counted as all
-    ``experts``. The router's matmul is ``d_model x experts``.
+    mixture of experts multiplies ``active_experts`` experts per token (plus ``shared_mlp_hidden`` of
+    always-on experts) and streams only the experts a forward's tokens hit: ``experts_hit(tokens)``,
+    the expected number under uniform routing (what the balancing bias aims at). The router's matmul
+    is ``d_model x experts``.
     """
 
     d_model: int
@@ -76,6 +77,21 @@ class ModelShape:
         """Weights one layer holds (every expert), what a forward over a large batch streams."""
         mlp = 3 * self.d_model * (self.mlp_hidden * self.experts + self.shared_mlp_hidden)
         return self._attention_params + mlp + self._router_params
+
+    def experts_hit(self, tokens: int) -> float:
+        """Expected distinct experts ``tokens`` tokens hit, each choosing ``active_experts`` of
+        ``experts`` uniformly: E (1 - (1 - k/E)^T); all of them for a dense MLP."""
+        if self.dense_mlp:
+            return 1.0
+        return self.experts * (1.0 - (1.0 - self.active_experts / self.experts) ** max(0, tokens))
+
+    def streamed_params_for(self, tokens: int) -> float:
+        """Weights a forward over ``tokens`` tokens reads: every layer's attention, router and shared
+        experts, the routed experts its tokens hit, and the LM head."""
+        stored_experts = 3 * self.d_model * self.mlp_hidden * self.experts
+        per_layer = self.layer_stored_params - stored_experts
+        per_layer += 3 * self.d_model * self.mlp_hidden * self.experts_hit(tokens)
+        return self.n_layers * per_layer + self.head_params
 
     @property
     def head_params(self) -> int:

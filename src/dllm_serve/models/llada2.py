@@ -216,7 +216,7 @@ class LLaDA2Model(DiffusionLM):
         self.norm_eps = cfg.rms_norm_eps
 
     def moe_blocks(self) -> list[MoEBlock]:
-        return [layer.moe for layer in self.layers if layer.moe is not None]
+        return [blk for blk in map(_moe_of, self.layers) if blk is not None]
 
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         """The table's names plus, per MoE layer, the router's and every expert's."""
@@ -225,8 +225,9 @@ class LLaDA2Model(DiffusionLM):
         out = {k: _tuple(v) for k, v in table.top.items() if k in params}
         for i, layer in enumerate(self.layers):
             names = {k: _tuple(v) for k, v in table.layers.items()}
-            if layer.moe is not None:
-                names.update({f"moe.{k}": v for k, v in layer.moe.official_names(_LAYER + "mlp.").items()})
+            moe = _moe_of(layer)
+            if moe is not None:
+                names.update({f"moe.{k}": v for k, v in moe.official_names(_LAYER + "mlp.").items()})
             for internal, official in names.items():
                 if f"layers.{i}.{internal}" in params:
                     out[f"layers.{i}.{internal}"] = tuple(n.format(i=i) for n in official)
@@ -234,6 +235,11 @@ class LLaDA2Model(DiffusionLM):
         if unmapped:
             raise TypeError(f"LLaDA2Model.weight_map does not map {unmapped[:5]}")
         return out
+
+
+def _moe_of(layer: nn.Module) -> MoEBlock | None:
+    moe = getattr(layer, "moe", None)
+    return moe if isinstance(moe, MoEBlock) else None
 
 
 def _tuple(names: str | tuple[str, ...]) -> tuple[str, ...]:

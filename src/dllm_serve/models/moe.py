@@ -138,7 +138,7 @@ class MoEBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])
         idx, weights = route(flat, self.gate, self.expert_bias, self.cfg)
         y = self.experts(flat, idx, weights)
-        if self.shared_gate_up is not None:
+        if self.shared_gate_up is not None and self.shared_down is not None:
             gate, up = self.shared_gate_up(flat).chunk(2, dim=-1)
             y = y + self.shared_down(F.silu(gate) * up)
         return y.view(shape)
