@@ -89,8 +89,8 @@ class ModelShape:
         """Weights a forward over ``tokens`` tokens reads: every layer's attention, router and shared
         experts, the routed experts its tokens hit, and the LM head."""
         stored_experts = 3 * self.d_model * self.mlp_hidden * self.experts
-        per_layer = self.layer_stored_params - stored_experts
-        per_layer += 3 * self.d_model * self.mlp_hidden * self.experts_hit(tokens)
+        hit = 3 * self.d_model * self.mlp_hidden * self.experts_hit(tokens)
+        per_layer = self.layer_stored_params - stored_experts + hit
         return self.n_layers * per_layer + self.head_params
 
     @property
