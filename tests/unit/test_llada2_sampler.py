@@ -250,3 +250,54 @@ def test_editing_needs_a_llada2_preset():
     assert err.value.param == "editing_threshold"
     with pytest.raises(ParamError):
         resolve_params("llada2_quality", "llada2", 32, {"max_post_steps": -1})
+
+
+def test_batch_invariance_float32_with_moe_routing(loaded):
+    """A request's tokens (and forwards) are the same alone and in a batch mixing every LLaDA2 preset,
+    temperatures and canvas lengths: MoE routing does not depend on the batch."""
+    requests = []
+    for i, preset in enumerate(("llada2", "llada2_quality", "llada2_speed")):
+        for j, temperature in enumerate((0.0, 0.8)):
+            max_tokens = (40, 64)[(i + j) % 2]
+            params = resolve_params(
+                preset, "llada2", max_tokens, {"temperature": temperature, "seed": 7 * i + j}
+            )
+            requests.append(
+                GenerationRequest(f"{preset}-{j}", PROMPTS[(i + j) % len(PROMPTS)], params, max_tokens)
+            )
+    together = Engine(loaded, EngineConfig(max_batch_size=len(requests))).run_to_completion(requests)
+    for req in requests:
+        alone = Engine(loaded, EngineConfig(max_batch_size=1)).run_to_completion([req])[req.request_id]
+        assert together[req.request_id].token_ids == alone.token_ids, req.request_id
+        assert together[req.request_id].forwards == alone.forwards, req.request_id
+
+
+def test_remote_generate_gets_the_llada2_knobs():
+    """Under --trust-remote-code a LLaDA2.1 checkpoint's own generate() receives the preset's
+    block_length, steps, threshold and editing knobs by name; LLaDA2.0's (no editing) does not."""
+    from dllm_serve.models.remote_code import generate_kwargs
+
+    def generate21(
+        inputs,
+        temperature=0.0,
+        block_length=32,
+        steps=32,
+        gen_length=2048,
+        top_p=None,
+        top_k=None,
+        eos_early_stop=False,
+        minimal_topk=1,
+        threshold=0.95,
+        editing_threshold=0.9,
+        max_post_steps=16,
+        eos_id=156892,
+        mask_id=156895,
+        num_to_transfer=1,
+    ): ...
+
+    quality = resolve_params("llada2_quality", "llada2", 64, {})
+    kwargs = generate_kwargs(generate21, quality, 64)
+    assert kwargs["editing_threshold"] == 0.5 and kwargs["max_post_steps"] == 16
+    assert (kwargs["threshold"], kwargs["block_length"], kwargs["gen_length"]) == (0.7, 32, 64)
+    speed = generate_kwargs(generate21, resolve_params("llada2_speed", "llada2", 64, {}), 64)
+    assert "editing_threshold" not in speed and speed["threshold"] == 0.5

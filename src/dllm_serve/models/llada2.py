@@ -384,6 +384,9 @@ SPEC = FamilySpec(
     default_preset="llada2",
     cost_shape=cost_shape,
     decode_defaults=decode_defaults,
+    # A revision the native model refuses runs its own generate() with the llada2 presets' knobs
+    # (block_length, steps, threshold, temperature, top_p; editing_threshold / max_post_steps).
+    remote_code=True,
     tiny=TinyFormat(
         specials=SPECIAL_TOKENS,
         eos="<|endoftext|>",

@@ -11,12 +11,10 @@ from typing import Any
 from dllm_serve.models import llada, llada2, nemotron
 from dllm_serve.models.family import FamilySpec
 
-# Recognition tries them in order: llada2 before llada, whose architecture hint "llada" also
-# matches "LLaDA2MoeModelLM".
 FAMILIES: tuple[FamilySpec, ...] = (
-    llada2.SPEC,
     llada.SPEC,
     nemotron.SPEC,
+    llada2.SPEC,
 )
 BY_NAME: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}
 
@@ -30,8 +28,16 @@ def get(name: str) -> FamilySpec:
 
 
 def find_family(config: dict[str, Any]) -> FamilySpec | None:
-    """The first family whose recognition matches config.json, or None."""
-    return next((spec for spec in FAMILIES if spec.matches(config)), None)
+    """The family config.json names, or None: its model_type when a family lists it, else the
+    family whose architecture hint matches most specifically (LLaDA2's "llada2moe" over LLaDA's
+    "llada" for ``LLaDA2MoeModelLM``)."""
+    model_type = str(config.get("model_type", "")).lower()
+    by_type = next((spec for spec in FAMILIES if model_type in spec.model_types), None)
+    if by_type is not None:
+        return by_type
+    archs = [str(a).lower() for a in config.get("architectures") or []]
+    hits = [(len(h), spec) for spec in FAMILIES for h in spec.architectures if any(h in a for a in archs)]
+    return max(hits, key=lambda hit: hit[0])[1] if hits else None
 
 
 # transformers auto classes a checkpoint's auto_map may name for its own model code, preferred first.

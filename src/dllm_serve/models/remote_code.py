@@ -141,6 +141,9 @@ def generate_kwargs(
     }
     if eos_token_id is not None:
         offered["eos_token_id"] = eos_token_id
+    if params.editing_threshold is not None:  # LLaDA2.1's generate (no editing: it is not offered)
+        offered["editing_threshold"] = params.editing_threshold
+        offered["max_post_steps"] = params.max_post_steps
     sig = inspect.signature(fn)
     named = {
         n
