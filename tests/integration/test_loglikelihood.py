@@ -16,9 +16,10 @@ from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import exact_expectation
+from tests.llada2_helpers import TINY_LLADA2
 from tests.nemotron_helpers import TINY_NEMOTRON
 
-MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32)}
+MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "llada2": (TINY_LLADA2, 32)}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
