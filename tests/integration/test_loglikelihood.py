@@ -90,7 +90,8 @@ def test_text_pairs_move_the_context_s_trailing_spaces_into_the_continuation(ser
     server, loaded, _ = served
     tok = loaded.tokenizer
     text = tok.hf.decode(tok.render_chat([{"role": "user", "content": heldout_examples(1)[0].prompt}]))
-    assert text != text.rstrip()  # the generation prompt ends in whitespace
+    if text == text.rstrip():  # LLaDA2's generation prompt ends in "</role>": nothing to move
+        pytest.skip("this chat template's generation prompt does not end in whitespace")
     answer = heldout_examples(1)[0].answer
     row = _post(server, {"requests": [{"context": text, "continuation": answer}], "mc_num": 1}).json()[
         "data"
