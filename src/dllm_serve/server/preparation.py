@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from dllm_serve.engine.algorithms import ParamError
 from dllm_serve.engine.engine import EngineBase
-from dllm_serve.engine.sequence import GenerationRequest
+from dllm_serve.engine.sequence import GenerationRequest, canvas_tokens
 from dllm_serve.protocol import (
     DEFAULT_MAX_TOKENS,
     ChatMessage,
@@ -191,9 +191,10 @@ def prepare_generation(
     except ParamError as exc:
         raise bad_request(str(exc), exc.param, "invalid_value") from None
     for ids in prompts:
-        if len(ids) + params.gen_length > max_len:
+        canvas = canvas_tokens(len(ids), params, max_tokens) - len(ids)
+        if len(ids) + canvas > max_len:
             raise bad_request(
-                f"max_tokens {max_tokens} rounds up to a canvas of {params.gen_length} tokens (whole blocks "
+                f"max_tokens {max_tokens} rounds up to a canvas of {canvas} tokens (whole blocks "
                 f"of block_length {params.block_length}); with the {len(ids)}-token prompt that exceeds "
                 f"the model's maximum context length of {max_len} tokens.",
                 "max_tokens",
