@@ -133,24 +133,6 @@ def aligned_batch(
     }
 
 
-def jittered_prompts(tok: Any, examples, rng: Any, share: float) -> list[list[int]]:
-    """Chat prompts, a ``share`` of them with a system turn of 0-60 random letters first.
-
-    The task prompts alone are 36-47 tokens, so the answer would always start 4-15 tokens into the
-    second 32-token block; a system turn of random length moves it to every offset of any block
-    (LLaDA2's blocks are counted from position 0), so prompts of any length decode well.
-    """
-    out = []
-    for ex in examples:
-        messages = [{"role": "user", "content": ex.prompt}]
-        if rng.random() < share:
-            letters = " ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(0, 30)))
-            system = f"You are a helpful assistant. {letters}".strip()
-            messages.insert(0, {"role": "system", "content": system})
-        out.append(tok.render_chat(messages))
-    return out
-
-
 def loss(model: Any, prompts, responses, mask_id: int, pad_id: int, gen: torch.Generator) -> torch.Tensor:
     """Mean cross-entropy on the masked response tokens of the noisy copy."""
     batch = aligned_batch(prompts, responses, mask_id, pad_id, gen)

@@ -390,12 +390,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dependent-share", type=float, default=1 / 3, help="share of examples from the dependent suite"
     )
     ap.add_argument("--skip-examples", type=int, default=0, help="skip this many training examples first")
-    ap.add_argument(
-        "--phase-jitter",
-        type=float,
-        default=0.0,
-        help="llada2: share of prompts given a random-length system turn (answers at every block offset)",
-    )
     args = ap.parse_args(argv)
     fmt = TRAINABLE[args.family].tiny
     args.canvases = tuple(args.canvases or fmt.canvas_lengths)
@@ -449,8 +443,6 @@ def main(argv: list[str] | None = None) -> None:
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
         elif fmt.objective == "aligned_block_diffusion":
             prompts, responses = encode_rows(tok, examples, ids.eos, ids.eot, canvas)
-            if args.phase_jitter:
-                prompts = tiny_llada2.jittered_prompts(tok, examples, rng, args.phase_jitter)
             loss = tiny_llada2.loss(model, prompts, responses, ids.mask, ids.eos, gen)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
