@@ -13,11 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
+from dllm_serve.engine.prompt_cache import PromptCacheStats
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
 from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
@@ -52,6 +53,8 @@ class EngineStats:
     kv_used_tokens: int = 0
     kv_peak_used_tokens: int = 0
     kv_bytes_per_token: int = 0
+    # Prompt-cache reuse (block-causal models; all zero otherwise)
+    prompt_cache: PromptCacheStats = field(default_factory=PromptCacheStats)
 
 
 @dataclass
@@ -186,6 +189,7 @@ class Engine(EngineBase):
             pool.used,
             pool.peak_used,
             pool.bytes_per_token,
+            self.runner.prompt_cache.stats(),
         )
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
