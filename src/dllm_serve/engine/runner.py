@@ -93,7 +93,9 @@ class Runner:
         )
         self.prompt_cache = PromptCache(self.kv_plan.prompt_cache_bytes, self.pool.bytes_per_token)
         if block_causal:
-            log.info("prompt cache: %s for reused prompt blocks", human_bytes(self.prompt_cache.budget_bytes))
+            budget = self.prompt_cache.budget_bytes
+            shown = f"{human_bytes(budget)} for reused prompt blocks" if budget else "off"
+            log.info("prompt cache: %s", shown)
         log.info(
             "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
             self.pool.capacity,
