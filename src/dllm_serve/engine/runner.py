@@ -27,12 +27,13 @@ from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine import denoise, token_logprobs
-from dllm_serve.engine.algorithms import DecodeParams, presets_for
+from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.prompt_cache import PromptCache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
@@ -87,9 +88,9 @@ class Runner:
         # The KV cache, sized by the memory budget and allocated now (start-up fails with the
         # numbers if one sequence of max_len tokens cannot fit).
         m = self.model
-        # Block-causal models (those with a committed-context preset) get a prompt cache, carved
-        # out of the KV budget; under full attention a prompt's K/V depend on the canvas.
-        block_causal = any(p.cache == "committed" for p in presets_for(loaded.family))
+        # Block-causal models get a prompt cache, carved out of the KV budget; under full
+        # attention a prompt's K/V depend on the canvas.
+        block_causal = registry.get(loaded.family).attention == "block_causal"
         self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
@@ -149,7 +150,7 @@ class Runner:
             seq.kv = self.pool.allocate(total)
         if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
             seq.committed_context = self.prompt_cache.reuse(
-                request.prompt_ids, params.block_length, self.pool, seq.kv
+                request.prompt_ids, params.block_length, self.pool, seq.extent
             )
         return seq
 
@@ -427,7 +428,7 @@ class Runner:
         seq.step_in_block += 1
         if seq.params.cache == "committed":
             if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
-                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.kv)
+                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool((block[:bl] == seq.mask_id).any()):
             seq.block += 1

@@ -72,7 +72,7 @@ def row_layout(
     block_of = torch.zeros(n, dtype=torch.long)
     for b, (s, e) in enumerate(spans):
         block_of[s:e] = b
-    context_blocks = torch.full((c,), -1) if full else torch.arange(c) // block_length
+    context_blocks = torch.full((c,), -1) if block_length is None else torch.arange(c) // block_length
     blocks = torch.cat([context_blocks, block_of[:clean], block_of])
     noisy = c + clean
     predict = torch.arange(noisy, noisy + n)
