@@ -97,7 +97,9 @@ def test_a_shared_system_prompt_is_reused_and_the_answers_do_not_change(servers)
     assert c["lookups"] == 7 and c["hits"] == 6, c
     assert c["reused_tokens"] >= 6 * (shared // BLOCK) * BLOCK, c
     assert 0 < c["used_bytes"] <= c["capacity_bytes"], c
-    assert httpx.get(on.base_url + "/health", timeout=10).json()["kv_cache"]["used_tokens"] == 0
+    health = httpx.get(on.base_url + "/health", timeout=10).json()
+    assert health["kv_cache"]["used_tokens"] == 0  # the cached blocks are not in the arena
+    assert health["prompt_cache"]["used_bytes"] == c["used_bytes"] and health["prompt_cache"]["blocks"] > 0
 
 
 def test_a_cancelled_stream_leaves_later_answers_exact(servers):
