@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from dllm_serve.engine.algorithms import ParamError, describe_presets
+from dllm_serve.engine.algorithms import ParamError, describe_presets, describe_rules
 from dllm_serve.engine.scheduler import QueueFullError
 from dllm_serve.engine.sequence import GenerationRequest, TokenLogprob
 from dllm_serve.protocol import (
@@ -103,6 +103,7 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
         "model": state.model_id,
         "default": engine.default_algorithm if engine is not None else None,
         "data": describe_presets(family),
+        "rules": describe_rules(),
     }
 
 
