@@ -55,6 +55,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
+from dllm_serve.models.nemotron_labs import (
+    NemotronLabsConfig,
+    NemotronLabsModel,
+    RopeParameters,
+    labs_config_dict,
+)
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 LLADA_SPECIALS = [
@@ -94,6 +100,7 @@ QWEN_CHAT_TEMPLATE = (
 CANVAS_LENGTHS = {
     "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
     "nemotron": (32, 48, 32, 64),
+    "nemotron_labs": (32, 48, 32, 64),
 }
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
@@ -154,14 +161,18 @@ FORMATS = {
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
     ),
 }
+FORMATS["nemotron_labs"] = FORMATS["nemotron"]  # the tiny keeps tiny-nemotron's tokenizer (docs/nemotron-labs.md)
 # Per-family defaults of the flags whose default is None.
 DEFAULTS = {
     "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
     "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
+    "nemotron_labs": {"out": Path("models/tiny-nemotron-labs"), "kv_heads": 2},
 }
 OBJECTIVES = {
     "llada": "masked diffusion SFT (1/p-weighted, response masked)",
     "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "nemotron_labs": "joint AR + block diffusion, two-copy (clean causal copy: next-token CE; noisy block "
+    "over the clean context before it: CE on masked tokens), the two means summed",
 }
 
 
@@ -257,10 +268,12 @@ def block_diffusion_batch(
     pad_id: int,
     gen: torch.Generator,
     eps: float = 1e-3,
+    causal_context: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Inputs, positions, [B, W, W] attention mask, noisy-copy indices, targets and mask ratios.
 
     All responses have the same length; a block size need not divide it (the last block is short).
+    ``causal_context``: the clean copy attends causally (Nemotron-Labs) instead of block-causally.
     """
     b, rl = len(prompts), len(responses[0])
     plen = torch.tensor([len(p) for p in prompts])
@@ -273,7 +286,8 @@ def block_diffusion_batch(
     offset = torch.where(is_noisy, idx - clean_end, idx - plen[:, None])  # response offset
     block = torch.where(idx < plen[:, None], torch.full_like(idx, -1), offset // bs)
     blk_q, blk_k = block[:, :, None], block[:, None, :]
-    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    order = idx[:, None, :] <= idx[:, :, None] if causal_context else blk_k <= blk_q
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & order
     noisy_q = is_noisy[:, :, None] & (
         (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
     )
@@ -303,6 +317,7 @@ def block_diffusion_batch(
         "positions": positions,
         "mask": mask,
         "noisy_index": noisy_index,
+        "clean_index": plen[:, None] + torch.arange(rl)[None, :],
         "targets": targets,
         "masked": masked,
         "p_mask": p_mask,
@@ -327,6 +342,30 @@ def block_diffusion_loss(
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
 
 
+def joint_ar_diffusion_loss(
+    model: NemotronLabsModel,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Nemotron-Labs' two objectives on one forward of ``[prompt | clean response | noisy response]``:
+    next-token CE on the causal clean copy (the logits at position i - 1 predict response token i)
+    plus CE on the masked tokens of the noisy blocks (see the module docstring)."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    sizes = rng.choices(BLOCK_SIZES, weights=BLOCK_WEIGHTS, k=len(examples))
+    batch = block_diffusion_batch(prompts, responses, sizes, ids_.mask, ids_.eos, gen, causal_context=True)
+    rl = batch["targets"].shape[1]
+    index = torch.cat([batch["noisy_index"], batch["clean_index"] - 1], dim=1)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, index)
+    masked, targets = batch["masked"], batch["targets"]
+    diffusion = F.cross_entropy(logits[:, :rl][masked].float(), targets[masked])
+    ar = F.cross_entropy(logits[:, rl:].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    return diffusion + ar
+
+
 # -- models and checkpoints ---------------------------------------------------------------------
 
 
@@ -349,6 +388,37 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
             pad_token_id=ids.eos,
         )
         return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
+    if family == "nemotron_labs":
+        # Published-format RoPE: YaRN plus Llama-4 query scaling, active inside the tiny's context.
+        rope = RopeParameters(
+            rope_theta=10000.0,
+            rope_type="yarn",
+            factor=2.0,
+            original_max_position_embeddings=MAX_LENGTH // 2,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            llama_4_scaling_beta=0.1,
+        )
+        labs = NemotronLabsConfig(
+            hidden_size=args.d_model,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads,
+            head_dim=args.d_model // args.heads,
+            intermediate_size=args.mlp,
+            vocab_size=n_vocab,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=MAX_LENGTH,
+            mask_token_id=ids.mask,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.eos,
+            rope=rope,
+            dlm_paradigm="block_diff",
+            block_size=args.block_size,
+        )
+        model = NemotronLabsModel(labs, eot_token_id=ids.eot)
+        model.rotary.reset()
+        return model, labs
     cfg = NemotronConfig(
         hidden_size=args.d_model,
         num_hidden_layers=args.layers,
@@ -383,6 +453,8 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
     if args.family == "llada":
         config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
+    elif args.family == "nemotron_labs":
+        config, eos_ids = labs_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     else:
         config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -400,7 +472,7 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if args.family == "nemotron":
+    if args.family in ("nemotron", "nemotron_labs"):
         record["block_sizes"] = list(BLOCK_SIZES)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
@@ -483,7 +555,10 @@ def main(argv: list[str] | None = None) -> None:
     model, cfg = build_model(args.family, args, len(vocab), ids)
     init_weights(model, args.layers)
     if args.init is not None:
-        model.load_official(load_file(str(args.init / "model.safetensors")))
+        tensors = load_file(str(args.init / "model.safetensors"))
+        if args.family == "nemotron_labs":  # a tiny-nemotron init: its q/k norms have no place here
+            tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+        model.load_official(tensors)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -499,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if args.family == "llada":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
+        elif args.family == "nemotron_labs":
+            loss = joint_ar_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

@@ -12,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-CACHES = ("none", "prefix", "dual", "vicinity", "committed")
+CACHES = ("none", "prefix", "dual", "vicinity", "committed", "causal", "ar", "speculative")
+# Policies whose committed context is causal (engine/causal_modes.py: Nemotron-Labs' modes).
+CAUSAL_CACHES = ("causal", "ar", "speculative")
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
@@ -158,10 +160,46 @@ PRESETS: dict[str, Preset] = {
             "Nemotron block diffusion: committed-context KV cache, threshold decoding",
             steps_bound_rules=True,
         ),
+        Preset(
+            "nemotron_labs",
+            "nemotron_labs",
+            "nemotron_labs",
+            "causal",
+            "threshold",
+            ("dlm", "labs_diffusion"),
+            "Nemotron-Labs diffusion: causal committed context, each block opened by the causal "
+            "next-token prediction, threshold decoding",
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "nemotron_labs_ar",
+            "nemotron_labs",
+            "nemotron_labs",
+            "ar",
+            "threshold",
+            ("ar", "autoregressive"),
+            "Nemotron-Labs autoregressive decoding: causal attention, one token per forward, KV cache",
+        ),
+        Preset(
+            "nemotron_labs_spec",
+            "nemotron_labs",
+            "nemotron_labs",
+            "speculative",
+            "threshold",
+            ("linear_spec", "self_speculative"),
+            "Nemotron-Labs self-speculation: draft a block by diffusion, verify it causally, accept "
+            "the agreeing prefix plus one token",
+            (("threshold", 0.0),),
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
-ENGINE_DEFAULT_PRESET = {"fast-dllm": "dual_cache", "dinfer": "dinfer_blockwise", "nemotron": "nemotron"}
+ENGINE_DEFAULT_PRESET = {
+    "fast-dllm": "dual_cache",
+    "dinfer": "dinfer_blockwise",
+    "nemotron": "nemotron",
+    "nemotron_labs": "nemotron_labs",
+}
 DEFAULT_BLOCK_LENGTH = 32
 
 # Request fields that override DecodeParams fields of the same name.
@@ -195,7 +233,7 @@ def canonical_name(name: str, family: str) -> str:
 def default_preset(engine: str, family: str) -> str:
     """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
     if engine == "auto":
-        engine = "nemotron" if family == "nemotron" else "dinfer"
+        engine = family if family in ("nemotron", "nemotron_labs") else "dinfer"
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]
@@ -306,6 +344,8 @@ def _validate(p: DecodeParams) -> None:
     _check_range("credit_gamma", p.credit_gamma, 0.0, 100.0)
     _check_range("credit_beta", p.credit_beta, 0.0, 1.0)
     _check_range("cfg_scale", p.cfg_scale, 0.0, 100.0)
+    if p.shift_logits and p.cache in CAUSAL_CACHES:
+        raise ParamError("shift_logits", f"shift_logits does not apply to the {p.algorithm!r} algorithm")
     if p.cfg_scale > 0 and p.cache != "none":
         raise ParamError("cfg_scale", "cfg_scale needs the full-canvas 'llada' algorithm (no KV cache)")
     for name in ("prefix_look", "after_look", "warmup_steps"):

@@ -109,6 +109,7 @@ class Sequence:
     error: str | None = None
     credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    draft: torch.Tensor | None = None  # speculative decoding's drafted block (engine/causal_modes.py)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)

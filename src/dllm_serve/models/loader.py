@@ -59,7 +59,7 @@ def read_config(path: Path) -> dict[str, Any]:
 class LoadedModel:
     model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
     tokenizer: ChatTokenizer
-    family: str  # "llada" | "nemotron"
+    family: str  # "llada" | "nemotron" | "nemotron_labs"
     path: Path
     config: dict[str, Any]
 
@@ -108,6 +108,8 @@ def detect_family(config: dict[str, Any]) -> str:
     archs = [a.lower() for a in config.get("architectures") or []]
     if model_type == "llada" or any("llada" in a for a in archs):
         return "llada"
+    if model_type == "nemotron_labs_diffusion" or any("nemotronlabsdiffusion" in a for a in archs):
+        return "nemotron_labs"
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
         return "nemotron"
     hint = (
@@ -118,7 +120,8 @@ def detect_family(config: dict[str, Any]) -> str:
     raise ValueError(
         f"unsupported model: model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')}; "
-        f"supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel){hint}"
+        f"supported: LLaDA (model_type 'llada'), Nemotron diffusion (DiffEncoderModel) and "
+        f"Nemotron-Labs-Diffusion (NemotronLabsDiffusionModel){hint}"
     )
 
 
@@ -172,6 +175,9 @@ def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], Diffusion
     except ImportError:  # the Nemotron model lands in its own module
         return builders
     builders["nemotron"] = nemotron.build
+    from dllm_serve.models import nemotron_labs
+
+    builders["nemotron_labs"] = nemotron_labs.build
     return builders
 
 

@@ -65,8 +65,8 @@ class NemotronConfig:
         archs = " ".join(raw.get("architectures") or []).lower()
         if "ministral" in archs or "labsdiffusion" in archs or raw.get("rope_parameters"):
             raise ValueError(
-                f"{raw.get('architectures')} (Ministral-based Nemotron-Labs diffusion: no q/k norm, YaRN "
-                "RoPE, causal committed context) is not served natively; use --trust-remote-code"
+                f"{raw.get('architectures')} is a Nemotron-Labs-Diffusion config; it is read by "
+                "models/nemotron_labs.py, not as a DiffEncoderModel"
             )
         paradigm = raw.get("dlm_paradigm", "bidirectional")
         if paradigm not in BLOCK_PARADIGMS:
