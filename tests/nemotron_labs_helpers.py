@@ -58,7 +58,9 @@ def random_labs_config(**overrides) -> NemotronLabsConfig:
     return NemotronLabsConfig(**base)
 
 
-def random_labs_weights(cfg: NemotronLabsConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+def random_labs_weights(
+    cfg: NemotronLabsConfig, seed: int = 0, scale: float = 0.2
+) -> dict[str, torch.Tensor]:
     """Published-name tensors of a random Nemotron-Labs model."""
     return random_like(NemotronLabsModel(cfg).export_state_dict(), seed, scale, norm_jitter=0.2)
 

@@ -14,7 +14,9 @@ from tests.nemotron_labs_helpers import random_labs_config, random_labs_weights,
 transformers = pytest.importorskip("transformers")
 
 
-def reference_logits(cfg: NemotronLabsConfig, tensors: dict, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reference_logits(
+    cfg: NemotronLabsConfig, tensors: dict, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Logits of transformers' Ministral3Model (eager attention, our boolean [B, Q, K] mask) + the head."""
     from transformers.models.ministral3 import Ministral3Config, Ministral3Model
 
@@ -56,7 +58,7 @@ def test_forward_matches_transformers_ministral3(tmp_path, pattern):
     tensors = random_labs_weights(cfg)
     path = write_labs_checkpoint(tmp_path / "ckpt", cfg, tensors)
     loaded = load_model(path)
-    assert loaded.family == "nemotron_labs"
+    assert loaded.family == "nemotron-labs"
     n = 40  # past original_max_position_embeddings (16): YaRN and the query scale both matter
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(4, cfg.vocab_size, (2, n), generator=gen)
@@ -83,7 +85,7 @@ def test_query_scale_and_yarn_are_not_no_ops(tmp_path):
 def test_family_config_round_trip_and_errors(tmp_path):
     cfg = random_labs_config()
     raw = labs_config_dict(cfg)
-    assert detect_family(raw) == "nemotron_labs"
+    assert detect_family(raw) == "nemotron-labs"
     assert NemotronLabsConfig.from_dict(raw) == cfg
     for change, message in [
         ({"attention_bias": True}, "attention_bias"),

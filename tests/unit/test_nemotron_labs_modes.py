@@ -52,7 +52,9 @@ class Reference:
         with torch.no_grad():
             return self.model(torch.tensor([tokens]), torch.arange(n)[None], mask[None])[0].float()
 
-    def generate(self, prompt: list[int], max_new: int, block: int, threshold: float) -> tuple[list[int], int]:
+    def generate(
+        self, prompt: list[int], max_new: int, block: int, threshold: float
+    ) -> tuple[list[int], int]:
         """``generate(..., causal_context=True)``: returns the generated ids and the forwards the
         engine takes for them (prefill + denoising steps + one causal commit per later block)."""
         x = list(prompt)
@@ -143,7 +145,9 @@ class Reference:
 
 def run(loaded, algorithm: str, prompts: list[list[int]], max_new: int, **overrides):
     engine = Engine(loaded, EngineConfig(device="cpu", dtype="float32", max_batch_size=8))
-    params = resolve_params(algorithm, "nemotron_labs", max_new, overrides, model_defaults=loaded.model.decode_defaults)
+    params = resolve_params(
+        algorithm, "nemotron-labs", max_new, overrides, model_defaults=loaded.decode_defaults
+    )
     requests = [GenerationRequest(f"r{i}", p, params, max_new) for i, p in enumerate(prompts)]
     return [engine.run_to_completion(requests)[r.request_id] for r in requests]
 
@@ -204,8 +208,8 @@ def test_acceptance_rule():
 
 
 def test_presets_and_their_errors(loaded):
-    defaults = loaded.model.decode_defaults
-    p = resolve_params("dlm", "nemotron_labs", 40, model_defaults=defaults)
+    defaults = loaded.decode_defaults
+    p = resolve_params("dlm", "nemotron-labs", 40, model_defaults=defaults)
     assert (p.algorithm, p.cache, p.block_length, p.threshold, p.max_steps_per_block) == (
         "nemotron_labs",
         "causal",
@@ -213,8 +217,8 @@ def test_presets_and_their_errors(loaded):
         0.9,
         BLOCK,
     )
-    assert resolve_params("linear_spec", "nemotron_labs", 40).threshold == 0.0
+    assert resolve_params("linear_spec", "nemotron-labs", 40).threshold == 0.0
     with pytest.raises(ParamError, match="shift_logits"):
-        resolve_params("ar", "nemotron_labs", 40, {"shift_logits": True})
-    with pytest.raises(ParamError, match="cannot run on a nemotron_labs model"):
-        resolve_params("dual_cache", "nemotron_labs", 40)
+        resolve_params("ar", "nemotron-labs", 40, {"shift_logits": True})
+    with pytest.raises(ParamError, match="cannot run on a nemotron-labs model"):
+        resolve_params("dual_cache", "nemotron-labs", 40)

@@ -60,7 +60,9 @@ def _causal(start: int, end: int, logits_start: int, logits_end: int) -> Forward
 
 def _bidirectional(start: int, end: int) -> ForwardPlan:
     """Queries [start, end) seeing the cached context and the whole span."""
-    return ForwardPlan(start, end, torch.full((end - start,), end, dtype=torch.long), start, end, refresh=False)
+    return ForwardPlan(
+        start, end, torch.full((end - start,), end, dtype=torch.long), start, end, refresh=False
+    )
 
 
 def plan(seq: Sequence) -> Step:

@@ -134,7 +134,9 @@ class Runner:
         params = request.params
         total = self._tokens(request)
         mask = self.roles.mask_token_id
-        canvas = torch.tensor(request.prompt_ids + [mask] * (total - len(request.prompt_ids)), dtype=torch.long)
+        canvas = torch.tensor(
+            request.prompt_ids + [mask] * (total - len(request.prompt_ids)), dtype=torch.long
+        )
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)

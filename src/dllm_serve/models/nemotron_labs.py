@@ -8,7 +8,8 @@ each query is multiplied by Llama-4's position-dependent factor
 length). One set of weights serves three decoding modes that differ only in the attention mask the
 caller passes (causal for the autoregressive mode, the committed context and the verifier;
 bidirectional inside the active block for diffusion and drafting), so the model is a forward and a
-name map like the others. See docs/nemotron-labs.md for where each fact comes from.
+name map like the others; ``SPEC`` registers the family (models/registry.py). See
+docs/nemotron-labs.md for where each fact comes from.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from dllm_serve.models.base import (
     gather_positions,
     rms_norm,
 )
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
+from dllm_serve.models.nemotron import SPEC as NEMOTRON_SPEC
 from dllm_serve.models.nemotron import NemotronModel
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -146,7 +149,9 @@ class NemotronLabsConfig:
             )
         mask = raw.get("mask_token_id")
         if mask is None or int(mask) < 0:
-            raise ValueError("config.json has no mask_token_id; a diffusion checkpoint must name its mask token")
+            raise ValueError(
+                "config.json has no mask_token_id; a diffusion checkpoint must name its mask token"
+            )
         eos = raw.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -248,16 +253,16 @@ class LabsDecoderLayer(DecoderLayer):
             k, v = kv.update(layer, k, v)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, q_len, nh * hd))
-        h = rms_norm(x, self.mlp_norm, self.eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))
 
 
 class NemotronLabsModel(NemotronModel):
     """Ministral-3 stack with ``diffusion_head``; the published names are NemotronModel's (no q/k norm),
     so loading and export are inherited."""
 
-    def __init__(self, cfg: NemotronLabsConfig, eot_token_id: int | None = None) -> None:  # noqa: D107
+    title = "Nemotron-Labs"
+
+    def __init__(self, cfg: NemotronLabsConfig, eot_token_id: int | None = None) -> None:
         DiffusionLM.__init__(self)
         self.cfg = cfg  # type: ignore[assignment]
         self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
@@ -266,7 +271,6 @@ class NemotronLabsModel(NemotronModel):
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.decode_defaults: dict[str, Any] = {"block_length": cfg.block_size}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             LabsDecoderLayer(
@@ -354,3 +358,88 @@ def labs_config_dict(cfg: NemotronLabsConfig) -> dict[str, Any]:
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
     return out
+
+
+def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's block size as the presets' ``block_length``."""
+    return {"block_length": NemotronLabsConfig.from_dict(config).block_size}
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by NemotronLabsConfig so defaults (KV heads, head_dim) match."""
+    n = NemotronLabsConfig.from_dict(config)
+    return ModelShape(
+        d_model=n.hidden_size,
+        n_layers=n.num_hidden_layers,
+        n_heads=n.num_attention_heads,
+        n_kv_heads=n.num_key_value_heads,
+        head_dim=n.head_dim,
+        mlp_hidden=n.intermediate_size,
+        vocab_size=n.vocab_size,
+        max_length=n.max_position_embeddings,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-nemotron-labs (scripts/train_tiny.py): the published keys, and
+    YaRN with Llama-4 query scaling active inside its 1024-token context (half of it is the
+    "original" length), so the tiny model exercises the same RoPE path as the real ones."""
+    rope = RopeParameters(
+        rope_theta=10000.0,
+        rope_type="yarn",
+        factor=2.0,
+        original_max_position_embeddings=shape.max_length // 2,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        llama_4_scaling_beta=0.1,
+    )
+    cfg = NemotronLabsConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d_model // shape.heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+        rope=rope,
+        dlm_paradigm="block_diff",
+        block_size=shape.block_size,
+    )
+    return labs_config_dict(cfg)
+
+
+# The published tokenizer (Mistral's, 131072 ids; mask 100) is read from the checkpoint like any
+# other; the tiny keeps tiny-nemotron's tokenizer and chat template (docs/nemotron-labs.md says why).
+_NEMOTRON_TINY = NEMOTRON_SPEC.tiny
+assert _NEMOTRON_TINY is not None
+
+SPEC = FamilySpec(
+    name="nemotron-labs",
+    title="Nemotron-Labs-Diffusion",
+    model_types=(MODEL_TYPE,),
+    architectures=("nemotronlabsdiffusion",),
+    build=build,
+    attention="causal",
+    default_preset="nemotron_labs",
+    cost_shape=cost_shape,
+    decode_defaults=decode_defaults,
+    tiny=TinyFormat(
+        specials=_NEMOTRON_TINY.specials,
+        eos=_NEMOTRON_TINY.eos,
+        eot=_NEMOTRON_TINY.eot,
+        mask=_NEMOTRON_TINY.mask,
+        tokenizer_config=_NEMOTRON_TINY.tokenizer_config,
+        special_tokens_map=_NEMOTRON_TINY.special_tokens_map,
+        config=tiny_config,
+        objective="joint_ar_block_diffusion",
+        # Like Nemotron: decoding never reaches past the active block, so short canvases suffice.
+        canvas_lengths=(32, 48, 32, 64),
+        default_kv_heads=2,
+        generation_eos_both=True,
+    ),
+)
