@@ -17,6 +17,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine import causal_modes
 from dllm_serve.engine.algorithms import ParamError, resolve_params
 from dllm_serve.engine.engine import Engine
+from dllm_serve.engine.scoring import ScoringRequest, TokenLogprobRequest
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
 from tests.nemotron_labs_helpers import random_labs_config, random_labs_weights, write_labs_checkpoint
@@ -222,3 +223,41 @@ def test_presets_and_their_errors(loaded):
         resolve_params("ar", "nemotron-labs", 40, {"shift_logits": True})
     with pytest.raises(ParamError, match="cannot run on a nemotron-labs model"):
         resolve_params("dual_cache", "nemotron-labs", 40)
+
+
+def _score(engine: Engine, requests: list) -> dict:
+    out: dict = {}
+    for r in requests:
+        engine.add_scoring(r, lambda e: out.__setitem__(e.request_id, e))
+    while engine.step():
+        pass
+    return out
+
+
+def test_likelihood_is_the_exact_autoregressive_one(loaded):
+    """/v1/loglikelihood and echo on this family: each continuation token's log-softmax at the
+    position before it under causal attention, summed; greedy when each is the argmax there."""
+    ref = Reference(loaded)
+    context, continuation = prompts(loaded, 2)
+    logp = ref.logits(context + continuation).log_softmax(-1)
+    expected = [float(logp[len(context) + i - 1, t]) for i, t in enumerate(continuation)]
+    greedy = [int(logp[len(context) - 1].argmax())]
+    engine = Engine(loaded, EngineConfig(device="cpu", dtype="float32"))
+    assert engine.causal_scoring and not engine.block_diffusion
+    events = _score(
+        engine,
+        [
+            ScoringRequest("a", context, continuation, mc_num=7, causal=True, check_greedy=True),
+            ScoringRequest("b", context, greedy, causal=True, check_greedy=True),
+            TokenLogprobRequest("c", context + continuation, top_k=2, generate=1, causal=True),
+        ],
+    )
+    a, b, c = events["a"], events["b"], events["c"]
+    assert a.logprob == pytest.approx(sum(expected), abs=1e-4) and a.stderr == 0.0 and a.forwards == 1
+    assert a.is_greedy is False and b.is_greedy is True
+    assert c.tokens[0] is None
+    for i, t in enumerate(continuation):
+        entry = c.tokens[len(context) + i]
+        assert entry.token == t and entry.logprob == pytest.approx(expected[i], abs=1e-4)
+    full = ref.logits(context + continuation)[-1]
+    assert c.generated[0].token == int(full.argmax())
