@@ -261,3 +261,24 @@ def test_likelihood_is_the_exact_autoregressive_one(loaded):
         assert entry.token == t and entry.logprob == pytest.approx(expected[i], abs=1e-4)
     full = ref.logits(context + continuation)[-1]
     assert c.generated[0].token == int(full.argmax())
+
+
+@pytest.mark.parametrize("algorithm", ["ar", "linear_spec"])
+def test_generated_token_logprobs_are_the_causal_ones(loaded, algorithm):
+    """``logprobs`` on the AR and speculative modes: each token's log-probability in the causal
+    forward that committed it, i.e. the log-softmax at the position before it."""
+    ref = Reference(loaded)
+    prompt = prompts(loaded, 1)[0]
+    engine = Engine(loaded, EngineConfig(device="cpu", dtype="float32"))
+    params = resolve_params(algorithm, "nemotron-labs", 20, model_defaults=loaded.decode_defaults)
+    events = []
+    engine.add_request(GenerationRequest("r", prompt, params, 20, logprobs=2), events.append)
+    while engine.step():
+        pass
+    tokens = [t for e in events for t in e.token_ids]
+    entries = [x for e in events for x in (e.logprobs or [])]
+    assert tokens and len(entries) == len(tokens)
+    logp = ref.logits(prompt + tokens).log_softmax(-1)
+    for i, (token, entry) in enumerate(zip(tokens, entries, strict=True)):
+        assert entry.token == token and len(entry.top) == 2
+        assert entry.logprob == pytest.approx(float(logp[len(prompt) + i - 1, token]), abs=1e-4)

@@ -119,11 +119,10 @@ class Runner:
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
         cache (start-up checked that), so a valid request waits at most for memory to free."""
-        total = self._tokens(request)
+        total, prompt = self._tokens(request), len(request.prompt_ids)
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
-                f"the model's {self.max_len}"
+                f"prompt ({prompt}) + canvas ({total - prompt}) tokens exceed the model's {self.max_len}"
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
