@@ -124,7 +124,7 @@ def test_likelihood_and_echo_logprobs_are_the_exact_autoregressive_ones(server, 
     assert result["is_greedy"] == all(int(logp[i - 1].argmax()) == ids[i] for i in range(len(context), n))
     echo = httpx.post(
         server.v1 + "/completions",
-        json={"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0},
+        json={"model": "tiny-nemotron-labs", "prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0},
         timeout=120,
     ).json()
     token_logprobs = echo["choices"][0]["logprobs"]["token_logprobs"]
