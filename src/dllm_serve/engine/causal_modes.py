@@ -100,7 +100,8 @@ def apply_commit(seq: Sequence, position: int, token: int) -> None:
 def apply_draft(seq: Sequence, tokens: torch.Tensor, confidence: torch.Tensor) -> None:
     """Fill the draft's masked positions: all of them (threshold 0, the published default), or
     those at or above ``threshold`` and at least the most confident one."""
-    masked = seq.draft == seq.mask_id
+    draft = _draft(seq)
+    masked = torch.eq(draft, seq.mask_id)
     if seq.params.threshold > 0:
         conf = torch.where(masked, confidence, torch.full_like(confidence, -1.0))
         take = masked & (conf >= seq.params.threshold)
@@ -109,7 +110,13 @@ def apply_draft(seq: Sequence, tokens: torch.Tensor, confidence: torch.Tensor) -
             take[int(conf.argmax())] = True
     else:
         take = masked
-    seq.draft = torch.where(take, tokens, seq.draft)
+    seq.draft = torch.where(take, tokens, draft)
+
+
+def _draft(seq: Sequence) -> torch.Tensor:
+    if seq.draft is None:
+        raise RuntimeError("no draft: plan() opens the block first")
+    return seq.draft
 
 
 def accepted_length(draft: torch.Tensor, predicted: torch.Tensor) -> int:
@@ -121,7 +128,7 @@ def accepted_length(draft: torch.Tensor, predicted: torch.Tensor) -> int:
 def apply_verify(seq: Sequence, predicted: torch.Tensor) -> tuple[int, int]:
     """Accept the agreeing prefix and the causal prediction after it; returns (first position, count)."""
     t = frontier(seq) - 1
-    accepted = accepted_length(seq.draft, predicted)
+    accepted = accepted_length(_draft(seq), predicted)
     seq.canvas[t + 1 : t + 1 + accepted] = predicted[:accepted]
     seq.committed_context = t + accepted
     seq.draft = None

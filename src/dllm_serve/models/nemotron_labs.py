@@ -200,8 +200,8 @@ class YarnRotaryEmbedding(RotaryEmbedding):
         def correction_dim(rotations: float) -> float:
             return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-        low = max(math.floor(correction_dim(r.beta_fast)), 0)
-        high = min(math.ceil(correction_dim(r.beta_slow)), dim - 1)
+        low = float(max(math.floor(correction_dim(r.beta_fast)), 0))
+        high = float(min(math.ceil(correction_dim(r.beta_slow)), dim - 1))
         if low == high:
             high += 0.001
         device = self.inv_freq.device
@@ -230,7 +230,7 @@ class YarnRotaryEmbedding(RotaryEmbedding):
 class LabsDecoderLayer(DecoderLayer):
     """Ministral-3 layer: ``DecoderLayer`` without q/k norm, queries scaled per position after RoPE."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
