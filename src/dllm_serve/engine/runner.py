@@ -28,6 +28,7 @@ from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.engine import denoise, token_logprobs
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.constrained import FrontierGuide
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
@@ -135,6 +136,9 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
+        if request.constraint is not None:  # tokens the grammar forces before any forward
+            request.constraint.start(seq.prompt_len)
+            request.constraint.advance(seq.canvas, mask, seq.block_end, seq.output_end)
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -187,7 +191,15 @@ class Runner:
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
+        seqs = [r.seq for r in rows]
+        guide = FrontierGuide.build(
+            [s.request.constraint for s in seqs], [s.block_start for s in seqs], block.shape[1], self.device
+        )
+        if guide is not None:  # constrained rows: the grammar's allowed set at the frontier
+            logits = guide.mask(logits)
         tokens, commit, conf = self._decide(rows, logits, candidates, masked)
+        if guide is not None:
+            commit = guide.force(commit)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
@@ -405,12 +417,15 @@ class Runner:
             seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
+        constraint = seq.request.constraint
+        if constraint is not None:  # grammar-check the new commits left to right (may re-mask)
+            constraint.advance(seq.canvas, seq.mask_id, seq.block_end, seq.output_end)
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
         if seq.params.cache == "committed":
             seq.committed_context = max(seq.committed_context, seq.block_start)
-        if not bool((block[:bl] == seq.mask_id).any()):
+        if not bool(seq.masked_in_block().any()):
             seq.block += 1
             seq.step_in_block = 0
             seq.credit = None
@@ -421,6 +436,8 @@ class Runner:
         """Send the newly committed left-to-right prefix; finish when the output is final."""
         p = seq.params
         canvas_done = seq.block >= p.num_blocks
+        grammar_done = seq.request.constraint is not None and seq.request.constraint.done
+        final = p.early_stop or canvas_done or grammar_done  # the output can end as soon as it is final
         if seq.pending_finish is None:
             region = seq.canvas[seq.prompt_len + seq.emitted : seq.prompt_len + seq.request.max_new_tokens]
             masked = (region == seq.mask_id).nonzero()
@@ -434,7 +451,7 @@ class Runner:
                 seq.pending_finish, seq.stopped_on_token = "stop", True
             elif seq.emitted >= seq.request.max_new_tokens:
                 seq.pending_finish = "length"
-            if ready and not (seq.pending_finish and (p.early_stop or canvas_done)):
+            if ready and not (seq.pending_finish and final):
                 seq.push(
                     SequenceEvent(
                         seq.request.request_id, ready, prompt_tokens=seq.prompt_len, logprobs=logprobs
@@ -443,7 +460,7 @@ class Runner:
                 ready, logprobs = [], token_logprobs.none(seq)
         else:
             ready, logprobs = [], token_logprobs.none(seq)
-        if seq.pending_finish and (p.early_stop or canvas_done):
+        if seq.pending_finish and final:
             self._finish(seq, seq.pending_finish, ready, logprobs)
 
     def _finish(

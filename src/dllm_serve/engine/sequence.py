@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.constrained import RowConstraint
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
 
@@ -22,7 +23,8 @@ class GenerationRequest:
     """What the server hands the engine: token ids and fully resolved decoding parameters.
 
     ``logprobs``: None, or how many top alternatives to report with each generated token's
-    log-probability (0: the token's own only).
+    log-probability (0: the token's own only). ``constraint``: the grammar the output must satisfy
+    (engine/constrained.py), one per choice.
     """
 
     request_id: str
@@ -31,6 +33,7 @@ class GenerationRequest:
     max_new_tokens: int
     denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
     logprobs: int | None = None
+    constraint: RowConstraint | None = None
 
 
 @dataclass
@@ -120,6 +123,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def output_end(self) -> int:
+        """Canvas position just past the last token the output may return (``max_tokens``)."""
+        return self.prompt_len + self.request.max_new_tokens
 
     @property
     def length(self) -> int:

@@ -1,0 +1,154 @@
+"""The commit rule that makes constrained diffusion decoding always satisfy its grammar.
+
+A diffusion step may commit any masked position of the active block, in any order; a grammar
+reads left to right. The rule joins them through the row's *frontier*, the first position whose
+token the grammar has not yet consumed:
+
+1. Before sampling, the logits at the frontier are masked to the grammar's allowed set (stop
+   tokens only once the grammar is complete), and the frontier is always committed. Positions
+   beyond it are sampled and committed by the row's own rule, as without a constraint, but stay
+   provisional.
+2. After the step (on the host, from the block already read back), the frontier walks right over
+   committed tokens, feeding each to the grammar. A token the grammar refuses is masked again and
+   the walk stops there; later provisional tokens wait for the frontier to reach them. A position
+   where the grammar allows exactly one token gets it at once (no forward needed).
+3. Every accepted token must leave room to finish: the closing search's length from the new state
+   plus one stop token must fit the output positions left (``max_tokens``). A token that does not
+   is refused, and the row closes: the closing sequence and a stop token are written at the
+   frontier, which the invariant guarantees fit. The request's ``min_tokens`` check makes the
+   invariant hold at the start.
+
+So the emitted text (the committed prefix, which ends at the frontier) is always a prefix of a
+valid output, and the output ends with the grammar complete and a stop token within
+``max_tokens``. The row finishes as soon as its grammar is complete. Unconstrained rows are never
+touched: the masks and forced commits are indexed by the constrained rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dllm_serve.engine.grammar import RowMatcher
+from dllm_serve.tensors import upload
+
+
+class RowConstraint:
+    """One constrained row's frontier state (engine thread)."""
+
+    def __init__(self, matcher: RowMatcher) -> None:
+        self.matcher = matcher
+        self.frontier = -1  # canvas position; set by ``start``
+        self.done = False  # the grammar is complete and a stop token is in place
+        self._words: np.ndarray | None = None  # allowed set at the frontier, cached
+
+    def start(self, prompt_len: int) -> None:
+        self.frontier = prompt_len
+
+    def allowed_words(self) -> np.ndarray:
+        if self._words is None:
+            self._words = self.matcher.allowed_words()
+        return self._words
+
+    def advance(self, canvas: torch.Tensor, mask_id: int, block_end: int, out_end: int) -> None:
+        """Walk the frontier over the committed tokens of the host ``canvas`` (edited in place:
+        refused tokens are masked again, forced and closing tokens written)."""
+        pos = self.frontier
+        while not self.done and pos < out_end:
+            token = int(canvas[pos])
+            if token == mask_id:
+                forced = self._forced() if pos < block_end else None
+                if forced is None:
+                    break
+                canvas[pos] = token = forced
+            self._words = None
+            if token in self.matcher.vocab.stop_ids:
+                if not self.matcher.accepting():
+                    canvas[pos] = mask_id
+                    break
+                self.done = True
+                break
+            if not self.matcher.consume(token):
+                canvas[pos] = mask_id
+                break
+            left = out_end - pos - 1  # output positions after this token
+            closing = self.matcher.closing_tokens(left)
+            if closing is None or len(closing) + 1 > left:
+                self.matcher.rollback(1)
+                self._close(canvas, pos, out_end, mask_id)
+                break
+            pos += 1
+        self.frontier = pos
+
+    def _forced(self) -> int | None:
+        """The only token the grammar allows at the frontier, if there is exactly one."""
+        allowed = self.matcher.vocab.unpack(self.allowed_words())
+        ids = np.flatnonzero(allowed)
+        if len(ids) == 1:
+            return int(ids[0])
+        if len(ids) and all(int(i) in self.matcher.vocab.stop_ids for i in ids):
+            return self.matcher.vocab.stop_ids[0]
+        return None
+
+    def _close(self, canvas: torch.Tensor, pos: int, out_end: int, mask_id: int) -> None:
+        """Write the closing sequence and a stop token from ``pos`` (they fit: the invariant). A
+        grammar whose closing search failed (no guarantee) only gets the token masked again."""
+        closing = self.matcher.closing_tokens(out_end - pos - 1)
+        if closing is None or pos + len(closing) + 1 > out_end:
+            canvas[pos] = mask_id
+            return
+        for i, t in enumerate(closing):
+            self.matcher.consume(t)
+            canvas[pos + i] = t
+        canvas[pos + len(closing)] = self.matcher.vocab.stop_ids[0]
+        self.done = True
+        self.frontier = pos + len(closing)
+
+
+@dataclass
+class FrontierGuide:
+    """One group's grammar masks for a decoding step: the constrained rows (batch index), their
+    frontier offsets in the active block, and the allowed sets, uploaded together (no sync)."""
+
+    rows: torch.Tensor  # [k] long, device
+    offsets: torch.Tensor  # [k] long, device
+    words: torch.Tensor  # [k, W] int32, device
+
+    @classmethod
+    def build(
+        cls,
+        constraints: list[RowConstraint | None],
+        block_starts: list[int],
+        width: int,
+        device: torch.device,
+    ) -> FrontierGuide | None:
+        """None when no row of the group has an open constraint whose frontier is in its block."""
+        picked = []
+        for i, (c, start) in enumerate(zip(constraints, block_starts, strict=True)):
+            if c is not None and not c.done and 0 <= c.frontier - start < width:
+                picked.append((i, c.frontier - start, c.allowed_words()))
+        if not picked:
+            return None
+        words = np.stack([w for _, _, w in picked]).view(np.int32)
+        head = np.array([[i, off] for i, off, _ in picked], dtype=np.int32)
+        packed = upload(torch.from_numpy(np.concatenate([head, words], axis=1)), device)
+        return cls(packed[:, 0].long(), packed[:, 1].long(), packed[:, 2:])
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits outside each frontier's allowed set become -inf (in place)."""
+        vocab = logits.shape[-1]
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        bits = ((self.words[:, :, None] >> shifts) & 1).flatten(1)
+        allowed = torch.zeros((bits.shape[0], vocab), dtype=torch.bool, device=logits.device)
+        n = min(vocab, bits.shape[1])
+        allowed[:, :n] = bits[:, :n].bool()
+        at = logits[self.rows, self.offsets]
+        logits[self.rows, self.offsets] = at.masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def force(self, commit: torch.Tensor) -> torch.Tensor:
+        """Every constrained row commits its frontier (in place)."""
+        commit[self.rows, self.offsets] = True
+        return commit

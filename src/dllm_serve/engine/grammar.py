@@ -1,0 +1,195 @@
+"""Grammars for constrained generation (JSON schema, any JSON object, regex, choice, tool calls).
+
+The grammar engine is llguidance (benchmarks/grammar_engines.md says why): a grammar is compiled
+once per request, on the server's preparation threads, into a matcher; each choice gets its own
+copy (``Grammar.row``), which the engine thread advances as the row's left-to-right frontier grows
+(engine/constrained.py).
+
+The closing search (``closing_tokens``) is what lets the commit rule promise an output that fits
+the canvas: from any matcher state it finds a short token sequence that completes the grammar,
+preferring tokens that close something (``}`` ``]`` ``"``). Its length bounds how many positions a
+row must keep free; it is deterministic, so following it from a state always finishes in exactly
+the length it reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import numpy as np
+
+from dllm_serve.models.tokenizer import ChatTokenizer
+
+# Compact JSON (no optional whitespace, "," and ":" separators): fewest tokens on a short canvas.
+JSON_OPTIONS = {"whitespace_flexible": False}
+CLOSERS = ("}", "]", '"', ",", ":")
+ONE_STEP_TRIES = 8  # tokens tried per closing step for one that completes the grammar at once
+
+
+class GrammarError(ValueError):
+    """A constraint the grammar engine cannot compile; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class GrammarVocab:
+    """The model's tokenizer as the grammar engine sees it, plus the closing search's preferences."""
+
+    tokenizer: llguidance.LLTokenizer
+    size: int
+    stop_ids: tuple[int, ...]
+    closers: tuple[int, ...]  # single-token ids of CLOSERS, in that order
+    order: np.ndarray  # every token id: non-whitespace first, then shorter text, then lower id
+
+    def unpack(self, words: np.ndarray) -> np.ndarray:
+        """A bitmask (32-bit words) as one bool per token id."""
+        return np.unpackbits(words.view(np.uint8), bitorder="little")[: self.size].astype(bool)
+
+
+@functools.lru_cache(maxsize=4)
+def vocab_for(tokenizer: ChatTokenizer, stop_ids: tuple[int, ...]) -> GrammarVocab:
+    """Built once per loaded tokenizer (about a second for a 100k-token vocabulary)."""
+    hf = tokenizer.hf
+    size = len(hf)
+    lt = llguidance.hf.from_tokenizer(hf, n_vocab=size, eos_token=stop_ids[0])
+    texts = [lt.decode_bytes([i]) for i in range(size)]
+    closers = tuple(texts.index(c.encode()) for c in CLOSERS if c.encode() in texts)
+    special = set(hf.all_special_ids) | set(stop_ids)
+    keys = [
+        (i in special, not t.strip() if t else True, len(t) if t else 1 << 20, i) for i, t in enumerate(texts)
+    ]
+    order = np.array(sorted(range(size), key=lambda i: keys[i]), dtype=np.int64)
+    return GrammarVocab(lt, size, tuple(stop_ids), closers, order)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled constraint. ``kind`` names it in errors and metrics; ``min_tokens`` is the length
+    of the closing search's output from the start, plus one position for the stop token (None when
+    the search finds no completion within its limit)."""
+
+    kind: str
+    vocab: GrammarVocab
+    matcher: llguidance.LLMatcher
+    min_tokens: int | None
+
+    def row(self) -> RowMatcher:
+        """A fresh matcher for one choice."""
+        return RowMatcher(self.matcher.deep_copy(), self.vocab)
+
+
+def _compile(kind: str, grammar: str, vocab: GrammarVocab, limit: int) -> Grammar:
+    error = llguidance.LLMatcher.validate_grammar(grammar, vocab.tokenizer)
+    if error:
+        raise GrammarError(error.strip())
+    matcher = llguidance.LLMatcher(vocab.tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error())
+    close = RowMatcher(matcher.deep_copy(), vocab).closing_tokens(limit)
+    return Grammar(kind, vocab, matcher, None if close is None else len(close) + 1)
+
+
+def json_schema(schema: Any, vocab: GrammarVocab, limit: int) -> Grammar:
+    """Output that parses as JSON and validates against ``schema``."""
+    if isinstance(schema, bool) or not isinstance(schema, dict):
+        raise GrammarError("the schema must be a JSON object")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    except (ValueError, TypeError) as exc:
+        raise GrammarError(str(exc)) from None
+    return _compile("json_schema", grammar, vocab, limit)
+
+
+def json_object(vocab: GrammarVocab, limit: int) -> Grammar:
+    """Any JSON object (OpenAI's ``{"type": "json_object"}``)."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+    return _compile("json_object", grammar, vocab, limit)
+
+
+def regex(pattern: str, vocab: GrammarVocab, limit: int) -> Grammar:
+    """Output that matches ``pattern`` in full."""
+    return _compile("regex", llguidance.LLMatcher.grammar_from_regex(pattern), vocab, limit)
+
+
+def choice(options: list[str], vocab: GrammarVocab, limit: int) -> Grammar:
+    """Output that is exactly one of ``options``."""
+    if not options:
+        raise GrammarError("the list of choices is empty")
+    alternatives = " | ".join(json.dumps(o) for o in options)
+    return lark("choice", f"start: {alternatives}\n", vocab, limit)
+
+
+def lark(kind: str, text: str, vocab: GrammarVocab, limit: int) -> Grammar:
+    """A Lark grammar (llguidance's dialect, with ``%json {schema}`` for embedded JSON)."""
+    return _compile(kind, llguidance.LLMatcher.grammar_from_lark(text), vocab, limit)
+
+
+class RowMatcher:
+    """One row's grammar state: the tokens consumed so far, the allowed set after them, and the
+    closing search. Host-only; lives on the engine thread once the request is submitted."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab: GrammarVocab) -> None:
+        self.m = matcher
+        self.vocab = vocab
+
+    def accepting(self) -> bool:
+        return self.m.is_accepting()
+
+    def allowed_words(self) -> np.ndarray:
+        """The allowed set for the next token as 32-bit bitmask words (bit i of word w: token
+        32 w + i); the stop tokens are allowed exactly when the grammar is complete."""
+        words = np.frombuffer(self.m.compute_bitmask(), dtype=np.uint32).copy()
+        accepting = self.m.is_accepting()
+        for t in self.vocab.stop_ids:
+            bit = np.uint32(1 << (t % 32))
+            words[t // 32] = (words[t // 32] | bit) if accepting else (words[t // 32] & ~bit)
+        return words
+
+    def consume(self, token: int) -> bool:
+        """Consume ``token`` if the grammar allows it (a refused token leaves the state unchanged)."""
+        if token in self.vocab.stop_ids or self.m.is_stopped():
+            return False
+        return self.m.try_consume_tokens([token]) == 1
+
+    def rollback(self, n: int) -> None:
+        self.m.rollback(n)
+
+    def closing_tokens(self, limit: int) -> list[int] | None:
+        """A token sequence that completes the grammar from here (empty when already complete), at
+        most ``limit`` long, or None. The state is left unchanged."""
+        taken: list[int] = []
+        try:
+            while not self.m.is_accepting():
+                if len(taken) >= limit or self.m.is_stopped():
+                    return None
+                token = self._closing_step()
+                if token is None:
+                    return None
+                taken.append(token)
+            return taken
+        finally:
+            if taken:
+                self.m.rollback(len(taken))
+
+    def _closing_step(self) -> int | None:
+        """Consume and return the next closing token: one that completes the grammar at once if a
+        few preferred candidates include one, else the most preferred allowed token."""
+        allowed = self.vocab.unpack(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint32))
+        for t in self.vocab.stop_ids:
+            allowed[t] = False
+        closers = [t for t in self.vocab.closers if allowed[t]]
+        rest = self.vocab.order[allowed[self.vocab.order]]
+        candidates = closers + [int(t) for t in rest[:ONE_STEP_TRIES] if int(t) not in closers]
+        if not candidates:
+            return None
+        for t in candidates[:ONE_STEP_TRIES]:
+            if self.m.try_consume_tokens([t]) == 1:
+                if self.m.is_accepting():
+                    return t
+                self.m.rollback(1)
+        first = candidates[0]
+        return first if self.m.try_consume_tokens([first]) == 1 else None
