@@ -12,11 +12,13 @@ token the grammar has not yet consumed:
    committed tokens, feeding each to the grammar. A token the grammar refuses is masked again and
    the walk stops there; later provisional tokens wait for the frontier to reach them. A position
    where the grammar allows exactly one token gets it at once (no forward needed).
-3. Every accepted token must leave room to finish: the closing search's length from the new state
-   plus one stop token must fit the output positions left (``max_tokens``). A token that does not
-   is refused, and the row closes: the closing sequence and a stop token are written at the
-   frontier, which the invariant guarantees fit. The request's ``min_tokens`` check makes the
-   invariant hold at the start.
+3. Every accepted token must leave room to finish. The row keeps a *plan*, a token sequence that
+   completes the grammar from the frontier (the closing search's output, engine/grammar.py), and
+   the invariant: plan + one stop token fit the output positions left (``max_tokens``). An
+   accepted token that is the plan's next token shortens the plan; any other token gets a new
+   plan from the search, and is refused if none fits. Then the row closes: its plan and a stop
+   token are written at the frontier, which the invariant guarantees fit. The request's
+   ``min_tokens`` check makes the invariant hold at the start.
 
 So the emitted text (the committed prefix, which ends at the frontier) is always a prefix of a
 valid output, and the output ends with the grammar complete and a stop token within
@@ -38,8 +40,9 @@ from dllm_serve.tensors import upload
 class RowConstraint:
     """One constrained row's frontier state (engine thread)."""
 
-    def __init__(self, matcher: RowMatcher) -> None:
+    def __init__(self, matcher: RowMatcher, plan: tuple[int, ...] | None) -> None:
         self.matcher = matcher
+        self.plan = list(plan) if plan is not None else None  # completes the grammar from the frontier
         self.frontier = -1  # canvas position; set by ``start``
         self.done = False  # the grammar is complete and a stop token is in place
         self._words: np.ndarray | None = None  # allowed set at the frontier, cached
@@ -74,11 +77,15 @@ class RowConstraint:
                 canvas[pos] = mask_id
                 break
             left = out_end - pos - 1  # output positions after this token
-            closing = self.matcher.closing_tokens(left)
-            if closing is None or len(closing) + 1 > left:
+            if self.plan and self.plan[0] == token:
+                plan: list[int] | None = self.plan[1:]
+            else:
+                plan = self.matcher.closing_tokens(left - 1)
+            if (plan is None or len(plan) + 1 > left) and self.plan is not None:
                 self.matcher.rollback(1)
                 self._close(canvas, pos, out_end, mask_id)
                 break
+            self.plan = plan
             pos += 1
         self.frontier = pos
 
@@ -93,9 +100,9 @@ class RowConstraint:
         return None
 
     def _close(self, canvas: torch.Tensor, pos: int, out_end: int, mask_id: int) -> None:
-        """Write the closing sequence and a stop token from ``pos`` (they fit: the invariant). A
-        grammar whose closing search failed (no guarantee) only gets the token masked again."""
-        closing = self.matcher.closing_tokens(out_end - pos - 1)
+        """Write the plan and a stop token from ``pos`` (they fit: the invariant). A row without a
+        plan (its grammar's closing search failed: no guarantee) only gets the token masked again."""
+        closing = self.plan
         if closing is None or pos + len(closing) + 1 > out_end:
             canvas[pos] = mask_id
             return

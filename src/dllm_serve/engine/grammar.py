@@ -28,7 +28,6 @@ from dllm_serve.models.tokenizer import ChatTokenizer
 # Compact JSON (no optional whitespace, "," and ":" separators): fewest tokens on a short canvas.
 JSON_OPTIONS = {"whitespace_flexible": False}
 CLOSERS = ("}", "]", '"', ",", ":")
-ONE_STEP_TRIES = 8  # tokens tried per closing step for one that completes the grammar at once
 
 
 class GrammarError(ValueError):
@@ -43,7 +42,10 @@ class GrammarVocab:
     size: int
     stop_ids: tuple[int, ...]
     closers: tuple[int, ...]  # single-token ids of CLOSERS, in that order
-    order: np.ndarray  # every token id: non-whitespace first, then shorter text, then lower id
+    quote: int | None  # the single-token id of '"'
+    order: np.ndarray  # every token id: ordinary before special, then shorter text, then lower id
+    kind: np.ndarray  # per token id, its first byte's class (digit, lower, upper, space, other, non-ASCII)
+    singles: np.ndarray  # ids of the single-ASCII-character tokens, by id
 
     def unpack(self, words: np.ndarray) -> np.ndarray:
         """A bitmask (32-bit words) as one bool per token id."""
@@ -59,23 +61,42 @@ def vocab_for(tokenizer: ChatTokenizer, stop_ids: tuple[int, ...]) -> GrammarVoc
     texts = [lt.decode_bytes([i]) for i in range(size)]
     closers = tuple(texts.index(c.encode()) for c in CLOSERS if c.encode() in texts)
     special = set(hf.all_special_ids) | set(stop_ids)
-    keys = [
-        (i in special, not t.strip() if t else True, len(t) if t else 1 << 20, i) for i, t in enumerate(texts)
-    ]
-    order = np.array(sorted(range(size), key=lambda i: keys[i]), dtype=np.int64)
-    return GrammarVocab(lt, size, tuple(stop_ids), closers, order)
+    order = np.array(sorted(range(size), key=lambda i: (i in special, len(texts[i]) or 1 << 20, i)))
+    kind = np.array([_byte_class(t[:1]) for t in texts], dtype=np.int64)
+    quote = texts.index(b'"') if b'"' in texts else None
+    singles = np.array([i for i, t in enumerate(texts) if len(t) == 1 and t[0] < 128 and i not in special])
+    return GrammarVocab(lt, size, tuple(stop_ids), closers, quote, order, kind, singles.astype(np.int64))
+
+
+def _byte_class(first: bytes) -> int:
+    if not first:
+        return 5
+    c = chr(first[0])
+    if c.isdigit():
+        return 0
+    if c.islower():
+        return 1
+    if c.isupper():
+        return 2
+    if c.isspace():
+        return 3
+    return 4 if first[0] < 128 else 5
 
 
 @dataclass(frozen=True)
 class Grammar:
-    """A compiled constraint. ``kind`` names it in errors and metrics; ``min_tokens`` is the length
-    of the closing search's output from the start, plus one position for the stop token (None when
-    the search finds no completion within its limit)."""
+    """A compiled constraint. ``kind`` names it; ``min_tokens`` is the length of the closing
+    search's output from the start plus one position for the stop token (None when the search
+    finds no completion within its limit)."""
 
     kind: str
     vocab: GrammarVocab
     matcher: llguidance.LLMatcher
-    min_tokens: int | None
+    closing: tuple[int, ...] | None  # the closing search's output from the start
+
+    @property
+    def min_tokens(self) -> int | None:
+        return None if self.closing is None else len(self.closing) + 1
 
     def row(self) -> RowMatcher:
         """A fresh matcher for one choice."""
@@ -90,7 +111,7 @@ def _compile(kind: str, grammar: str, vocab: GrammarVocab, limit: int) -> Gramma
     if matcher.is_error():
         raise GrammarError(matcher.get_error())
     close = RowMatcher(matcher.deep_copy(), vocab).closing_tokens(limit)
-    return Grammar(kind, vocab, matcher, None if close is None else len(close) + 1)
+    return Grammar(kind, vocab, matcher, None if close is None else tuple(close))
 
 
 def json_schema(schema: Any, vocab: GrammarVocab, limit: int) -> Grammar:
@@ -130,11 +151,16 @@ def lark(kind: str, text: str, vocab: GrammarVocab, limit: int) -> Grammar:
 
 class RowMatcher:
     """One row's grammar state: the tokens consumed so far, the allowed set after them, and the
-    closing search. Host-only; lives on the engine thread once the request is submitted."""
+    closing search. Host-only; lives on the engine thread once the request is submitted.
+
+    Alongside the matcher it tracks whether the text so far ends inside a JSON string (unescaped
+    quotes), which the closing search needs: there ``"`` closes, elsewhere it opens.
+    """
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab: GrammarVocab) -> None:
         self.m = matcher
         self.vocab = vocab
+        self._quoting = [(False, False)]  # (inside a string, after a backslash) after each token
 
     def accepting(self) -> bool:
         return self.m.is_accepting()
@@ -153,43 +179,83 @@ class RowMatcher:
         """Consume ``token`` if the grammar allows it (a refused token leaves the state unchanged)."""
         if token in self.vocab.stop_ids or self.m.is_stopped():
             return False
-        return self.m.try_consume_tokens([token]) == 1
+        if self.m.try_consume_tokens([token]) != 1:
+            return False
+        inside, escaped = self._quoting[-1]
+        for byte in self.vocab.tokenizer.decode_bytes([token]):
+            if escaped:
+                escaped = False
+            elif byte == 0x5C and inside:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                inside = not inside
+        self._quoting.append((inside, escaped))
+        return True
 
     def rollback(self, n: int) -> None:
-        self.m.rollback(n)
+        if n:
+            self.m.rollback(n)
+            del self._quoting[-n:]
 
     def closing_tokens(self, limit: int) -> list[int] | None:
         """A token sequence that completes the grammar from here (empty when already complete), at
         most ``limit`` long, or None. The state is left unchanged."""
         taken: list[int] = []
+        seen: set[bytes] = set()
         try:
             while not self.m.is_accepting():
                 if len(taken) >= limit or self.m.is_stopped():
                     return None
-                token = self._closing_step()
+                token = self._closing_step(seen)
                 if token is None:
                     return None
                 taken.append(token)
             return taken
         finally:
-            if taken:
-                self.m.rollback(len(taken))
+            self.rollback(len(taken))
 
-    def _closing_step(self) -> int | None:
-        """Consume and return the next closing token: one that completes the grammar at once if a
-        few preferred candidates include one, else the most preferred allowed token."""
-        allowed = self.vocab.unpack(np.frombuffer(self.m.compute_bitmask(), dtype=np.uint32))
+    def _closing_step(self, seen: set[bytes]) -> int | None:
+        """Consume and return the next closing token.
+
+        Candidates: the allowed closers (``"`` first inside a string, ``}`` ``]`` first outside),
+        the most preferred allowed token of each ASCII byte class (digit, letter, space ...), then
+        every allowed single ASCII character. Taken, in order of preference: a candidate that
+        completes the grammar at once; else the first that leads to an allowed set not met before
+        in this search (it leaves a repetition such as a string's characters or ``\\d+``); else the
+        first that changes the allowed set; else the most preferred allowed token of all.
+        """
+        current = self.m.compute_bitmask()
+        seen.add(current)
+        allowed = self.vocab.unpack(np.frombuffer(current, dtype=np.uint32))
         for t in self.vocab.stop_ids:
             allowed[t] = False
-        closers = [t for t in self.vocab.closers if allowed[t]]
-        rest = self.vocab.order[allowed[self.vocab.order]]
-        candidates = closers + [int(t) for t in rest[:ONE_STEP_TRIES] if int(t) not in closers]
-        if not candidates:
+        ranked = self.vocab.order[allowed[self.vocab.order]]
+        if not len(ranked):
             return None
-        for t in candidates[:ONE_STEP_TRIES]:
-            if self.m.try_consume_tokens([t]) == 1:
+        candidates = [t for t in self.vocab.closers if allowed[t]]
+        if self._quoting[-1][0] and self.vocab.quote in candidates:
+            candidates.remove(self.vocab.quote)
+            candidates.insert(0, self.vocab.quote)
+        kinds = self.vocab.kind[ranked]
+        ascii_ranked = ranked[kinds < 5]
+        _, first = np.unique(kinds[kinds < 5], return_index=True)
+        singles = self.vocab.singles[allowed[self.vocab.singles]]
+        for t in [*(ascii_ranked[i] for i in sorted(first)), *singles]:
+            if int(t) not in candidates:
+                candidates.append(int(t))
+        for t in candidates:
+            if self.consume(t):
                 if self.m.is_accepting():
                     return t
-                self.m.rollback(1)
-        first = candidates[0]
-        return first if self.m.try_consume_tokens([first]) == 1 else None
+                self.rollback(1)
+        changes = None
+        for t in candidates:
+            if self.consume(t):
+                after = self.m.compute_bitmask()
+                if after not in seen:
+                    return t
+                self.rollback(1)
+                if changes is None and after != current:
+                    changes = t
+        fallback = changes if changes is not None else int(ranked[0])
+        return fallback if self.consume(fallback) else None

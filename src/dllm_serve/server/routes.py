@@ -36,6 +36,7 @@ from dllm_serve.protocol import (
     strip_unsupported,
     usage_dict,
 )
+from dllm_serve.server import structured, tools
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.denoise_stream import DenoiseView
 from dllm_serve.server.errors import (
@@ -184,7 +185,9 @@ class _Prepared:
     denoise: bool = False  # stream_mode "denoise": each engine step is streamed too
 
 
-def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: str) -> _Prepared:
+def _prepare(
+    state, req, prompts: list[list[int]], prompt_param: str, prefix: str, constraint=None
+) -> _Prepared:
     engine = state.engine
     if req.model and req.model != state.model_id:
         raise _model_not_found(req.model)
@@ -233,6 +236,7 @@ def _prepare(state, req, prompts: list[list[int]], prompt_param: str, prefix: st
                     max_tokens,
                     denoise=denoise,
                     logprobs=req.requested_logprobs,
+                    constraint=structured.row(constraint),
                 )
             )
     return _Prepared(request_id, prompts, requests, params.algorithm, req.stop, denoise)
@@ -380,11 +384,11 @@ async def _complete(request: Request, run: _Run) -> list[ChoiceOutcome]:
 
 def _check_ready_and_tokenize_chat(state, req: ChatCompletionRequest) -> list[int]:
     tok = state.engine.loaded.tokenizer
-    messages = [m.template_dict() for m in req.messages]
+    messages, tool_specs = tools.template_messages(req, tok)
     plain = not state.config.allow_special_tokens_in_content
     if state.config.use_chat_template and tok.has_chat_template:
         try:
-            rendered = tok.render_chat_text(messages, plain)
+            rendered = tok.render_chat_text(messages, plain, tools=tool_specs)
         except Exception:  # a template that rejects this conversation (e.g. role order)
             raise bad_request("The chat template cannot render these messages.", "messages") from None
         check_fits(state, tok.min_tokens(rendered.plain()), req, "messages")
@@ -400,15 +404,18 @@ async def chat_completions(request: Request) -> Response:
     engine = state.ready_engine()
     req = await _parse(request, ChatCompletionRequest)
     prompt = await state.offload(_check_ready_and_tokenize_chat, state, req)
-    prepared = _prepare(state, req, [prompt], "messages", "chatcmpl")
+    max_tokens = req.requested_max_tokens or DEFAULT_MAX_TOKENS
+    constraint = await state.offload(structured.compile_constraint, state, req, max_tokens)
+    prepared = _prepare(state, req, [prompt], "messages", "chatcmpl", constraint)
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
+    with_tools = tools.active(req)
     if req.stream:
         return _stream_response(
             run,
             "chat.completion.chunk",
             req.include_usage,
-            _chat_delta,
+            tools.ChatDeltas() if with_tools else _chat_delta,
             lambda e: chat_logprobs(run.tokenizer, e),
         )
     outcomes = await _complete(request, run)
@@ -421,9 +428,9 @@ async def chat_completions(request: Request) -> Response:
             "choices": [
                 {
                     "index": o.index,
-                    "message": {"role": "assistant", "content": o.text, "refusal": None, "annotations": []},
+                    "message": _message(o.text, with_tools),
                     "logprobs": chat_logprobs(run.tokenizer, o.logprobs) if o.logprobs is not None else None,
-                    "finish_reason": o.finish_reason,
+                    "finish_reason": _finish_reason(o, with_tools),
                 }
                 for o in outcomes
             ],
@@ -431,6 +438,23 @@ async def chat_completions(request: Request) -> Response:
             "diffusion": run.diffusion(),
         }
     )
+
+
+def _message(text: str, with_tools: bool) -> dict[str, Any]:
+    """The assistant message; with tools, calls in the text become ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+    if with_tools:
+        content, calls = tools.parse(text)
+        message["content"] = content
+        if calls:
+            message["tool_calls"] = calls
+    return message
+
+
+def _finish_reason(outcome: ChoiceOutcome, with_tools: bool) -> str:
+    if with_tools and outcome.finish_reason == "stop" and tools.parse(outcome.text)[1]:
+        return "tool_calls"
+    return outcome.finish_reason
 
 
 def _encode_prompts(state, req: CompletionRequest) -> list[list[int]]:
@@ -463,7 +487,9 @@ async def completions(request: Request) -> Response:
         return await echo_completion(request, state, req, prompts)
     if req.requested_max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
-    prepared = _prepare(state, req, prompts, "prompt", "cmpl")
+    max_tokens = req.requested_max_tokens or DEFAULT_MAX_TOKENS
+    constraint = await state.offload(structured.compile_constraint, state, req, max_tokens)
+    prepared = _prepare(state, req, prompts, "prompt", "cmpl", constraint)
     run = _Run(state, prepared, engine.loaded.tokenizer)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
     if req.stream:
