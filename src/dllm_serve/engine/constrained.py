@@ -70,12 +70,12 @@ class RowConstraint:
             if token in self.matcher.vocab.stop_ids:
                 if not self.matcher.accepting():
                     canvas[pos] = mask_id
-                    break
+                    continue  # masked again (the grammar may force this position's token)
                 self.done = True
                 break
             if not self.matcher.consume(token):
                 canvas[pos] = mask_id
-                break
+                continue
             left = out_end - pos - 1  # output positions after this token
             if self.plan and self.plan[0] == token:
                 plan: list[int] | None = self.plan[1:]
