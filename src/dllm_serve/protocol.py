@@ -122,7 +122,7 @@ class ResponseFormat(_Strict):
     """OpenAI's ``response_format``: text (no constraint), any JSON object, or a JSON schema."""
 
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
 
     @field_validator("json_schema")
     @classmethod

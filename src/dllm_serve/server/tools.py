@@ -117,12 +117,12 @@ def _args(call: Any) -> Any:
 
 def generic_prompt(offered: list[Any]) -> str:
     """The generic tool section: the functions as JSON, one per line, and the call format."""
-    lines = "\n".join(json.dumps(t.model_dump(exclude_none=True)) for t in offered)
+    lines = "\n".join(
+        json.dumps(t.function.model_dump(exclude_none=True), separators=(",", ":")) for t in offered
+    )
     return (
-        "# Tools\n\nYou may call one or more functions to help with the user's request. "
-        f"The functions are:\n<tools>\n{lines}\n</tools>\n\n"
-        "To call functions, reply with one line per call, and nothing else:\n"
-        f'{OPEN}{{"name": <function name>, "arguments": <arguments as a JSON object>}}{CLOSE}'
+        f"You may call these functions:\n<tools>\n{lines}\n</tools>\n"
+        f'To call them, reply with one line per call: {OPEN}{{"name":...,"arguments":{{...}}}}{CLOSE}'
     )
 
 
