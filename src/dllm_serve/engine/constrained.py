@@ -77,10 +77,7 @@ class RowConstraint:
                 canvas[pos] = mask_id
                 continue
             left = out_end - pos - 1  # output positions after this token
-            if self.plan and self.plan[0] == token:
-                plan: list[int] | None = self.plan[1:]
-            else:
-                plan = self.matcher.closing_tokens(left - 1)
+            plan = self._next_plan(token, left - 1)
             if (plan is None or len(plan) + 1 > left) and self.plan is not None:
                 self.matcher.rollback(1)
                 self._close(canvas, pos, out_end, mask_id)
@@ -88,6 +85,18 @@ class RowConstraint:
             self.plan = plan
             pos += 1
         self.frontier = pos
+
+    def _next_plan(self, token: int, limit: int) -> list[int] | None:
+        """A plan from the state after ``token`` (just consumed): the old plan's tail when it still
+        completes the grammar (the token was the plan's, or did what its first token did), the old
+        plan whole (the token added to something open, such as a string), else a new search."""
+        old = self.plan
+        if old:
+            if old[0] == token or self.matcher.completes(old[1:]):
+                return old[1:]
+            if len(old) <= limit and self.matcher.completes(old):
+                return old
+        return self.matcher.closing_tokens(limit)
 
     def _forced(self) -> int | None:
         """The only token the grammar allows at the frontier, if there is exactly one."""

@@ -197,6 +197,14 @@ class RowMatcher:
             self.m.rollback(n)
             del self._quoting[-n:]
 
+    def completes(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` complete the grammar from here (the state is left unchanged)."""
+        n = self.m.try_consume_tokens(tokens) if tokens else 0
+        done = n == len(tokens) and self.m.is_accepting()
+        if n:
+            self.m.rollback(n)
+        return done
+
     def closing_tokens(self, limit: int) -> list[int] | None:
         """A token sequence that completes the grammar from here (empty when already complete), at
         most ``limit`` long, or None. The state is left unchanged."""
