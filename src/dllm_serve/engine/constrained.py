@@ -87,15 +87,17 @@ class RowConstraint:
         self.frontier = pos
 
     def _next_plan(self, token: int, limit: int) -> list[int] | None:
-        """A plan from the state after ``token`` (just consumed): the old plan's tail when it still
-        completes the grammar (the token was the plan's, or did what its first token did), the old
-        plan whole (the token added to something open, such as a string), else a new search."""
+        """A plan from the state after ``token`` (just consumed): the old plan less its first one
+        or two tokens when that still completes the grammar (the token was the plan's, did what its
+        first token did, or covered two of them, as " a" covers " " and "a"), the old plan whole (the
+        token added to something open, such as a string), else a new search."""
         old = self.plan
         if old:
-            if old[0] == token or self.matcher.completes(old[1:]):
+            if old[0] == token:
                 return old[1:]
-            if len(old) <= limit and self.matcher.completes(old):
-                return old
+            for tail in (old[1:], old[2:], old):
+                if len(tail) <= limit and self.matcher.completes(tail):
+                    return tail
         return self.matcher.closing_tokens(limit)
 
     def _forced(self) -> int | None:
