@@ -158,6 +158,7 @@ class CallStream:
     def __init__(self) -> None:
         self.buffer = ""
         self.calls = 0
+        self.blank = ""  # white space after a call, sent only if more content follows
 
     def feed(self, text: str) -> list[str | dict[str, Any]]:
         self.buffer += text
@@ -186,12 +187,15 @@ class CallStream:
     def finish(self) -> list[str | dict[str, Any]]:
         out: list[str | dict[str, Any]] = []
         self._content(out, self.buffer)
-        self.buffer = ""
+        self.buffer = self.blank = ""
         return out
 
     def _content(self, out: list[str | dict[str, Any]], text: str) -> None:
-        if text and not (self.calls and not text.strip()):  # no blank lines between calls
-            out.append(text)
+        if self.calls and not text.strip():  # the newline between calls is not content
+            self.blank += text
+        elif text:
+            out.append(self.blank + text)
+            self.blank = ""
 
 
 def _partial_tag(text: str) -> int:
