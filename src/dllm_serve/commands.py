@@ -104,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dllm_serve.engine.algorithms import ParamError
-    from dllm_serve.engine.engine import build_engine
+    from dllm_serve.engine.engine import Engine, build_engine
     from dllm_serve.engine.sequence import GenerationRequest
 
     if not args.prompt.strip():
@@ -122,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     request = GenerationRequest("generate", ids, params, args.gen_length)
-    if args.show and sys.stdout.isatty() and engine.traces_denoise:
+    if args.show and sys.stdout.isatty() and isinstance(engine, Engine):  # the native engine traces steps
         from dllm_serve.terminal_view import generate_with_view
 
         result = generate_with_view(engine, request, sys.stdout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, cast
 
 from dllm_serve.models import registry
 
@@ -246,7 +246,7 @@ def resolve_params(
         # A threshold below the default low_threshold must not fail on a field nobody set. Capping
         # it at the threshold commits exactly the same positions: with low_threshold >= threshold
         # the hierarchy rule's per-run pick only finds positions the threshold already commits.
-        values["low_threshold"] = min(DecodeParams.low_threshold, threshold)
+        values["low_threshold"] = min(DecodeParams.low_threshold, cast(float, threshold))
     block_length = values.pop("block_length", DEFAULT_BLOCK_LENGTH)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length

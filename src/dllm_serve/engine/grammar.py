@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import llguidance
 import llguidance.hf
@@ -26,7 +26,7 @@ import numpy as np
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 # Compact JSON (no optional whitespace, "," and ":" separators): fewest tokens on a short canvas.
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS: Any = {"whitespace_flexible": False}  # llguidance's JsonCompileOptions
 CLOSERS = ("}", "]", '"', ",", ":")
 
 
@@ -57,7 +57,7 @@ def vocab_for(tokenizer: ChatTokenizer, stop_ids: tuple[int, ...]) -> GrammarVoc
     """Built once per loaded tokenizer (about a second for a 100k-token vocabulary)."""
     hf = tokenizer.hf
     size = len(hf)
-    lt = llguidance.hf.from_tokenizer(hf, n_vocab=size, eos_token=stop_ids[0])
+    lt = llguidance.hf.from_tokenizer(cast(Any, hf), n_vocab=size, eos_token=stop_ids[0])
     texts = [lt.decode_bytes([i]) for i in range(size)]
     closers = tuple(texts.index(c.encode()) for c in CLOSERS if c.encode() in texts)
     special = set(hf.all_special_ids) | set(stop_ids)

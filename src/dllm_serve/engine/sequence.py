@@ -117,6 +117,13 @@ class Sequence:
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property
+    def extent(self) -> Extent:
+        """The KV-cache extent of a sequence whose policy caches (admission gave it one)."""
+        if self.kv is None:
+            raise RuntimeError(f"{self.request.request_id} has no KV extent")
+        return self.kv
+
+    @property
     def params(self) -> DecodeParams:
         return self.request.params
 

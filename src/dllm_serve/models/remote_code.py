@@ -53,7 +53,7 @@ class RemoteCodeRefusedError(PermissionError):
 class RemoteModel:
     """The checkpoint's own model, with what the server needs to know of any model."""
 
-    module: nn.Module
+    module: Any  # the checkpoint's own nn.Module; its generate() and extras come with its code
     max_length: int
     eos_token_id: int | None
     stop_ids: tuple[int, ...]
@@ -154,7 +154,8 @@ def generate_kwargs(
 def _count_forwards(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
     """Count forwards by the input embedding's calls (one per forward however generate calls it)."""
     counter = [0]
-    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    get_embeddings = getattr(module, "get_input_embeddings", None)
+    embed = get_embeddings() if callable(get_embeddings) else None
     target = embed if isinstance(embed, nn.Module) else module
 
     def hook(*_: Any) -> None:

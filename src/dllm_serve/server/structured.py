@@ -16,7 +16,7 @@ from dllm_serve.server import tools
 from dllm_serve.server.errors import bad_request
 
 
-def compile_constraint(state: Any, req: Any, max_tokens: int) -> grammar.Grammar | None:
+def compile_constraint(engine: Any, req: Any, max_tokens: int) -> grammar.Grammar | None:
     """The request's grammar, or None when its output is free text. Runs on a preparation thread."""
     sources = _sources(req)
     if not sources:
@@ -25,10 +25,10 @@ def compile_constraint(state: Any, req: Any, max_tokens: int) -> grammar.Grammar
         names = ", ".join(param for param, _ in sources)
         raise bad_request(f"Send one output constraint, not several ({names}).", sources[1][0])
     param, build = sources[0]
-    runner = getattr(state.engine, "runner", None)
+    runner = getattr(engine, "runner", None)
     if runner is None:
         raise bad_request(f"{param} needs the native engine (not --trust-remote-code).", param)
-    vocab = grammar.vocab_for(state.engine.loaded.tokenizer, runner.stop_ids)
+    vocab = grammar.vocab_for(engine.loaded.tokenizer, runner.stop_ids)
     try:
         compiled = build(vocab, max_tokens)
     except grammar.GrammarError as exc:

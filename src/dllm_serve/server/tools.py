@@ -198,6 +198,18 @@ class CallStream:
             self.blank = ""
 
 
+def with_calls(choice: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed chat choice with the calls in its text as ``tool_calls`` (content None when
+    the text is only calls) and ``finish_reason`` ``tool_calls`` when it stopped after calls."""
+    message = choice["message"]
+    content, calls = parse(message["content"])
+    if not calls:
+        return choice
+    finish = "tool_calls" if choice["finish_reason"] == "stop" else choice["finish_reason"]
+    message = {**message, "content": content, "tool_calls": calls}
+    return {**choice, "message": message, "finish_reason": finish}
+
+
 def _partial_tag(text: str) -> int:
     """Length of the longest suffix of ``text`` that starts ``<tool_call>``."""
     for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
