@@ -13,7 +13,7 @@ import torch
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine import grammar
 from dllm_serve.engine.algorithms import presets_for, resolve_params
-from dllm_serve.engine.constrained import RowConstraint
+from dllm_serve.engine.constrained import FrontierGuide, RowConstraint
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import LoadedModel, load_model
@@ -146,3 +146,15 @@ def test_frontier_closes_when_the_canvas_runs_out(tiny):
     canvas[2:5] = torch.tensor([tok.encode("a")[0]] * 3)  # a a a would leave no room for b + stop
     row.advance(canvas, mask, block_end=6, out_end=6)
     assert tok.decode(canvas[2:5].tolist()) == "aab" and canvas[5] == engine.runner.stop_ids[0] and row.done
+
+
+def test_grammar_mask_and_forced_commit_read_nothing_back():
+    """On meta tensors (no values: any read-back raises, see test_no_readback.py) the device side of
+    the constraint, mask and forced commit, runs: it adds no synchronisation to a step."""
+    meta = torch.device("meta")
+    rows = torch.zeros(2, dtype=torch.long, device=meta)
+    guide = FrontierGuide(rows, rows.clone(), torch.zeros(2, 12, dtype=torch.int32, device=meta))
+    logits = torch.zeros(3, 16, 384, device=meta)
+    assert guide.mask(logits).shape == logits.shape
+    commit = torch.zeros(3, 16, dtype=torch.bool, device=meta)
+    assert guide.force(commit).shape == commit.shape
