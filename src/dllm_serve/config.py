@@ -25,7 +25,6 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own maximum; limits one request
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
     kv_cache_memory: str | None = None  # KV bytes ("2GiB"); None: measured on CUDA, 2 GiB on the CPU
-    seed: int = 0  # base seed for requests without one
     # Training checkpoints (DCP): converted once, cached.
     dcp_path: str | None = None
     base_model: str | None = None

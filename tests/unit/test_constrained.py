@@ -153,8 +153,13 @@ def test_grammar_mask_and_forced_commit_read_nothing_back():
     the constraint, mask and forced commit, runs: it adds no synchronisation to a step."""
     meta = torch.device("meta")
     rows = torch.zeros(2, dtype=torch.long, device=meta)
-    guide = FrontierGuide(rows, rows.clone(), torch.zeros(2, 12, dtype=torch.int32, device=meta))
+    guide = FrontierGuide(
+        rows, rows.clone(), torch.zeros(2, 12, dtype=torch.int32, device=meta), {0: 0, 2: 1}
+    )
     logits = torch.zeros(3, 16, 384, device=meta)
-    assert guide.mask(logits).shape == logits.shape
+    for i in (0, 2):
+        hook = guide.hook(i)
+        assert hook is not None and hook(logits[i], logits[i, :, 0], logits[i, :, 0] > 0).shape == (16, 384)
+    assert guide.hook(1) is None
     commit = torch.zeros(3, 16, dtype=torch.bool, device=meta)
     assert guide.force(commit).shape == commit.shape

@@ -84,19 +84,14 @@ def patched_model_dir(source: Path, overrides: dict[str, Any], into: Path) -> Pa
     return into
 
 
-def check_family_available(model_dir: Path) -> None:
-    """A clear error when the checkpoint's architecture has no native model in this build."""
-    from dllm_serve.models.loader import detect_family
+def check_family_supported(model_dir: Path) -> None:
+    """A clear error, before any weights load, when no registered family serves the checkpoint."""
+    from dllm_serve.models.registry import detect_family
 
-    family = detect_family(json.loads((model_dir / "config.json").read_text()))
-    if family == "nemotron":
-        try:
-            import dllm_serve.models.nemotron  # noqa: F401
-        except ImportError as exc:
-            raise BenchError(
-                "this is a Nemotron-Diffusion config, but the native Nemotron model "
-                "(dllm_serve.models.nemotron) is not available in this build"
-            ) from exc
+    try:
+        detect_family(json.loads((model_dir / "config.json").read_text()))
+    except ValueError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def batch_kv_bytes(model_dir: Path, batch: int, canvas: int, dtype: str) -> int:
@@ -152,7 +147,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     if args.load_format != "dummy" and (config_overrides or not has_weights):
         why = "--config-override changes the shapes" if config_overrides else f"{model_dir} has no weights"
         raise BenchError(f"{why}: pass --load-format dummy (random weights built from the config)")
-    check_family_available(model_dir)
+    check_family_supported(model_dir)
     if args.trust_remote_code:
         raise BenchError("bench engine measures the native engine; --trust-remote-code is not supported")
 

@@ -5,7 +5,8 @@ reads left to right. The rule joins them through the row's *frontier*, the first
 token the grammar has not yet consumed:
 
 1. Before sampling, the logits at the frontier are masked to the grammar's allowed set (stop
-   tokens only once the grammar is complete), and the frontier is always committed. Positions
+   tokens only once the grammar is complete; the decoding step's per-row constraint hook,
+   decoding/step.py), and the frontier is always committed. Positions
    beyond it are sampled and committed by the row's own rule, as without a constraint, but stay
    provisional.
 2. After the step (on the host, from the block already read back), the frontier walks right over
@@ -28,11 +29,12 @@ touched: the masks and forced commits are indexed by the constrained rows only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from dllm_serve.decoding.step import Constraint
 from dllm_serve.engine.grammar import RowMatcher
 from dllm_serve.tensors import upload
 
@@ -133,6 +135,8 @@ class FrontierGuide:
     rows: torch.Tensor  # [k] long, device
     offsets: torch.Tensor  # [k] long, device
     words: torch.Tensor  # [k, W] int32, device
+    index: dict[int, int] = field(default_factory=dict)  # batch row -> k
+    _allowed: torch.Tensor | None = None  # [k, vocab] bool, expanded once per step
 
     @classmethod
     def build(
@@ -152,19 +156,28 @@ class FrontierGuide:
         words = np.stack([w for _, _, w in picked]).view(np.int32)
         head = np.array([[i, off] for i, off, _ in picked], dtype=np.int32)
         packed = upload(torch.from_numpy(np.concatenate([head, words], axis=1)), device)
-        return cls(packed[:, 0].long(), packed[:, 1].long(), packed[:, 2:])
+        index = {i: k for k, (i, _, _) in enumerate(picked)}
+        return cls(packed[:, 0].long(), packed[:, 1].long(), packed[:, 2:], index)
 
-    def mask(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits outside each frontier's allowed set become -inf (in place)."""
-        vocab = logits.shape[-1]
-        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        bits = ((self.words[:, :, None] >> shifts) & 1).flatten(1)
-        allowed = torch.zeros((bits.shape[0], vocab), dtype=torch.bool, device=logits.device)
-        n = min(vocab, bits.shape[1])
-        allowed[:, :n] = bits[:, :n].bool()
-        at = logits[self.rows, self.offsets]
-        logits[self.rows, self.offsets] = at.masked_fill(~allowed, float("-inf"))
-        return logits
+    def hook(self, row: int) -> Constraint | None:
+        """The decoding step's constraint for batch row ``row`` (decoding/step.py's ``RowStep``):
+        its logits [width, vocab] with -inf outside the allowed set at the frontier. None for a row
+        without an open constraint."""
+        k = self.index.get(row)
+        if k is None:
+            return None
+
+        def mask(logits: torch.Tensor, block: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+            vocab = logits.shape[-1]
+            if self._allowed is None or self._allowed.shape[1] != vocab:
+                shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+                bits = ((self.words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+                self._allowed = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+            at = self.offsets[k : k + 1]  # a 1-element index tensor: a 0-d one would read back
+            logits[at] = logits[at].masked_fill(~self._allowed[k : k + 1], float("-inf"))
+            return logits
+
+        return mask
 
     def force(self, commit: torch.Tensor) -> torch.Tensor:
         """Every constrained row commits its frontier (in place)."""

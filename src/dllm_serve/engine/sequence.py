@@ -103,14 +103,13 @@ class Sequence:
     step_in_block: int = 0
     emitted: int = 0  # generated tokens already sent
     forwards: int = 0
-    refresh_forwards: int = 0
     kv: Extent | None = None  # the sequence's KV-cache extent, when the policy caches
     finish_reason: str | None = None
     pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False
     cancelled: bool = False
     error: str | None = None
-    credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
+    rule_state: torch.Tensor | None = None  # a stateful rule's state (credit), reset at each block
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's

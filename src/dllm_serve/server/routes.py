@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from dllm_serve.engine.algorithms import describe_presets
+from dllm_serve.engine.algorithms import describe_presets, describe_rules
 from dllm_serve.engine.sequence import TokenLogprob
 from dllm_serve.protocol import ChatCompletionRequest, CompletionRequest
 from dllm_serve.protocol_responses import (
@@ -80,6 +80,7 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
         "model": state.model_id,
         "default": engine.default_algorithm if engine is not None else None,
         "data": describe_presets(family),
+        "rules": describe_rules(),
     }
 
 
