@@ -60,6 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--kv-cache-memory", default="2GiB", help="budget for the 'tokens that fit' figures (default 2GiB)"
     )
+    models.add_argument(
+        "--prompt-cache-memory",
+        default=None,
+        help="block-causal models: the prompt cache carved out of that budget (default a tenth)",
+    )
     models.set_defaults(func=run_models)
 
 
@@ -233,7 +238,7 @@ def run_models(args: argparse.Namespace) -> int:
     report = {
         "model": str(path),
         "family": family,
-        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory),
+        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory, args.prompt_cache_memory),
         "algorithms": describe_presets(family),
         "rules": describe_rules(),
         "parameters": describe_parameters(),
@@ -242,21 +247,32 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def kv_cache_figures(config: dict[str, Any], dtype: str, budget: str) -> dict[str, Any]:
-    """KV bytes per token, and the tokens and longest sequences that fit in ``budget``."""
+def kv_cache_figures(
+    config: dict[str, Any], dtype: str, budget: str, prompt_cache: str | None = None
+) -> dict[str, Any]:
+    """KV bytes per token, the prompt cache carved out of ``budget`` (block-causal models), and the
+    tokens and longest sequences that fit in the rest."""
     import torch
 
     from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.config import EngineConfig
     from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
-    from dllm_serve.engine.memory import KVPlan, parse_bytes
+    from dllm_serve.engine.memory import KVPlan, parse_bytes, prompt_cache_bytes
+    from dllm_serve.models.registry import find_family
 
     shape = shape_from_config(config)
     per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
-    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token)
+    family = find_family(config)
+    block_causal = family is not None and family.attention == "block_causal"
+    carved = prompt_cache_bytes(
+        parse_bytes(budget), EngineConfig(prompt_cache_memory=prompt_cache), block_causal
+    )
+    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token, carved)
     return {
         "dtype": dtype,
         "bytes_per_token": per_token,
         "budget_bytes": plan.budget_bytes,
+        "prompt_cache_bytes": plan.prompt_cache_bytes,
         "tokens_that_fit": plan.capacity,
         "max_model_len": shape.max_length,
         "longest_sequences_that_fit": plan.capacity // extent_tokens(shape.max_length),

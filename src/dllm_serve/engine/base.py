@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
+from dllm_serve.engine.prompt_cache import PromptCacheStats
 from dllm_serve.engine.runner import StepInfo
 from dllm_serve.engine.scoring import AnyRequest as AnyScoringRequest
 from dllm_serve.engine.scoring import ScoringEvent
@@ -32,6 +33,8 @@ class EngineStats:
     kv_used_tokens: int = 0
     kv_peak_used_tokens: int = 0
     kv_bytes_per_token: int = 0
+    # Prompt-cache reuse (block-causal models; all zero otherwise)
+    prompt_cache: PromptCacheStats = field(default_factory=PromptCacheStats)
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Engine(EngineBase):
             pool.used,
             pool.peak_used,
             pool.bytes_per_token,
+            self.runner.prompt_cache.stats(),
         )
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:

@@ -29,7 +29,9 @@ from dllm_serve.engine.constrained import FrontierGuide
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
+from dllm_serve.engine.prompt_cache import PromptCache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
@@ -81,10 +83,18 @@ class Runner:
         # The KV cache, sized by the memory budget and allocated now (start-up fails with the
         # numbers if one sequence of max_len tokens cannot fit).
         m = self.model
-        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        # Block-causal models get a prompt cache, carved out of the KV budget; under full
+        # attention a prompt's K/V depend on the canvas.
+        block_causal = registry.get(loaded.family).attention == "block_causal"
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
         )
+        self.prompt_cache = PromptCache(self.kv_plan.prompt_cache_bytes, self.pool.bytes_per_token)
+        if block_causal:
+            budget = self.prompt_cache.budget_bytes
+            shown = f"{human_bytes(budget)} for reused prompt blocks" if budget else "off"
+            log.info("prompt cache: %s", shown)
         log.info(
             "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
             self.pool.capacity,
@@ -133,6 +143,10 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
+        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+            seq.committed_context = self.prompt_cache.reuse(
+                request.prompt_ids, params.block_length, self.pool, seq.extent
+            )
         if request.constraint is not None:  # tokens the grammar forces before any forward
             request.constraint.start(seq.prompt_len)
             request.constraint.advance(seq.canvas, mask, seq.block_end, seq.output_end)
@@ -338,6 +352,8 @@ class Runner:
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.step_in_block += 1
         if seq.params.cache == "committed":
+            if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
+                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool(seq.masked_in_block().any()):
             seq.block += 1

@@ -191,7 +191,12 @@ class Sequence:
 
         Context not yet cached (the prompt, then each block once it completes) is forwarded
         together with the next block; each query sees keys up to the end of its own block, so
-        the context's K/V are exactly those of a block-causal pass.
+        the context's K/V are exactly those of a block-causal pass. The prompt is cut into blocks
+        of ``block_length`` from position 0, as the published checkpoints are trained (block index
+        = position // block size), its last, partial block seeing the whole prompt; generation
+        blocks follow from the prompt's end. A full prompt block's K/V thus depend only on the
+        tokens up to its end, which lets later requests with the same prefix reuse them
+        (``engine/prompt_cache.py``; ``committed_context`` then starts past the reused blocks).
         """
         bs, be = self.block_start, self.block_end
         start = self.committed_context
@@ -199,10 +204,11 @@ class Sequence:
         if start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
+            bl = self.params.block_length
             block_of = torch.where(
                 pos < prompt,
-                torch.full_like(pos, prompt),
-                prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length,
+                ((pos // bl + 1) * bl).clamp(max=prompt),
+                prompt + ((pos - prompt) // bl + 1) * bl,
             )
             limits[: bs - start] = block_of
         return ForwardPlan(start, be, limits, bs, be, refresh=start < bs)

@@ -110,6 +110,11 @@ async def health(request: Request) -> JSONResponse:
                 "used_tokens": stats.kv_used_tokens,
                 "peak_used_tokens": stats.kv_peak_used_tokens,
             },
+            prompt_cache={
+                "capacity_bytes": stats.prompt_cache.budget_bytes,
+                "used_bytes": stats.prompt_cache.used_bytes,
+                "blocks": stats.prompt_cache.blocks,
+            },
         )
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
