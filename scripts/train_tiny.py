@@ -26,11 +26,17 @@ in model/format and objective:
 - ``nemotron`` (DiffEncoderModel, Qwen ChatML): block diffusion over a committed context, the way
   the ``nemotron`` preset decodes. Each row is ``[prompt | clean response | noisy response]`` with
   the response positions repeated (BD3LM's two-copy layout). The clean copy attends block-causally
-  (the prompt is one block, then response blocks of ``bs`` tokens), which gives exactly the K/V the
-  engine caches for committed blocks; a noisy block attends to the clean context before it and to
+  (the prompt in blocks of ``bs`` from its first token, its last, partial block seeing the whole
+  prompt, then response blocks of ``bs`` tokens), which gives exactly the K/V the engine caches for
+  the prompt and committed blocks; a noisy block attends to the clean context before it and to
   itself, as the active block does at inference. Inside each noisy block the masking ratio is
   p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
   tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
+- ``nemotron_labs`` (NemotronLabsDiffusionModel): the published model is trained on both objectives
+  at once (its modeling code sums a diffusion loss on the noisy copy and a next-token loss on the
+  clean copy), and so is the tiny one: the same two-copy rows, but the clean copy attends *causally*
+  (the K/V the ``nemotron_labs`` presets cache), and the loss is the mean cross-entropy on the masked
+  tokens of the noisy copy plus the mean next-token cross-entropy of the response on the clean copy.
 
 Deterministic for a given seed and thread count.
 """
@@ -83,6 +89,8 @@ OBJECTIVES = {
     "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
     "aligned_block_diffusion": "block diffusion, blocks aligned at position 0, two-copy, uniform CE; "
     "aux-free expert bias",
+    "joint_ar_block_diffusion": "joint AR + block diffusion, two-copy (clean causal copy: next-token CE; "
+    "noisy block over the clean context before it: CE on masked tokens), the two means summed",
 }
 
 
@@ -178,10 +186,12 @@ def block_diffusion_batch(
     pad_id: int,
     gen: torch.Generator,
     eps: float = 1e-3,
+    causal_context: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Inputs, positions, [B, W, W] attention mask, noisy-copy indices, targets and mask ratios.
 
     All responses have the same length; a block size need not divide it (the last block is short).
+    ``causal_context``: the clean copy attends causally (Nemotron-Labs) instead of block-causally.
     """
     b, rl = len(prompts), len(responses[0])
     plen = torch.tensor([len(p) for p in prompts])
@@ -192,9 +202,11 @@ def block_diffusion_batch(
     is_noisy = (idx >= clean_end) & (idx < clean_end + rl)
     bs = torch.tensor(block_sizes)[:, None]
     offset = torch.where(is_noisy, idx - clean_end, idx - plen[:, None])  # response offset
-    block = torch.where(idx < plen[:, None], torch.full_like(idx, -1), offset // bs)
+    # Prompt blocks get negative ids (in order) so that every response block comes after them.
+    block = torch.where(idx < plen[:, None], idx // bs - (width + 1), offset // bs)
     blk_q, blk_k = block[:, :, None], block[:, None, :]
-    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    order = idx[:, None, :] <= idx[:, :, None] if causal_context else blk_k <= blk_q
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & order
     noisy_q = is_noisy[:, :, None] & (
         (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
     )
@@ -224,6 +236,7 @@ def block_diffusion_batch(
         "positions": positions,
         "mask": mask,
         "noisy_index": noisy_index,
+        "clean_index": plen[:, None] + torch.arange(rl)[None, :],
         "targets": targets,
         "masked": masked,
         "p_mask": p_mask,
@@ -246,6 +259,30 @@ def block_diffusion_loss(
     logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
     masked = batch["masked"]
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
+def joint_ar_diffusion_loss(
+    model: DiffusionLM,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Nemotron-Labs' two objectives on one forward of ``[prompt | clean response | noisy response]``:
+    CE on the masked tokens of the noisy blocks plus next-token CE on the causal clean copy (the
+    logits at position i - 1 predict response token i); see the module docstring."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    sizes = rng.choices(BLOCK_SIZES, weights=BLOCK_WEIGHTS, k=len(examples))
+    batch = block_diffusion_batch(prompts, responses, sizes, ids_.mask, ids_.eos, gen, causal_context=True)
+    rl = batch["targets"].shape[1]
+    index = torch.cat([batch["noisy_index"], batch["clean_index"] - 1], dim=1)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, index)
+    masked, targets = batch["masked"], batch["targets"]
+    diffusion = F.cross_entropy(logits[:, :rl][masked].float(), targets[masked])
+    ar = F.cross_entropy(logits[:, rl:].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    return diffusion + ar
 
 
 # -- models and checkpoints ---------------------------------------------------------------------
@@ -310,7 +347,7 @@ def save_checkpoint(
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if fmt.objective == "block_diffusion":
+    if fmt.objective != "masked_diffusion":
         record["block_sizes"] = list(BLOCK_SIZES)
     if fmt.objective == "aligned_block_diffusion":
         record["block_size"] = tiny_llada2.BLOCK
@@ -424,7 +461,10 @@ def main(argv: list[str] | None = None) -> None:
         copied = tiny_llada2.init_from_nemotron(model, load_file(str(args.init / "model.safetensors")))
         args.init_record = {"from": str(args.init), "copied": copied, "rest": "init_weights (std 0.02)"}
     elif args.init is not None:
-        model.load_official(load_file(str(args.init / "model.safetensors")))
+        tensors = load_file(str(args.init / "model.safetensors"))
+        if model.layers[0].q_norm is None:  # e.g. tiny-nemotron's q/k norms into a Nemotron-Labs model
+            tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+        model.load_official(tensors)
     balance = tiny_llada2.RoutingBalance(model) if fmt.objective == "aligned_block_diffusion" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
@@ -444,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         elif fmt.objective == "aligned_block_diffusion":
             prompts, responses = encode_rows(tok, examples, ids.eos, ids.eot, canvas)
             loss = tiny_llada2.loss(model, prompts, responses, ids.mask, ids.eos, gen)
+        elif fmt.objective == "joint_ar_block_diffusion":
+            loss = joint_ar_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

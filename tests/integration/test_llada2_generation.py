@@ -8,9 +8,14 @@
   whole blocks become final (never a token that is later edited).
 - Presets of other families are 400s listing the valid names; /v1/algorithms lists the LLaDA2
   presets with their defaults.
+- Structured output works on the presets without editing (the aligned step goes through the same
+  grammar hook; the first block holds the prompt's tail); the editing preset, which may rewrite
+  committed tokens the grammar has accepted, refuses a constraint with a 400 naming the algorithm.
 """
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
@@ -90,3 +95,34 @@ def test_other_families_presets_are_400_and_algorithms_lists_llada2(server):
     names = {a["name"]: a for a in listing["data"]}
     assert set(names) == {"llada2", "llada2_quality", "llada2_speed"}
     assert names["llada2_quality"]["defaults"]["editing_threshold"] == 0.5
+
+
+@pytest.mark.parametrize("algorithm", ["llada2", "llada2_speed"])
+def test_json_object_on_the_presets_without_editing(server, algorithm):
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(
+        model="tiny-llada2",
+        messages=[{"role": "user", "content": "JSON please"}],
+        response_format={"type": "json_object"},
+        max_tokens=64,
+        temperature=1.0,
+        seed=3,
+        extra_body={"algorithm": algorithm},
+    )
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_constraint_on_the_editing_preset_is_a_400(server):
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny-llada2",
+            messages=[{"role": "user", "content": "JSON please"}],
+            response_format={"type": "json_object"},
+            max_tokens=64,
+            extra_body={"algorithm": "llada2_quality"},
+        )
+    body = err.value.response.json()["error"]
+    assert body["param"] == "algorithm" and "llada2_quality" in body["message"], body
+    assert httpx.get(server.base_url + "/health").status_code == 200

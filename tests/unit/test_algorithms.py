@@ -309,13 +309,14 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
+    labs = {"nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"}
     llada2 = {
         "llada2": ["llada2.0"],
         "llada2_quality": ["llada2.1", "llada2.1_quality"],
         "llada2_speed": ["llada2.1_speed"],
     }
-    assert set(listing) == {*LLADA_NAMES, "nemotron", *llada2}
-    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if p["model_family"] == "llada"}
+    assert set(listing) == {*LLADA_NAMES, "nemotron", *labs, *llada2}
+    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in LLADA_NAMES}
     assert aliases == LLADA_ALIASES
     assert {name: listing[name]["aliases"] for name in llada2} == llada2
     assert listing["llada2"]["defaults"]["threshold"] == 0.95  # LLaDA2.0's generate()
@@ -336,11 +337,13 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
     assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
+    assert {p["name"] for p in describe_presets("nemotron-labs")} == labs
 
 
 def test_default_preset_per_engine() -> None:
     assert default_preset("auto", "llada") == "dinfer_blockwise"
     assert default_preset("auto", "nemotron") == "nemotron"
+    assert default_preset("auto", "nemotron-labs") == "nemotron_labs"
     assert default_preset("fast-dllm", "llada") == "dual_cache"
     assert default_preset("dinfer", "llada") == "dinfer_blockwise"
     assert default_preset("nemotron", "nemotron") == "nemotron"

@@ -275,7 +275,7 @@ def test_batch_invariance_float32_with_moe_routing(loaded):
 def test_remote_generate_gets_the_llada2_knobs():
     """Under --trust-remote-code a LLaDA2.1 checkpoint's own generate() receives the preset's
     block_length, steps, threshold and editing knobs by name; LLaDA2.0's (no editing) does not."""
-    from dllm_serve.models.remote_code import generate_kwargs
+    from dllm_serve.engine.remote import generate_kwargs
 
     def generate21(
         inputs,

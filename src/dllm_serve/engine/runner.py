@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.decoding import editing, rules
-from dllm_serve.decoding.confidence import MEASURES, confidence
+from dllm_serve.decoding import editing
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
-from dllm_serve.engine import denoise, token_logprobs
-from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.decoding.step import Constraint, NoiseSpan, RowStep, decide
+from dllm_serve.engine import causal_modes, denoise, token_logprobs
+from dllm_serve.engine.constrained import FrontierGuide
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
+from dllm_serve.engine.prompt_cache import PromptCache
 from dllm_serve.engine.sequence import (
     ForwardPlan,
     GenerationRequest,
@@ -39,14 +40,12 @@ from dllm_serve.engine.sequence import (
     TokenLogprob,
     canvas_tokens,
 )
+from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
-
-RULE_INDEX = {name: i for i, name in enumerate(rules.RULES)}
-MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
 
 
 @dataclass
@@ -76,6 +75,8 @@ class _Row:
     seq: Sequence
     plan: ForwardPlan
     q_start: int
+    ids: torch.Tensor | None = None  # query ids when not the canvas's (a speculative draft)
+    phase: str = ""  # causal_modes' phase for its policies
 
 
 class Runner:
@@ -93,10 +94,18 @@ class Runner:
         # The KV cache, sized by the memory budget and allocated now (start-up fails with the
         # numbers if one sequence of max_len tokens cannot fit).
         m = self.model
-        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        # Block-causal models get a prompt cache, carved out of the KV budget; under full
+        # attention a prompt's K/V depend on the canvas.
+        block_causal = registry.get(loaded.family).attention == "block_causal"
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
         )
+        self.prompt_cache = PromptCache(self.kv_plan.prompt_cache_bytes, self.pool.bytes_per_token)
+        if block_causal:
+            budget = self.prompt_cache.budget_bytes
+            shown = f"{human_bytes(budget)} for reused prompt blocks" if budget else "off"
+            log.info("prompt cache: %s", shown)
         log.info(
             "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
             self.pool.capacity,
@@ -116,18 +125,23 @@ class Runner:
 
     def can_admit(self, request: GenerationRequest) -> bool:
         """Whether the request's KV memory (its prompt + canvas) is free now."""
-        tokens = canvas_tokens(len(request.prompt_ids), request.params, request.max_new_tokens)
-        return request.params.cache == "none" or self.pool.fits(tokens)
+        return request.params.cache == "none" or self.pool.fits(self._tokens(request))
+
+    @staticmethod
+    def _tokens(request: GenerationRequest) -> int:
+        """Canvas length: prompt and masks (``canvas_tokens``: up to a block more under the aligned
+        policy), and the slack a speculative block needs."""
+        p = request.params
+        canvas = canvas_tokens(len(request.prompt_ids), p, request.max_new_tokens)
+        return canvas + causal_modes.canvas_slack(p.cache, p.block_length)
 
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
         cache (start-up checked that), so a valid request waits at most for memory to free."""
-        total = canvas_tokens(len(request.prompt_ids), request.params, request.max_new_tokens)
+        total, prompt = self._tokens(request), len(request.prompt_ids)
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({total - len(request.prompt_ids)}) tokens "
-                f"exceed "
-                f"the model's {self.max_len}"
+                f"prompt ({prompt}) + canvas ({total - prompt}) tokens exceed the model's {self.max_len}"
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
@@ -136,7 +150,7 @@ class Runner:
         """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
         self.check(request)
         params = request.params
-        total = canvas_tokens(len(request.prompt_ids), params, request.max_new_tokens)
+        total = self._tokens(request)
         mask = self.roles.mask_token_id
         canvas = torch.tensor(
             request.prompt_ids + [mask] * (total - len(request.prompt_ids)), dtype=torch.long
@@ -148,6 +162,13 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
+        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+            seq.committed_context = self.prompt_cache.reuse(
+                request.prompt_ids, params.block_length, self.pool, seq.extent
+            )
+        if request.constraint is not None:  # tokens the grammar forces before any forward
+            request.constraint.start(seq.prompt_len)
+            request.constraint.advance(seq.canvas, mask, seq.block_end, seq.output_end)
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -161,7 +182,16 @@ class Runner:
     def step(self, seqs: list[Sequence]) -> StepInfo:
         start = time.perf_counter()
         groups: dict[tuple[bool, bool], list[_Row]] = {}
+        causal_groups: dict[str, list[_Row]] = {}
         for seq in seqs:
+            if seq.params.cache in causal_modes.POLICIES:
+                step = causal_modes.plan(seq)
+                row = _Row(seq, step.plan, step.plan.q_start, step.ids, step.phase)
+                if step.phase == causal_modes.DENOISE:  # an ordinary cached block step
+                    groups.setdefault((True, False), []).append(row)
+                else:
+                    causal_groups.setdefault(step.phase, []).append(row)
+                continue
             plan = seq.plan()
             q_start = plan.q_start
             if seq.params.shift_logits:  # position i is predicted by the logits at i - 1
@@ -174,18 +204,27 @@ class Runner:
                 forwards += done_rows
                 refresh += done_rows if is_refresh else 0
                 committed += n_committed
+        for phase, rows in causal_groups.items():
+            rows.sort(key=lambda r: r.seq.kv.start if r.seq.kv else 0)
+            for done_rows, n_committed in self._run_isolated(rows, self._run_causal_group):
+                forwards += done_rows
+                refresh += done_rows if phase != causal_modes.DRAFT else 0
+                committed += n_committed
         finished = sum(1 for s in seqs if s.finished)
         return StepInfo(len(seqs), forwards, refresh, committed, finished, time.perf_counter() - start)
 
-    def _run_isolated(self, rows: list[_Row]) -> list[tuple[int, int]]:
+    def _run_isolated(
+        self, rows: list[_Row], run: Callable[[list[_Row]], int] | None = None
+    ) -> list[tuple[int, int]]:
+        run = run or self._run_group
         try:
-            return [(len(rows), self._run_group(rows))]
+            return [(len(rows), run(rows))]
         except Exception:
             if len(rows) == 1:
                 log.exception("request %s failed", rows[0].seq.request.request_id)
                 self._fail(rows[0].seq, "internal error while generating")
                 return [(1, 0)]
-        return [r for row in rows for r in self._run_isolated([row])]
+        return [r for row in rows for r in self._run_isolated([row], run)]
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.error = message
@@ -200,7 +239,27 @@ class Runner:
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
-        tokens, commit, conf = self._decide(rows, logits, candidates, masked)
+        seqs = [r.seq for r in rows]
+        guide = FrontierGuide.build(
+            [s.request.constraint for s in seqs], [s.block_start for s in seqs], block.shape[1], self.device
+        )
+        step = decide(
+            logits,
+            block=block,
+            rows=[
+                self._row_step(r, m, guide.hook(i) if guide is not None else None)
+                for i, (r, m) in enumerate(zip(rows, masked, strict=True))
+            ],
+            mask_id=self.roles.mask_token_id,
+            eos_id=self.roles.eos_token_id,
+            eot_id=self.eot_id,
+        )
+        tokens, commit, conf = step.tokens, step.commit, step.conf
+        if guide is not None:  # constrained rows commit their frontier (engine/constrained.py)
+            commit = guide.force(commit)
+        for row, state in zip(rows, step.states, strict=True):
+            if state is not None:
+                row.seq.rule_state = state
         edits = self._edits(rows, block, tokens, conf, candidates)
         commit = commit | edits
         new_block = torch.where(commit, tokens, block)
@@ -245,6 +304,55 @@ class Runner:
         limit = [r.seq.params.editing_threshold if r.seq.editing else 2.0 for r in rows]
         return editing.edit_mask(block, tokens, conf, editable, upload(limit, self.device, torch.float32))
 
+    def _run_causal_group(self, rows: list[_Row]) -> int:
+        """A commit, draft or verify forward of causal_modes' policies (all rows in one phase):
+        the token each wanted position predicts, then the policy's bookkeeping on the host."""
+        phase = rows[0].phase
+        seqs = [r.seq for r in rows]
+        params = [s.params for s in seqs]
+        logits = self._forward(rows)
+        width = 1 if phase == causal_modes.COMMIT else logits.shape[1]
+        logits = logits[:, :width]
+        bad = ~torch.isfinite(logits).all(-1).all(-1)
+        lp_rows = token_logprobs.wanting(seqs)
+        logp = token_logprobs.before_edits(logits, lp_rows)
+        logits = top_p_filter(logits, [p.top_p for p in params])
+        tokens = logits.argmax(dim=-1)
+        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+            if p.temperature > 0:
+                noise = uniform(seq.generator, tuple(logits[i].shape), self.device)
+                tokens[i] = gumbel_argmax(logits[i], p.temperature, noise)
+        conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        host = torch.cat([tokens.double(), conf.double(), bad[:, None].double()], dim=1).cpu()
+        values = {}
+        if logp is not None:
+            k = max(seqs[i].request.logprobs or 0 for i in lp_rows)
+            values = dict(zip(lp_rows, token_logprobs.chosen_and_top(logp, tokens[lp_rows], k), strict=True))
+        committed = 0
+        for i, (row, out) in enumerate(zip(rows, host, strict=True)):
+            seq = row.seq
+            if out[-1]:
+                self._fail(seq, "numerical error: the model produced NaN or infinite logits")
+                continue
+            picked, confidence = out[:width].long(), out[width : 2 * width].float()
+            seq.forwards += 1
+            if phase == causal_modes.DRAFT:
+                causal_modes.apply_draft(seq, picked, confidence)
+                continue
+            if phase == causal_modes.COMMIT:
+                start, count = row.plan.logits_end, 1
+                causal_modes.apply_commit(seq, start, int(picked[0]))
+            else:
+                start, count = causal_modes.apply_verify(seq, picked)
+            if i in values:
+                token_logprobs.record_span(seq, start, seq.canvas[start : start + count].tolist(), values[i])
+            committed += count
+            self._emit(seq)
+            if seq.params.cache != "causal" and seq.pending_finish and not seq.finished:
+                seq.block = seq.params.num_blocks  # nothing is left to denoise: the output is final
+                self._emit(seq)
+        return committed
+
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
         """One batched forward; returns float32 logits [B, P, V] for each row's active block.
 
@@ -265,7 +373,7 @@ class Runner:
         max_limit = 0
         for i, r in enumerate(rows + [rows[j] for j in cfg_rows]):
             seq, plan, span = r.seq, r.plan, r.plan.q_end - r.q_start
-            ids[i, :span] = seq.canvas[r.q_start : plan.q_end]
+            ids[i, :span] = seq.canvas[r.q_start : plan.q_end] if r.ids is None else r.ids
             if i >= len(rows):  # classifier-free guidance: the prompt replaced by masks
                 ids[i, : max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
             lim = plan.key_limit
@@ -322,115 +430,20 @@ class Runner:
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
         return block
 
-    def _decide(
-        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
-        parameters.
-
-        ``masked`` is each row's count of masked block positions, known on the host. Every branch
-        here is decided from host values, so nothing waits for the device. ``logits`` (the step's
-        own tensor) is edited in place: copying [B, P, vocab] costs as much as the edits.
-        """
-        dev = self.device
-        params = [r.seq.params for r in rows]
-
-        def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return upload(values, dev, dtype)
-
-        logits = self._forbid(logits, [p.logits_eos_inf for p in params], self.roles.eos_token_id)
-        logits = top_p_filter(logits, [p.top_p for p in params])
-
-        credit_rows = [i for i, p in enumerate(params) if p.rule == "credit"]
-        if credit_rows:
-            logits = self._apply_credit(rows, credit_rows, logits, candidates)
-
-        tokens = logits.argmax(dim=-1)
-        vocab = logits.shape[-1]
-        random_conf: dict[int, torch.Tensor] = {}
-        for i, (r, p) in enumerate(zip(rows, params, strict=True)):
-            seq, bl = r.seq, p.block_length
-            # The reference sampler draws noise for the whole canvas; mirror its stream exactly.
-            full = p.algorithm == "llada"
-            offset = seq.block_start if full else 0
-            if p.temperature > 0:
-                shape = (seq.length if full else bl, vocab)
-                noise = uniform(seq.generator, shape, dev)[offset : offset + bl]
-                tokens[i, :bl] = gumbel_argmax(logits[i, :bl], p.temperature, noise)
-            if p.remasking == "random":
-                draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
-                random_conf[i] = draws[offset : offset + bl]
-
-        # Tokens are chosen; from here on logits only rank confidence.
-        conf_logits = self._forbid_in_confidence(logits, params)
-        measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
-        conf = confidence(conf_logits.softmax(-1), tokens, measure)
-        for i, draws in random_conf.items():
-            conf[i, : draws.shape[0]] = draws.to(conf.dtype)
-
-        floor = per_row([r.seq.floor_commits(m) for r, m in zip(rows, masked, strict=True)], torch.long)
-        commit = rules.select_commits(
-            conf,
-            candidates,
-            floor,
-            [RULE_INDEX[p.rule] for p in params],
-            per_row([p.threshold for p in params]),
-            per_row([p.factor for p in params]),
-            per_row([p.low_threshold for p in params]),
+    def _row_step(self, row: _Row, masked: int, constraint: Constraint | None) -> RowStep:
+        """One row's inputs to the decoding step: its parameters, floor, noise span, rule state, and
+        its grammar's mask at the frontier (``constraint``, from this step's ``FrontierGuide``)."""
+        seq, p = row.seq, row.seq.params
+        # The reference sampler draws its noise over the whole canvas; mirror its stream exactly.
+        length, offset = (seq.length, seq.block_start) if p.canvas_noise else (p.block_length, 0)
+        return RowStep(
+            params=p,
+            width=p.block_length,
+            floor=seq.floor_commits(masked),
+            noise=NoiseSpan(seq.generator, length, offset),
+            state=seq.rule_state,
+            constraint=constraint,
         )
-        return tokens, commit, conf
-
-    def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
-        """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
-        if token is not None and any(rows):
-            flagged = upload(rows, logits.device, torch.bool)[:, None]
-            logits[..., token].masked_fill_(flagged, float("-inf"))
-        return logits
-
-    def _forbid_in_confidence(self, logits: torch.Tensor, params: list[DecodeParams]) -> torch.Tensor:
-        """``confidence_eos_eot_inf`` with the effect of ML-GSAI's published ``generate``.
-
-        There one chained assignment sets EOS to -inf in the noisy logits and EOT in the raw
-        logits, after the tokens are chosen; the confidence is the softmax of the raw logits. At
-        temperature 0 the noisy logits are the raw logits (the same tensor), so both EOS and EOT
-        leave the confidence; at temperature > 0 the noisy tensor is a float64 copy that nothing
-        reads afterwards, so only EOT does. Either way a position whose chosen token is banned
-        gets confidence 0, and the others are renormalised without the banned tokens.
-        """
-        flags = [p.confidence_eos_eot_inf for p in params]
-        logits = self._forbid(logits, flags, self.eot_id)
-        at_zero = [f and p.temperature == 0 for f, p in zip(flags, params, strict=True)]
-        return self._forbid(logits, at_zero, self.roles.eos_token_id)
-
-    def _apply_credit(
-        self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        """Update credit rows' accumulated credit and add it to their logits (in place)."""
-        sub = logits[credit_rows]
-        width, vocab = sub.shape[1], sub.shape[2]
-        state = torch.stack(
-            [
-                credit
-                if (credit := rows[i].seq.credit) is not None
-                else torch.zeros((width, vocab), device=self.device)
-                for i in credit_rows
-            ]
-        )[:, :width]
-        ps = [rows[i].seq.params for i in credit_rows]
-        dev = self.device
-        state = rules.credit_update(
-            state,
-            sub.softmax(-1),
-            candidates[credit_rows],
-            upload([p.credit_beta for p in ps], dev, torch.float32),
-            upload([p.credit_gamma for p in ps], dev, torch.float32),
-        )
-        for k, i in enumerate(credit_rows):
-            rows[i].seq.credit = state[k]
-        logits[credit_rows] = rules.credit_logits(
-            sub, state, upload([p.credit_alpha for p in ps], dev, torch.float32)
-        )
-        return logits
 
     # -- state updates ------------------------------------------------------------------------
 
@@ -448,18 +461,24 @@ class Runner:
             step = seq.trace.observe(seq, block, provisional, row.plan.refresh)
             seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
-        had_masks = bool((seq.canvas[seq.block_start : seq.block_end] == seq.mask_id).any())
+        had_masks = bool(seq.masked_in_block().any())
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
+        constraint = seq.request.constraint
+        if constraint is not None:  # grammar-check the new commits left to right (may re-mask)
+            constraint.advance(seq.canvas, seq.mask_id, seq.block_end, seq.output_end)
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
-        seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
-        if seq.params.cache in ("committed", "aligned"):
+        if seq.params.cache == "committed":
+            if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
+                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
-        if self._block_done(seq, bool((block[:bl] == seq.mask_id).any()), had_masks, n_edits):
+        elif seq.params.cache == "aligned":  # no prompt cache: the prompt's tail is in the active block
+            seq.committed_context = max(seq.committed_context, seq.block_start)
+        if self._block_done(seq, bool(seq.masked_in_block().any()), had_masks, n_edits):
             seq.block += 1
             seq.step_in_block = 0
             seq.post_steps = 0
-            seq.credit = None
+            seq.rule_state = None
         self._emit(seq)
         return n_committed
 
@@ -485,6 +504,8 @@ class Runner:
         """
         p = seq.params
         canvas_done = seq.block >= seq.num_blocks
+        grammar_done = seq.request.constraint is not None and seq.request.constraint.done
+        final = p.early_stop or canvas_done or grammar_done  # the output can end as soon as it is final
         if seq.pending_finish is None:
             end = min(seq.prompt_len + seq.request.max_new_tokens, seq.final_end)
             region = seq.canvas[seq.prompt_len + seq.emitted : end]
@@ -499,7 +520,7 @@ class Runner:
                 seq.pending_finish, seq.stopped_on_token = "stop", True
             elif seq.emitted >= seq.request.max_new_tokens:
                 seq.pending_finish = "length"
-            if ready and not (seq.pending_finish and (p.early_stop or canvas_done)):
+            if ready and not (seq.pending_finish and final):
                 seq.push(
                     SequenceEvent(
                         seq.request.request_id, ready, prompt_tokens=seq.prompt_len, logprobs=logprobs
@@ -508,7 +529,7 @@ class Runner:
                 ready, logprobs = [], token_logprobs.none(seq)
         else:
             ready, logprobs = [], token_logprobs.none(seq)
-        if seq.pending_finish and (p.early_stop or canvas_done):
+        if seq.pending_finish and final:
             self._finish(seq, seq.pending_finish, ready, logprobs)
 
     def _finish(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.constrained import RowConstraint
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
 
@@ -26,7 +27,8 @@ class GenerationRequest:
     """What the server hands the engine: token ids and fully resolved decoding parameters.
 
     ``logprobs``: None, or how many top alternatives to report with each generated token's
-    log-probability (0: the token's own only).
+    log-probability (0: the token's own only). ``constraint``: the grammar the output must satisfy
+    (engine/constrained.py), one per choice.
     """
 
     request_id: str
@@ -35,6 +37,7 @@ class GenerationRequest:
     max_new_tokens: int
     denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
     logprobs: int | None = None
+    constraint: RowConstraint | None = None
 
 
 @dataclass
@@ -104,16 +107,16 @@ class Sequence:
     step_in_block: int = 0
     emitted: int = 0  # generated tokens already sent
     forwards: int = 0
-    refresh_forwards: int = 0
     kv: Extent | None = None  # the sequence's KV-cache extent, when the policy caches
     finish_reason: str | None = None
     pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False
     cancelled: bool = False
     error: str | None = None
-    credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
+    rule_state: torch.Tensor | None = None  # a stateful rule's state (credit), reset at each block
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
     post_steps: int = 0  # token editing: forwards of the active block since its last mask was filled
+    draft: torch.Tensor | None = None  # speculative decoding's drafted block (engine/causal_modes.py)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)
@@ -134,6 +137,11 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     @property
+    def output_end(self) -> int:
+        """Canvas position just past the last token the output may return (``max_tokens``)."""
+        return self.prompt_len + self.request.max_new_tokens
+
+    @property
     def length(self) -> int:
         return self.canvas.shape[0]
 
@@ -146,7 +154,11 @@ class Sequence:
 
     @property
     def num_blocks(self) -> int:
-        return (self.length - self.block_origin) // self.params.block_length
+        """Blocks to decode: the canvas's under the aligned policy (the prompt's tail block
+        included), else ``gen_length``'s (a speculative canvas's slack is not one to decode)."""
+        if self.params.cache == "aligned":
+            return (self.length - self.block_origin) // self.params.block_length
+        return self.params.num_blocks
 
     @property
     def block_start(self) -> int:
@@ -210,7 +222,12 @@ class Sequence:
 
         Context not yet cached (the prompt, then each block once it completes) is forwarded
         together with the next block; each query sees keys up to the end of its own block, so
-        the context's K/V are exactly those of a block-causal pass.
+        the context's K/V are exactly those of a block-causal pass. The prompt is cut into blocks
+        of ``block_length`` from position 0, as the published checkpoints are trained (block index
+        = position // block size), its last, partial block seeing the whole prompt; generation
+        blocks follow from the prompt's end. A full prompt block's K/V thus depend only on the
+        tokens up to its end, which lets later requests with the same prefix reuse them
+        (``engine/prompt_cache.py``; ``committed_context`` then starts past the reused blocks).
         """
         bs, be = self.block_start, self.block_end
         start = self.committed_context
@@ -221,10 +238,11 @@ class Sequence:
         elif start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
+            bl = self.params.block_length
             block_of = torch.where(
                 pos < prompt,
-                torch.full_like(pos, prompt),
-                prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length,
+                ((pos // bl + 1) * bl).clamp(max=prompt),
+                prompt + ((pos - prompt) // bl + 1) * bl,
             )
             limits[: bs - start] = block_of
         return ForwardPlan(start, be, limits, bs, be, refresh=start < bs)

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from dllm_serve.engine.algorithms import describe_presets
+from dllm_serve.engine.algorithms import describe_presets, describe_rules
 from dllm_serve.engine.sequence import TokenLogprob
 from dllm_serve.protocol import ChatCompletionRequest, CompletionRequest
 from dllm_serve.protocol_responses import (
@@ -25,6 +25,7 @@ from dllm_serve.protocol_responses import (
     completion_choice,
     text_delta,
 )
+from dllm_serve.server import tools
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import bad_request
 from dllm_serve.server.lifecycle import GenerationRun, complete
@@ -35,6 +36,7 @@ from dllm_serve.server.preparation import (
     chat_prompt,
     completion_prompts,
     model_not_found,
+    output_constraint,
     prepare_generation,
     server_state,
 )
@@ -78,6 +80,7 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
         "model": state.model_id,
         "default": engine.default_algorithm if engine is not None else None,
         "data": describe_presets(family),
+        "rules": describe_rules(),
     }
 
 
@@ -107,6 +110,11 @@ async def health(request: Request) -> JSONResponse:
                 "used_tokens": stats.kv_used_tokens,
                 "peak_used_tokens": stats.kv_peak_used_tokens,
             },
+            prompt_cache={
+                "capacity_bytes": stats.prompt_cache.budget_bytes,
+                "used_bytes": stats.prompt_cache.used_bytes,
+                "blocks": stats.prompt_cache.blocks,
+            },
         )
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
@@ -124,7 +132,9 @@ async def metrics(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     state, engine, req = await accept(request, ChatCompletionRequest)
     prompt = await state.offload(chat_prompt, state, engine, req)
-    prepared = prepare_generation(state, engine, req, [prompt], "messages", "chatcmpl")
+    constraint = await state.offload(output_constraint, engine, req)
+    prepared = prepare_generation(state, engine, req, [prompt], "messages", "chatcmpl", constraint)
+    with_tools = tools.active(req)
     run = GenerationRun(state, engine, prepared)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
     if req.stream:
@@ -132,7 +142,7 @@ async def chat_completions(request: Request) -> Response:
             run,
             "chat.completion.chunk",
             req.include_usage,
-            chat_delta,
+            tools.ChatDeltas() if with_tools else chat_delta,
             lambda e: chat_logprobs(run.tokenizer, e),
         )
     outcomes = await complete(request, run)
@@ -145,6 +155,8 @@ async def chat_completions(request: Request) -> Response:
         )
         for o in outcomes
     ]
+    if with_tools:
+        choices = [tools.with_calls(c) for c in choices]
     return JSONResponse(
         completion_body(
             "chat.completion", prepared.request_id, state.model_id, choices, run.usage(), run.diffusion()
@@ -162,7 +174,8 @@ async def completions(request: Request) -> Response:
         return await echo_completion(request, state, engine, req, prompts)
     if req.requested_max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
-    prepared = prepare_generation(state, engine, req, prompts, "prompt", "cmpl")
+    constraint = await state.offload(output_constraint, engine, req)
+    prepared = prepare_generation(state, engine, req, prompts, "prompt", "cmpl", constraint)
     run = GenerationRun(state, engine, prepared)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
     top = req.logprobs or 0
