@@ -54,7 +54,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
+from dllm_serve.models.loader import detect_family, load_model, read_config
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
+from dllm_serve.models.sdar import SDARConfig, SDARModel, sdar_config_dict
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 LLADA_SPECIALS = [
@@ -76,6 +78,8 @@ LLADA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 NEMOTRON_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+# SDAR's Qwen3 tokenizer with its added mask token <|MASK|> (151669 in the published checkpoints).
+SDAR_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]
 # Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
 QWEN_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -94,6 +98,7 @@ QWEN_CHAT_TEMPLATE = (
 CANVAS_LENGTHS = {
     "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
     "nemotron": (32, 48, 32, 64),
+    "sdar": (32, 48, 32, 64),
 }
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
@@ -153,15 +158,37 @@ FORMATS = {
         },
         {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
     ),
+    "sdar": Format(
+        SDAR_SPECIALS,
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|MASK|>",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|MASK|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": QWEN_CHAT_TEMPLATE,
+        },
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>"},
+    ),
 }
 # Per-family defaults of the flags whose default is None.
 DEFAULTS = {
     "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
-    "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
+    "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2, "block_size": 32},
+    "sdar": {"out": Path("models/tiny-sdar"), "kv_heads": 2, "block_size": 4},
 }
 OBJECTIVES = {
     "llada": "masked diffusion SFT (1/p-weighted, response masked)",
     "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "sdar": "block diffusion at absolute block positions (prompt block-causal), two-copy, uniform CE",
 }
 
 
@@ -198,6 +225,24 @@ def write_tokenizer(out: Path, tok: Tokenizer, fmt: Format) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
+
+
+def with_specials(tok: Tokenizer, specials: list[str]) -> Tokenizer:
+    """``tok`` with its special tokens renamed to ``specials``, id for id (the ids 0.. of both lists).
+
+    Lets a family start from another family's tokenizer and weights when only the special-token
+    strings differ (tiny-sdar's ``<|MASK|>`` is tiny-nemotron's ``<|mask|>``, both id 3).
+    """
+    data = json.loads(tok.to_str())
+    added = sorted(data["added_tokens"], key=lambda t: t["id"])
+    if len(added) != len(specials):
+        raise ValueError(f"the tokenizer has {len(added)} special tokens, the format needs {len(specials)}")
+    vocab = data["model"]["vocab"]
+    for entry, name in zip(added, specials, strict=True):
+        if entry["content"] != name:
+            vocab[name] = vocab.pop(entry["content"])
+            entry["content"] = name
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def encode_rows(
@@ -327,6 +372,86 @@ def block_diffusion_loss(
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
 
 
+def aligned_block_diffusion_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    bs: int,
+    mask_id: int,
+    pad_id: int,
+    gen: torch.Generator,
+    eps: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """SDAR's layout: blocks of ``bs`` at absolute positions over prompt + response.
+
+    Each row is ``[clean prompt + response | noisy copy]``; the clean part attends block-causally
+    (the prompt too, as the engine's ``block_causal`` policy caches it), the noisy copy starts at the
+    first block holding a response token (so it may begin with the prompt's last tokens, never
+    masked) and each of its blocks attends to the clean blocks before it and to itself. Returns what
+    ``block_diffusion_batch`` returns; ``noisy_index`` points at the noisy copy's response positions.
+    """
+    b, rl = len(prompts), len(responses[0])
+    plen = torch.tensor([len(p) for p in prompts])
+    first = plen // bs * bs  # start of the first block with a response token
+    clean_len = plen + rl
+    noisy_len = clean_len - first
+    width = int((clean_len + noisy_len).max())
+    idx = torch.arange(width)[None, :].expand(b, width)
+    is_clean = idx < clean_len[:, None]
+    is_noisy = ~is_clean & (idx < (clean_len + noisy_len)[:, None])
+    pos = torch.where(is_clean, idx, idx - clean_len[:, None] + first[:, None])
+    pos = torch.where(is_clean | is_noisy, pos, torch.zeros_like(pos))
+    block = pos // bs
+    blk_q, blk_k = block[:, :, None], block[:, None, :]
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    noisy_q = is_noisy[:, :, None] & (
+        (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
+    )
+    mask = clean_q | noisy_q
+
+    targets = torch.tensor(responses)
+    # One masking ratio per (row, block), stratified over the batch for each block slot.
+    resp_block = (plen[:, None] + torch.arange(rl)[None, :]) // bs - (first // bs)[:, None]
+    n_blocks = int(resp_block.max()) + 1
+    t = (torch.arange(b)[:, None] + torch.rand(b, n_blocks, generator=gen)) / b
+    t = torch.gather(t, 0, torch.rand(b, n_blocks, generator=gen).argsort(0))
+    p_mask = (1 - eps) * torch.gather(t, 1, resp_block) + eps
+    masked = torch.rand(b, rl, generator=gen) < p_mask
+    noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n, a, c = len(p), int(first[i]), int(clean_len[i])
+        ids[i, :c] = torch.tensor(p + r)
+        ids[i, c : c + n - a] = torch.tensor(p[a:], dtype=torch.long)
+        ids[i, c + n - a : c + n - a + rl] = noisy[i]
+    noisy_index = (clean_len + plen - first)[:, None] + torch.arange(rl)[None, :]
+    return {
+        "ids": ids,
+        "positions": pos,
+        "mask": mask,
+        "noisy_index": noisy_index,
+        "targets": targets,
+        "masked": masked,
+        "p_mask": p_mask,
+    }
+
+
+def aligned_block_diffusion_loss(
+    model: SDARModel,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Mean cross-entropy on the masked tokens of SDAR's noisy copy (blocks of the model's size)."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    batch = aligned_block_diffusion_batch(prompts, responses, model.cfg.block_size, ids_.mask, ids_.eos, gen)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
+    masked = batch["masked"]
+    return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
 # -- models and checkpoints ---------------------------------------------------------------------
 
 
@@ -349,6 +474,24 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
             pad_token_id=ids.eos,
         )
         return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
+    if family == "sdar":
+        scfg = SDARConfig(
+            hidden_size=args.d_model,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads,
+            head_dim=args.d_model // args.heads,
+            intermediate_size=args.mlp,
+            vocab_size=n_vocab,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=MAX_LENGTH,
+            mask_token_id=ids.mask,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.eos,
+            block_size=args.block_size,
+        )
+        return SDARModel(scfg, eot_token_id=ids.eot), scfg
     cfg = NemotronConfig(
         hidden_size=args.d_model,
         num_hidden_layers=args.layers,
@@ -378,11 +521,23 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
             torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
 
 
+def init_weights_from(model: torch.nn.Module, path: Path, family: str) -> None:
+    """Start from ``path``'s weights: its official names when it is of ``family``; otherwise through
+    the native modules (a Nemotron checkpoint seeds an SDAR model: both are the same Qwen3 stack of
+    ``DecoderLayer``s, only the published names differ)."""
+    if detect_family(read_config(path)) == family:
+        model.load_official(load_file(str(path / "model.safetensors")))
+    else:
+        model.load_state_dict(load_model(path).model.state_dict())
+
+
 def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: float, loss: float) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
     if args.family == "llada":
         config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
+    elif args.family == "sdar":
+        config, eos_ids = sdar_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     else:
         config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -402,6 +557,8 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
     }
     if args.family == "nemotron":
         record["block_sizes"] = list(BLOCK_SIZES)
+    if args.init is not None:
+        record["init"] = str(args.init)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
 
@@ -442,7 +599,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (llada), 2 (nemotron)")
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
-    ap.add_argument("--block-size", type=int, default=32, help="nemotron: config.json block_size")
+    ap.add_argument(
+        "--block-size", type=int, default=None, help="config.json block_size (nemotron 32, sdar 4)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -476,14 +635,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer_from is None:
         build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
     else:
-        write_tokenizer(args.out, Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json")), fmt)
+        source = Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json"))
+        write_tokenizer(args.out, with_specials(source, fmt.specials), fmt)
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
     model, cfg = build_model(args.family, args, len(vocab), ids)
     init_weights(model, args.layers)
     if args.init is not None:
-        model.load_official(load_file(str(args.init / "model.safetensors")))
+        init_weights_from(model, args.init, args.family)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -499,6 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if args.family == "llada":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
+        elif args.family == "sdar":
+            loss = aligned_block_diffusion_loss(model, tok, examples, canvas, ids, gen)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-CACHES = ("none", "prefix", "dual", "vicinity", "committed")
+CACHES = ("none", "prefix", "dual", "vicinity", "committed", "block_causal")
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
@@ -158,10 +158,36 @@ PRESETS: dict[str, Preset] = {
             "Nemotron block diffusion: committed-context KV cache, threshold decoding",
             steps_bound_rules=True,
         ),
+        Preset(
+            "sdar",
+            "sdar",
+            "sdar",
+            "block_causal",
+            "threshold",
+            ("low_confidence_dynamic", "sdar_dynamic"),
+            "SDAR low_confidence_dynamic: blocks at absolute positions over a block-causal KV cache, "
+            "threshold with SDAR's per-step minimum",
+            defaults=(("threshold", 0.9),),
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "sdar_static",
+            "sdar",
+            "sdar",
+            "block_causal",
+            "schedule",
+            ("low_confidence_static",),
+            "SDAR low_confidence_static: the same cache, a fixed number of most confident tokens per step",
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
-ENGINE_DEFAULT_PRESET = {"fast-dllm": "dual_cache", "dinfer": "dinfer_blockwise", "nemotron": "nemotron"}
+ENGINE_DEFAULT_PRESET = {
+    "fast-dllm": "dual_cache",
+    "dinfer": "dinfer_blockwise",
+    "nemotron": "nemotron",
+    "sdar": "sdar",
+}
 DEFAULT_BLOCK_LENGTH = 32
 
 # Request fields that override DecodeParams fields of the same name.
@@ -195,7 +221,7 @@ def canonical_name(name: str, family: str) -> str:
 def default_preset(engine: str, family: str) -> str:
     """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
     if engine == "auto":
-        engine = "nemotron" if family == "nemotron" else "dinfer"
+        engine = family if family in ENGINE_DEFAULT_PRESET else "dinfer"
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]

@@ -79,12 +79,13 @@ class DenoiseTrace:
             if self._sent.get(pos) != guess:
                 self._sent[pos] = guess
                 guesses.append((pos, *guess))
+        first = max(offset, 0)  # a block_causal block may start inside the prompt
         return DenoiseStep(
             step=self.steps,
             block=seq.block,
-            block_start=offset,
-            block_length=bl,
-            canvas_length=seq.params.gen_length,
+            block_start=first,
+            block_length=offset + bl - first,
+            canvas_length=seq.length - seq.prompt_len,
             refresh=refresh,
             committed=committed,
             guesses=guesses,

@@ -31,7 +31,15 @@ from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
-from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.engine.sequence import (
+    BLOCK_CACHES,
+    ForwardPlan,
+    GenerationRequest,
+    Sequence,
+    SequenceEvent,
+    TokenLogprob,
+    canvas_length,
+)
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
@@ -106,13 +114,13 @@ class Runner:
 
     def can_admit(self, request: GenerationRequest) -> bool:
         """Whether the request's KV memory (its prompt + canvas) is free now."""
-        tokens = len(request.prompt_ids) + request.params.gen_length
+        tokens = canvas_length(len(request.prompt_ids), request.params)
         return request.params.cache == "none" or self.pool.fits(tokens)
 
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
         cache (start-up checked that), so a valid request waits at most for memory to free."""
-        total = len(request.prompt_ids) + request.params.gen_length
+        total = canvas_length(len(request.prompt_ids), request.params)
         if total > self.max_len:
             raise ValueError(
                 f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
@@ -125,9 +133,10 @@ class Runner:
         """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
         self.check(request)
         params = request.params
-        total = len(request.prompt_ids) + params.gen_length
+        total = canvas_length(len(request.prompt_ids), params)
         mask = self.roles.mask_token_id
-        canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
+        masks = [mask] * (total - len(request.prompt_ids))
+        canvas = torch.tensor(request.prompt_ids + masks, dtype=torch.long)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
@@ -232,7 +241,7 @@ class Runner:
                 ids[i, : max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
             lim = plan.key_limit
             if r.q_start < plan.q_start:  # the extra query that shift_logits needs
-                extra = plan.logits_start if seq.params.cache == "committed" else int(lim[0])
+                extra = plan.logits_start if seq.params.cache in BLOCK_CACHES else int(lim[0])
                 lim = torch.cat([lim.new_tensor([extra]), lim])
             limits[i, :span] = lim
             max_limit = max(max_limit, int(lim.max()))
@@ -408,7 +417,7 @@ class Runner:
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
-        if seq.params.cache == "committed":
+        if seq.params.cache in BLOCK_CACHES:
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool((block[:bl] == seq.mask_id).any()):
             seq.block += 1
@@ -420,7 +429,7 @@ class Runner:
     def _emit(self, seq: Sequence) -> None:
         """Send the newly committed left-to-right prefix; finish when the output is final."""
         p = seq.params
-        canvas_done = seq.block >= p.num_blocks
+        canvas_done = seq.block >= seq.num_blocks
         if seq.pending_finish is None:
             region = seq.canvas[seq.prompt_len + seq.emitted : seq.prompt_len + seq.request.max_new_tokens]
             masked = (region == seq.mask_id).nonzero()

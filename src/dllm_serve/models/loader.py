@@ -59,7 +59,7 @@ def read_config(path: Path) -> dict[str, Any]:
 class LoadedModel:
     model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
     tokenizer: ChatTokenizer
-    family: str  # "llada" | "nemotron"
+    family: str  # "llada" | "nemotron" | "sdar"
     path: Path
     config: dict[str, Any]
 
@@ -110,6 +110,8 @@ def detect_family(config: dict[str, Any]) -> str:
         return "llada"
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
         return "nemotron"
+    if model_type in {"sdar", "sdar_moe"} or any(a.startswith("sdar") for a in archs):
+        return "sdar"
     hint = (
         "; it ships its own modeling code (auto_map): pass --trust-remote-code to serve it through that code"
         if has_remote_code(config)
@@ -118,7 +120,8 @@ def detect_family(config: dict[str, Any]) -> str:
     raise ValueError(
         f"unsupported model: model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')}; "
-        f"supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel){hint}"
+        f"supported: LLaDA (model_type 'llada'), Nemotron diffusion (DiffEncoderModel) and SDAR "
+        f"(SDARForCausalLM){hint}"
     )
 
 
@@ -172,6 +175,9 @@ def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], Diffusion
     except ImportError:  # the Nemotron model lands in its own module
         return builders
     builders["nemotron"] = nemotron.build
+    from dllm_serve.models import sdar
+
+    builders["sdar"] = sdar.build
     return builders
 
 
