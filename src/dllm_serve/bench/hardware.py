@@ -56,7 +56,7 @@ class ModelShape:
 
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
-    """The shape of a LLaDA (``d_model``, ...) or Nemotron (``hidden_size``, ...) config.json, parsed by
+    """The shape of a LLaDA (``d_model``, ...), Nemotron or SDAR (``hidden_size``, ...) config.json, parsed by
     the model's own config class so defaults (KV heads, head_dim, padded embedding) match the model."""
     from dllm_serve.models.llada import LLaDAConfig
     from dllm_serve.models.nemotron import NemotronConfig
@@ -73,7 +73,12 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
             vocab_size=c.embedding_size,
             max_length=c.max_sequence_length,
         )
-    n = NemotronConfig.from_dict(config)
+    if str(config.get("model_type", "")).startswith("sdar"):
+        from dllm_serve.models.sdar import SDARConfig
+
+        n = SDARConfig.from_dict(config)
+    else:
+        n = NemotronConfig.from_dict(config)
     return ModelShape(
         d_model=n.hidden_size,
         n_layers=n.num_hidden_layers,
