@@ -53,53 +53,18 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
-from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
-from dllm_serve.models.loader import detect_family, load_model, read_config
-from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
-from dllm_serve.models.sdar import SDARConfig, SDARModel, sdar_config_dict
+from dllm_serve.models import registry
+from dllm_serve.models.base import DiffusionLM
+from dllm_serve.models.family import TinyFormat, TinyShape
+from dllm_serve.models.loader import load_model, read_config
 from dllm_serve.models.tokenizer import ChatTokenizer
 
-LLADA_SPECIALS = [
-    "<|startoftext|>",
-    "<|endoftext|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|mdm_mask|>",
-]
-# LLaDA-8B-Instruct's template: Llama-3 headers, bos on the first message, content trimmed.
-LLADA_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + text | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-NEMOTRON_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
-# SDAR's Qwen3 tokenizer with its added mask token <|MASK|> (151669 in the published checkpoints).
-SDAR_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>"]
-# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
-    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
-# ends answers cleanly on any canvas a user picks. LLaDA attends over the whole canvas, so it must see
-# every max_tokens a client may ask for (32..512; trained on 32-96 only it answered nothing at 256);
-# long canvases take fewer rows (ROW_TOKENS per batch row at --batch-size rows), which keeps the
-# tokens per step, and so the seconds per step, about level. Nemotron decodes block by block behind
-# committed blocks only, so the canvas after the answer never reaches it: short canvases suffice.
-CANVAS_LENGTHS = {
-    "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
-    "nemotron": (32, 48, 32, 64),
-    "sdar": (32, 48, 32, 64),
-}
+# ends answers cleanly on any canvas a user picks; each family's TinyFormat.canvas_lengths lists them
+# (full attention sees the whole canvas, so it needs every max_tokens a client may ask for; block
+# diffusion never sees past its block, so short canvases suffice). Long canvases take fewer rows
+# (ROW_TOKENS per batch row at --batch-size rows), which keeps the tokens per step, and so the
+# seconds per step, about level.
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
 MAX_LENGTH = 1024
@@ -108,87 +73,13 @@ BLOCK_SIZES = (8, 16, 32)
 BLOCK_WEIGHTS = (0.25, 0.25, 0.5)
 
 
-@dataclass(frozen=True)
-class Format:
-    """A family's tokenizer files: special tokens (eos, end-of-turn, mask by name) and chat template."""
-
-    specials: list[str]
-    eos: str
-    eot: str
-    mask: str
-    tokenizer_config: dict[str, Any]
-    special_tokens_map: dict[str, Any]
-
-
-FORMATS = {
-    "llada": Format(
-        LLADA_SPECIALS,
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|mdm_mask|>",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|startoftext|>",
-            "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
-            "mask_token": "<|mdm_mask|>",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": LLADA_CHAT_TEMPLATE,
-        },
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
-    ),
-    "nemotron": Format(
-        NEMOTRON_SPECIALS,
-        "<|endoftext|>",
-        "<|im_end|>",
-        "<|mask|>",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "mask_token": "<|mask|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "add_prefix_space": False,
-            "errors": "replace",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": QWEN_CHAT_TEMPLATE,
-        },
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
-    ),
-    "sdar": Format(
-        SDAR_SPECIALS,
-        "<|endoftext|>",
-        "<|im_end|>",
-        "<|MASK|>",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "mask_token": "<|MASK|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "add_prefix_space": False,
-            "errors": "replace",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": QWEN_CHAT_TEMPLATE,
-        },
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|MASK|>"},
-    ),
-}
-# Per-family defaults of the flags whose default is None.
-DEFAULTS = {
-    "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
-    "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2, "block_size": 32},
-    "sdar": {"out": Path("models/tiny-sdar"), "kv_heads": 2, "block_size": 4},
-}
+# The families a tiny checkpoint can be trained for: those whose spec gives a TinyFormat.
+TRAINABLE = {spec.name: spec for spec in registry.FAMILIES if spec.tiny is not None}
 OBJECTIVES = {
-    "llada": "masked diffusion SFT (1/p-weighted, response masked)",
-    "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
-    "sdar": "block diffusion at absolute block positions (prompt block-causal), two-copy, uniform CE",
+    "masked_diffusion": "masked diffusion SFT (1/p-weighted, response masked)",
+    "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "aligned_block_diffusion": "block diffusion at absolute block positions (prompt block-causal), two-copy, "
+    "uniform CE",
 }
 
 
@@ -199,7 +90,7 @@ class Ids:
     mask: int
 
 
-def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
+def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: TinyFormat) -> None:
     """Train a byte-level BPE on task-like text and write tokenizer.json + tokenizer_config.json."""
     rng = random.Random(seed)
     corpus = []
@@ -212,7 +103,7 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=fmt.specials,
+        special_tokens=list(fmt.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -220,14 +111,14 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     write_tokenizer(out, tok, fmt)
 
 
-def write_tokenizer(out: Path, tok: Tokenizer, fmt: Format) -> None:
+def write_tokenizer(out: Path, tok: Tokenizer, fmt: TinyFormat) -> None:
     """tokenizer.json plus the family's tokenizer_config.json and special_tokens_map.json."""
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
 
 
-def with_specials(tok: Tokenizer, specials: list[str]) -> Tokenizer:
+def with_specials(tok: Tokenizer, specials: tuple[str, ...]) -> Tokenizer:
     """``tok`` with its special tokens renamed to ``specials``, id for id (the ids 0.. of both lists).
 
     Lets a family start from another family's tokenizer and weights when only the special-token
@@ -274,7 +165,7 @@ def encode_batch(
 
 
 def llada_loss(
-    model: LLaDAModel, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
+    model: DiffusionLM, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
 ) -> torch.Tensor:
     """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring)."""
     eps = 1e-3
@@ -355,7 +246,7 @@ def block_diffusion_batch(
 
 
 def block_diffusion_loss(
-    model: NemotronModel,
+    model: DiffusionLM,
     tok: ChatTokenizer,
     examples,
     canvas: int,
@@ -384,7 +275,7 @@ def aligned_block_diffusion_batch(
     """SDAR's layout: blocks of ``bs`` at absolute positions over prompt + response.
 
     Each row is ``[clean prompt + response | noisy copy]``; the clean part attends block-causally
-    (the prompt too, as the engine's ``block_causal`` policy caches it), the noisy copy starts at the
+    (the prompt too, as the engine's ``aligned`` cache policy caches it), the noisy copy starts at the
     first block holding a response token (so it may begin with the prompt's last tokens, never
     masked) and each of its blocks attends to the clean blocks before it and to itself. Returns what
     ``block_diffusion_batch`` returns; ``noisy_index`` points at the noisy copy's response positions.
@@ -437,16 +328,17 @@ def aligned_block_diffusion_batch(
 
 
 def aligned_block_diffusion_loss(
-    model: SDARModel,
+    model: DiffusionLM,
     tok: ChatTokenizer,
     examples,
     canvas: int,
     ids_: Ids,
     gen: torch.Generator,
+    block_size: int,
 ) -> torch.Tensor:
-    """Mean cross-entropy on the masked tokens of SDAR's noisy copy (blocks of the model's size)."""
+    """Mean cross-entropy on the masked tokens of SDAR's noisy copy (blocks of ``block_size``)."""
     prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
-    batch = aligned_block_diffusion_batch(prompts, responses, model.cfg.block_size, ids_.mask, ids_.eos, gen)
+    batch = aligned_block_diffusion_batch(prompts, responses, block_size, ids_.mask, ids_.eos, gen)
     logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
     masked = batch["masked"]
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
@@ -455,61 +347,22 @@ def aligned_block_diffusion_loss(
 # -- models and checkpoints ---------------------------------------------------------------------
 
 
-def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
-    """The family's native model with the trainer's shapes, and its config."""
-    if family == "llada":
-        cfg = LLaDAConfig(
-            d_model=args.d_model,
-            n_layers=args.layers,
-            n_heads=args.heads,
-            n_kv_heads=args.kv_heads or args.heads,
-            mlp_hidden_size=args.mlp,
-            vocab_size=n_vocab,
-            embedding_size=n_vocab,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-5,
-            max_sequence_length=MAX_LENGTH,
-            mask_token_id=ids.mask,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.eos,
-        )
-        return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
-    if family == "sdar":
-        scfg = SDARConfig(
-            hidden_size=args.d_model,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads or args.heads,
-            head_dim=args.d_model // args.heads,
-            intermediate_size=args.mlp,
-            vocab_size=n_vocab,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=MAX_LENGTH,
-            mask_token_id=ids.mask,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.eos,
-            block_size=args.block_size,
-        )
-        return SDARModel(scfg, eot_token_id=ids.eot), scfg
-    cfg = NemotronConfig(
-        hidden_size=args.d_model,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        head_dim=args.d_model // args.heads,
-        intermediate_size=args.mlp,
+def tiny_config(fmt: TinyFormat, args: argparse.Namespace, n_vocab: int, ids: Ids) -> dict[str, Any]:
+    """config.json of the tiny checkpoint in the family's published format, with the trainer's shapes."""
+    shape = TinyShape(
+        d_model=args.d_model,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
+        mlp=args.mlp,
         vocab_size=n_vocab,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=MAX_LENGTH,
-        mask_token_id=ids.mask,
-        eos_token_id=ids.eos,
-        pad_token_id=ids.eos,
-        dlm_paradigm="block_diff",
+        max_length=MAX_LENGTH,
+        eos=ids.eos,
+        eot=ids.eot,
+        mask=ids.mask,
         block_size=args.block_size,
     )
-    return NemotronModel(cfg, eot_token_id=ids.eot), cfg
+    return fmt.config(shape)
 
 
 def init_weights(model: torch.nn.Module, n_layers: int) -> None:
@@ -521,32 +374,40 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
             torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
 
 
-def init_weights_from(model: torch.nn.Module, path: Path, family: str) -> None:
+def init_weights_from(model: DiffusionLM, path: Path, family: str) -> None:
     """Start from ``path``'s weights: its official names when it is of ``family``; otherwise through
     the native modules (a Nemotron checkpoint seeds an SDAR model: both are the same Qwen3 stack of
     ``DecoderLayer``s, only the published names differ)."""
-    if detect_family(read_config(path)) == family:
+    if registry.detect_family(read_config(path)) == family:
         model.load_official(load_file(str(path / "model.safetensors")))
     else:
         model.load_state_dict(load_model(path).model.state_dict())
 
 
-def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: float, loss: float) -> None:
+def save_checkpoint(
+    model: DiffusionLM,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    step: int,
+    seconds: float,
+    loss: float,
+) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    if args.family == "llada":
-        config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
-    elif args.family == "sdar":
-        config, eos_ids = sdar_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
-    else:
-        config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
+    fmt = TRAINABLE[args.family].tiny
+    roles_ = model.roles
+    eos_ids = [roles_.eos_token_id, roles_.eot_token_id] if fmt.generation_eos_both else roles_.eos_token_id
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
-    roles = {"eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id, "mask_token_id": cfg.mask_token_id}
+    roles = {
+        "eos_token_id": eos_ids,
+        "pad_token_id": roles_.pad_token_id,
+        "mask_token_id": roles_.mask_token_id,
+    }
     (args.out / "generation_config.json").write_text(json.dumps(roles, indent=2))
     record = {
         "script": "scripts/train_tiny.py",
         "family": args.family,
-        "objective": OBJECTIVES[args.family],
+        "objective": OBJECTIVES[fmt.objective],
         "args": {k: str(v) for k, v in vars(args).items()},
         "suites": {name: list(tasks) for name, tasks in SUITES.items()},
         "canvas_lengths": list(args.canvases),
@@ -555,7 +416,7 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if args.family == "nemotron":
+    if fmt.objective == "block_diffusion":
         record["block_sizes"] = list(BLOCK_SIZES)
     if args.init is not None:
         record["init"] = str(args.init)
@@ -581,7 +442,7 @@ def lr_factor(schedule: str, steps: int, step: int) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=sorted(FORMATS), default="llada", help="checkpoint format")
+    ap.add_argument("--family", choices=sorted(TRAINABLE), default="llada", help="checkpoint format")
     ap.add_argument("--out", type=Path, default=None, help="default: models/tiny-<family>")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=48)
@@ -596,11 +457,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (llada), 2 (nemotron)")
+    ap.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="default: the family's TinyFormat.default_kv_heads, else --heads",
+    )
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
     ap.add_argument(
-        "--block-size", type=int, default=None, help="config.json block_size (nemotron 32, sdar 4)"
+        "--block-size", type=int, default=None, help="config.json block_size (default: the family's)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -613,22 +479,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="reuse this checkpoint's tokenizer.json instead of training one (needed with --init)",
     )
-    ap.add_argument("--canvases", type=int, nargs="+", default=None, help="default: CANVAS_LENGTHS[family]")
+    ap.add_argument(
+        "--canvases",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: the family's TinyFormat.canvas_lengths",
+    )
     ap.add_argument(
         "--dependent-share", type=float, default=1 / 3, help="share of examples from the dependent suite"
     )
     ap.add_argument("--skip-examples", type=int, default=0, help="skip this many training examples first")
     args = ap.parse_args(argv)
-    args.canvases = tuple(args.canvases or CANVAS_LENGTHS[args.family])
-    for key, value in DEFAULTS[args.family].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fmt = TRAINABLE[args.family].tiny
+    args.canvases = tuple(args.canvases or fmt.canvas_lengths)
+    if args.out is None:
+        args.out = Path(f"models/tiny-{args.family}")
+    if args.kv_heads is None:
+        args.kv_heads = fmt.default_kv_heads
+    if args.block_size is None:
+        args.block_size = fmt.block_size
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    fmt = FORMATS[args.family]
+    spec = TRAINABLE[args.family]
+    fmt = spec.tiny
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -640,7 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
-    model, cfg = build_model(args.family, args, len(vocab), ids)
+    config = tiny_config(fmt, args, len(vocab), ids)
+    model = spec.build(config, tok)
     init_weights(model, args.layers)
     if args.init is not None:
         init_weights_from(model, args.init, args.family)
@@ -657,10 +535,10 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(1, last + 1):
         canvas = args.canvases[step % len(args.canvases)]
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
-        if args.family == "llada":
+        if fmt.objective == "masked_diffusion":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
-        elif args.family == "sdar":
-            loss = aligned_block_diffusion_loss(model, tok, examples, canvas, ids, gen)
+        elif fmt.objective == "aligned_block_diffusion":
+            loss = aligned_block_diffusion_loss(model, tok, examples, canvas, ids, gen, args.block_size)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)
@@ -669,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         sched.step()
         if step % args.save_every == 0 and step < last:
-            save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
+            save_checkpoint(model, config, args, step, time.time() - t0, loss.item())
         if step % args.log_every == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
@@ -677,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    save_checkpoint(model, cfg, args, last, time.time() - t0, loss.item())
+    save_checkpoint(model, config, args, last, time.time() - t0, loss.item())
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 
 

@@ -104,7 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dllm_serve.engine.algorithms import ParamError
-    from dllm_serve.engine.engine import build_engine
+    from dllm_serve.engine.engine import Engine, build_engine
     from dllm_serve.engine.sequence import GenerationRequest
 
     if not args.prompt.strip():
@@ -122,7 +122,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     request = GenerationRequest("generate", ids, params, args.gen_length)
-    if args.show and sys.stdout.isatty() and engine.traces_denoise:
+    if args.show and sys.stdout.isatty() and isinstance(engine, Engine):  # the native engine traces steps
         from dllm_serve.terminal_view import generate_with_view
 
         result = generate_with_view(engine, request, sys.stdout)
@@ -232,7 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from dllm_serve.config import DEFAULT_MODEL
     from dllm_serve.engine.algorithms import describe_presets
-    from dllm_serve.models.loader import detect_family, resolve_model_path
+    from dllm_serve.models.loader import resolve_model_path
+    from dllm_serve.models.registry import detect_family
 
     path = resolve_model_path(args.model_path or DEFAULT_MODEL)
     config = json.loads((path / "config.json").read_text())

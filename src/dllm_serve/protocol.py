@@ -1,4 +1,4 @@
-"""OpenAI request schemas plus the diffusion extension fields, and the response builders.
+"""OpenAI request schemas plus the diffusion extension fields (responses: ``protocol_responses.py``).
 
 Requests are validated strictly (no string-to-number coercion, no unknown fields) so a client's
 mistake is a 400 naming the field instead of a silently different generation. OpenAI fields this
@@ -12,9 +12,7 @@ The diffusion fields are exactly the request-overridable fields of ``DecodeParam
 
 from __future__ import annotations
 
-import time
 import typing
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
@@ -299,31 +297,3 @@ class CompletionRequest(_GenerationRequest):
             "prompt must be a non-empty string, a list of strings, a list of token ids "
             "or a list of such lists"
         )
-
-
-# ------------------------------------------------------------------------------- responses
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def diffusion_dict(algorithm: str, forwards: int, tokens: int) -> dict[str, Any]:
-    """The extension object: how much model work the answer took."""
-    return {
-        "algorithm": algorithm,
-        "forwards": forwards,
-        "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
-    }

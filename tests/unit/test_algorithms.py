@@ -309,9 +309,14 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
-    assert set(listing) == {*LLADA_NAMES, "nemotron"}
+    assert set(listing) == {*LLADA_NAMES, "nemotron", "sdar", "sdar_static"}
     aliases = {a: name for name, p in listing.items() for a in p["aliases"]}
-    assert aliases == LLADA_ALIASES
+    sdar_aliases = {
+        "low_confidence_dynamic": "sdar",
+        "sdar_dynamic": "sdar",
+        "low_confidence_static": "sdar_static",
+    }
+    assert aliases == {**LLADA_ALIASES, **sdar_aliases}
     for name, (cache, rule) in LLADA_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"
@@ -326,6 +331,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert not {"algorithm", "gen_length", "steps", "seed"} & set(defaults)
     assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
+    assert [p["name"] for p in describe_presets("sdar")] == ["sdar", "sdar_static"]
+    assert listing["sdar"]["defaults"]["threshold"] == 0.9 and listing["sdar"]["engine"] == "sdar"
     assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
 
 

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dllm_serve.bench import engine_bench
-from dllm_serve.bench.engine_bench import BenchError, BenchSettings, fixed_step_overrides, run_engine_bench
+from dllm_serve.bench.engine_bench import run_engine_bench
+from dllm_serve.bench.engine_measure import BenchError, BenchSettings, fixed_step_overrides
 from dllm_serve.bench.hardware import (
     PeakRates,
     forward_cost,
@@ -107,7 +108,7 @@ def test_forward_flops_match_torch_flop_counter():
     """The analytic FLOPs equal what torch counts, op by op, for a GQA model with and without a cache."""
     cfg = random_llada_config(n_kv_heads=2, n_layers=2)
     model = LLaDAModel(cfg).eval()
-    shape = shape_from_config({**cfg.__dict__})
+    shape = shape_from_config({**cfg.__dict__, "model_type": "llada"})
     b, q = 2, 12
     ids = torch.randint(0, cfg.vocab_size, (b, q))
     pos = torch.arange(q).expand(b, q)

@@ -22,7 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoints": {"models", "config"},
     "engine": {"config", "tensors", "threads", "decoding", "models", "checkpoints"},
     "protocol": {"engine.algorithms"},
-    "server": {"config", "protocol", "engine", "preflight", "cluster.replicas"},
+    "protocol_responses": set(),
+    "server": {"config", "protocol", "protocol_responses", "engine", "preflight", "cluster.replicas"},
     "cluster": {"config", "threads", "server"},
 }
 # Third-party packages confined to one layer: the single-process server never needs Ray, and the

@@ -2,7 +2,7 @@
 
 A random checkpoint in the published format (config.json keys, ``model.*`` / ``lm_head`` tensor
 names, ``<|MASK|>`` tokenizer) is loaded by our loader and by ``Qwen3ForCausalLM``; with SDAR's
-block-causal mask built here by hand the logits agree. The engine's cached ``block_causal`` plan is
+block-causal mask built here by hand the logits agree. The engine's cached ``aligned`` plan is
 checked against the same hand-built mask.
 """
 
@@ -78,7 +78,7 @@ def test_published_format_round_trip_and_roles(checkpoint) -> None:
     roles = loaded.model.roles
     assert names[roles.mask_token_id] == "<|MASK|>"
     assert {names[t] for t in roles.stop_token_ids} == {"<|endoftext|>", "<|im_end|>"}
-    assert loaded.model.decode_defaults == {"block_length": 4}
+    assert Engine(loaded).model_defaults == {"block_length": 4}
 
 
 def test_published_config_parses() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, cast
 
-CACHES = ("none", "prefix", "dual", "vicinity", "committed", "block_causal")
+from dllm_serve.models import registry
+
+CACHES = ("none", "prefix", "dual", "vicinity", "committed", "aligned")
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
@@ -80,7 +82,7 @@ class DecodeParams:
 class Preset:
     name: str
     engine: str
-    family: str  # model family that can run it
+    attention: str  # the attention the model must have: ATTENTION_KINDS of models/family.py
     cache: str
     rule: str
     aliases: tuple[str, ...] = ()
@@ -97,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "llada",
             "fast-dllm",
-            "llada",
+            "full",
             "none",
             "schedule",
             ("basic", "no_cache"),
@@ -106,7 +108,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "prefix_cache",
             "fast-dllm",
-            "llada",
+            "full",
             "prefix",
             "threshold",
             ("prefix",),
@@ -115,7 +117,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dual_cache",
             "fast-dllm",
-            "llada",
+            "full",
             "dual",
             "threshold",
             ("dual",),
@@ -124,7 +126,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_blockwise",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "threshold",
             ("dinfer", "blockwise"),
@@ -133,7 +135,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_hierarchy",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "hierarchy",
             ("dinfer_hierarchical",),
@@ -142,7 +144,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_credit",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "credit",
             (),
@@ -151,7 +153,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "nemotron",
             "nemotron",
-            "nemotron",
+            "block_causal",
             "committed",
             "threshold",
             (),
@@ -161,11 +163,11 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "sdar",
             "sdar",
-            "sdar",
-            "block_causal",
+            "aligned_block_causal",
+            "aligned",
             "threshold",
             ("low_confidence_dynamic", "sdar_dynamic"),
-            "SDAR low_confidence_dynamic: blocks at absolute positions over a block-causal KV cache, "
+            "SDAR low_confidence_dynamic: committed-context KV cache with blocks at absolute positions, "
             "threshold with SDAR's per-step minimum",
             defaults=(("threshold", 0.9),),
             steps_bound_rules=True,
@@ -173,8 +175,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "sdar_static",
             "sdar",
-            "sdar",
-            "block_causal",
+            "aligned_block_causal",
+            "aligned",
             "schedule",
             ("low_confidence_static",),
             "SDAR low_confidence_static: the same cache, a fixed number of most confident tokens per step",
@@ -197,7 +199,9 @@ OVERRIDABLE = tuple(
 
 
 def presets_for(family: str) -> list[Preset]:
-    return [p for p in PRESETS.values() if p.family == family]
+    """The presets a registered model family can run: those declaring its attention kind."""
+    attention = registry.get(family).attention
+    return [p for p in PRESETS.values() if p.attention == attention]
 
 
 def canonical_name(name: str, family: str) -> str:
@@ -210,7 +214,7 @@ def canonical_name(name: str, family: str) -> str:
     if key not in ALIASES:
         raise ParamError("algorithm", f"unknown algorithm {name!r}; valid for this model: {listing}")
     preset = PRESETS[ALIASES[key]]
-    if preset.family != family:
+    if preset not in valid:
         raise ParamError(
             "algorithm",
             f"algorithm {preset.name!r} cannot run on a {family} model; valid for this model: {listing}",
@@ -219,13 +223,13 @@ def canonical_name(name: str, family: str) -> str:
 
 
 def default_preset(engine: str, family: str) -> str:
-    """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
+    """The server's default preset for ``--engine`` (``auto``: the family's own, from its spec)."""
     if engine == "auto":
-        engine = family if family in ENGINE_DEFAULT_PRESET else "dinfer"
+        return registry.get(family).default_preset
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]
-    if PRESETS[name].family != family:
+    if PRESETS[name] not in presets_for(family):
         raise ValueError(f"engine {engine!r} cannot serve a {family} model")
     return name
 
@@ -268,7 +272,7 @@ def resolve_params(
         # A threshold below the default low_threshold must not fail on a field nobody set. Capping
         # it at the threshold commits exactly the same positions: with low_threshold >= threshold
         # the hierarchy rule's per-run pick only finds positions the threshold already commits.
-        values["low_threshold"] = min(DecodeParams.low_threshold, threshold)
+        values["low_threshold"] = min(DecodeParams.low_threshold, cast(float, threshold))
     block_length = values.pop("block_length", DEFAULT_BLOCK_LENGTH)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length
@@ -354,9 +358,8 @@ def _validate(p: DecodeParams) -> None:
 def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
     """Presets, aliases and defaults, as served by GET /v1/algorithms."""
     out = []
-    for p in PRESETS.values():
-        if family and p.family != family:
-            continue
+    for p in PRESETS.values() if family is None else presets_for(family):
+        families = [spec.name for spec in registry.families_with_attention(p.attention)]
         base = DecodeParams(
             algorithm=p.name,
             cache=p.cache,
@@ -375,7 +378,10 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
                 "name": p.name,
                 "aliases": list(p.aliases),
                 "engine": p.engine,
-                "model_family": p.family,
+                "attention": p.attention,
+                # The loaded model's family, or (no model) the first registered family that runs it.
+                "model_family": family or (families[0] if families else None),
+                "model_families": families,
                 "description": p.description,
                 "defaults": defaults,
             }

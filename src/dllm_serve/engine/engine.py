@@ -20,9 +20,12 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
-from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
+from dllm_serve.engine.scoring import AnyRequest as AnyScoringRequest
+from dllm_serve.engine.scoring import ScoringEvent
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
+from dllm_serve.models import registry
+from dllm_serve.models.loader import LoadedModel, load_model, resolve_model_path
+from dllm_serve.models.registry import has_remote_code
 from dllm_serve.threads import apply_threads
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ class EngineBase:
     traces_denoise = False  # can stream each step's provisional state (stream_mode "denoise")
     # Likelihood scoring and token log-probabilities (the native engine; remote code has neither).
     supports_logprobs = False
+    stop_ids: tuple[int, ...] = ()  # the token ids that end a generation (eos, end of turn)
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
@@ -95,8 +99,10 @@ class EngineBase:
             if self.config.algorithm
             else default_preset(self.config.engine, family)
         )
+        # Block-causal attention (models/family.py): likelihoods use the block-diffusion estimator.
+        self.block_diffusion = registry.get(family).attention != "full"
         # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).
-        self.model_defaults: dict[str, Any] = dict(getattr(loaded.model, "decode_defaults", None) or {})
+        self.model_defaults: dict[str, Any] = dict(loaded.decode_defaults)
         self.step_observers: list[Callable[[StepInfo], None]] = []
         self.forwards = 0
         self.steps = 0
@@ -118,6 +124,28 @@ class EngineBase:
         self._thread.start()
 
     def _loop(self) -> None:
+        raise NotImplementedError
+
+    # -- what each engine implements (the server's and the CLI's seam) -------------------------
+
+    def add_request(self, request: GenerationRequest, on_event: Callable[[SequenceEvent], None]) -> None:
+        """Queue a request (any thread); ``on_event`` gets its events. ``QueueFullError`` when full."""
+        raise NotImplementedError
+
+    def add_scoring(self, request: AnyScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
+        """Queue a likelihood scoring request; only engines with ``supports_logprobs`` have one."""
+        raise NotImplementedError("likelihood scoring needs the native engine")
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
+
+    def shutdown(self, drain_timeout: float = 30.0) -> None:
+        raise NotImplementedError
+
+    def run_to_completion(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestResult]:
         raise NotImplementedError
 
     def resolve_params(
@@ -145,6 +173,7 @@ class Engine(EngineBase):
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)
         self.scheduler = Scheduler(self.runner, self.config)
+        self.stop_ids = self.runner.stop_ids
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -157,7 +186,7 @@ class Engine(EngineBase):
             raise QueueFullError("the server is shutting down")
         self.scheduler.submit(request, on_event)
 
-    def add_scoring(self, request: ScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
+    def add_scoring(self, request: AnyScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
         """Queue a likelihood scoring request (engine/scoring.py); ``on_event`` gets its one event.
 
         Raises QueueFullError like ``add_request``: scoring and generation share ``max_queue``.
@@ -253,8 +282,12 @@ class Engine(EngineBase):
 
     # -- offline ------------------------------------------------------------------------------
 
-    def run_to_completion(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestResult]:
-        """Run requests on the caller's thread until all finish (CLI generate/eval, tests)."""
+    def run_to_completion(
+        self, requests: Iterable[GenerationRequest], step: Callable[[], bool] | None = None
+    ) -> dict[str, RequestResult]:
+        """Run requests on the caller's thread until all finish (CLI generate/eval, tests); each
+        request's events folded into its ``RequestResult``. ``step`` (default ``self.step``) runs one
+        iteration and says whether there was work: ``bench engine`` passes one that times it."""
         if self.is_running:
             raise RuntimeError("run_to_completion needs the engine thread to be stopped")
         results: dict[str, RequestResult] = {}
@@ -266,7 +299,8 @@ class Engine(EngineBase):
         ids = [r.request_id for r in pending]
         for request in pending:
             self.scheduler.submit(request, collect, ignore_queue_limit=True)
-        while self.step():
+        iterate = step or self.step
+        while iterate():
             pass
         return {rid: results[rid] for rid in ids}
 

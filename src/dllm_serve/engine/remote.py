@@ -36,6 +36,7 @@ class RemoteEngine(EngineBase):
             raise TypeError("RemoteEngine serves models loaded by remote_code.load_remote_model")
         super().__init__(loaded, config)
         self.model: remote_code.RemoteModel = loaded.model
+        self.stop_ids = self.model.stop_ids
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, OnEvent]] = deque()
         self._aborted: set[str] = set()

@@ -40,6 +40,7 @@ from dllm_serve.engine.sequence import (
     TokenLogprob,
     canvas_length,
 )
+from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
@@ -80,9 +81,11 @@ class _Row:
 
 class Runner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.model = loaded.model
+        if not isinstance(loaded.model, DiffusionLM):
+            raise TypeError("the native runner needs a native model (remote code runs in RemoteEngine)")
+        self.model: DiffusionLM = loaded.model
         self.config = config
-        self.roles = loaded.model.roles
+        self.roles = self.model.roles
         self.stop_ids = loaded.tokenizer.stop_ids(self.roles.eos_token_id)
         self.eot_id = loaded.tokenizer.end_of_turn_id
         self.device = next(self.model.parameters()).device
@@ -250,10 +253,10 @@ class Runner:
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
         positions = starts[:, None] + torch.arange(q_len)
         index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
+        extents = [r.seq.extent for r in rows] if cached else []
+        write = positions
         if cached:  # each query's arena token; padding queries write to the arena's sink
-            write = write_index([r.seq.kv for r in rows], positions, self.pool.sink, valid_q)
-        else:
-            write = positions
+            write = write_index(extents, positions, self.pool.sink, valid_q)
         # One upload: token ids, positions, key limits, cache write positions, logits index.
         packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
@@ -266,13 +269,14 @@ class Runner:
         if not cached:
             hidden = self.model.hidden_states(ids, positions, mask, None, index)
         else:
-            extents = [r.seq.kv for r in rows]
-            hidden = None
+            replayed = None
             if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
-                hidden = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
-            if hidden is None:
+                replayed = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
+            if replayed is None:
                 kv = self.pool.view(extents, write, key_len)
                 hidden = self.model.hidden_states(ids, positions, mask, kv, index)
+            else:
+                hidden = replayed
         logits = self.model.logits(hidden).float()
         if cfg_rows:
             cond = logits[cfg_rows]
@@ -380,8 +384,8 @@ class Runner:
         width, vocab = sub.shape[1], sub.shape[2]
         state = torch.stack(
             [
-                rows[i].seq.credit
-                if rows[i].seq.credit is not None
+                credit
+                if (credit := rows[i].seq.credit) is not None
                 else torch.zeros((width, vocab), device=self.device)
                 for i in credit_rows
             ]

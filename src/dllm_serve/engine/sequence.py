@@ -17,7 +17,7 @@ from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
 
 # Cache policies that decode block by block over a cached committed context.
-BLOCK_CACHES = ("committed", "block_causal")
+BLOCK_CACHES = ("committed", "aligned")
 
 
 @dataclass
@@ -117,6 +117,13 @@ class Sequence:
     _events: list[SequenceEvent] = field(default_factory=list)
 
     @property
+    def extent(self) -> Extent:
+        """The KV-cache extent of a sequence whose policy caches (admission gave it one)."""
+        if self.kv is None:
+            raise RuntimeError(f"{self.request.request_id} has no KV extent")
+        return self.kv
+
+    @property
     def params(self) -> DecodeParams:
         return self.request.params
 
@@ -130,7 +137,7 @@ class Sequence:
 
     @property
     def origin(self) -> int:
-        """Canvas position where block 0 starts: right after the prompt, or (``block_causal``)
+        """Canvas position where block 0 starts: right after the prompt, or (``aligned``)
         the start of the block, at absolute positions, that holds the first generated token."""
         return block_origin(self.prompt_len, self.params)
 
@@ -164,7 +171,7 @@ class Sequence:
         budget = self.params.step_budget
         if budget is None:
             return min(masked, 1)
-        if self.params.cache == "block_causal":
+        if self.params.cache == "aligned":
             return min(masked, sdar_share(self.params.block_length, budget, self.step_in_block))
         return min(masked, math.ceil(masked / max(1, budget - self.step_in_block)))
 
@@ -193,13 +200,13 @@ class Sequence:
         Context not yet cached (the prompt, then each block once it completes) is forwarded
         together with the next block; each query sees keys up to the end of its own block, so
         the context's K/V are exactly those of a block-causal pass. Under ``committed`` the prompt
-        is one block; under ``block_causal`` (SDAR) blocks sit at absolute positions, so the
+        is one block; under ``aligned`` (SDAR) blocks sit at absolute positions, so the
         prompt is block-causal too and the first active block may start with its last tokens.
         """
         bs, be = self.block_start, self.block_end
         start = self.committed_context
         limits = torch.full((be - start,), be, dtype=torch.long)
-        if start < bs and self.params.cache == "block_causal":  # absolute blocks, the prompt's too
+        if start < bs and self.params.cache == "aligned":  # absolute blocks, the prompt's too
             bl = self.params.block_length
             limits[: bs - start] = (torch.arange(start, bs) // bl + 1) * bl
         elif start < bs:
@@ -223,13 +230,13 @@ class Sequence:
 
 def block_origin(prompt_len: int, params: DecodeParams) -> int:
     """Where block 0 starts (see ``Sequence.origin``)."""
-    if params.cache == "block_causal":
+    if params.cache == "aligned":
         return prompt_len // params.block_length * params.block_length
     return prompt_len
 
 
 def canvas_length(prompt_len: int, params: DecodeParams) -> int:
-    """Prompt + canvas tokens a request holds: ``gen_length`` masks, and under ``block_causal`` as
+    """Prompt + canvas tokens a request holds: ``gen_length`` masks, and under ``aligned`` as
     many more as it takes to end on a block boundary (fewer than ``block_length``)."""
     end = prompt_len + params.gen_length
     return end + (-(end - block_origin(prompt_len, params)) % params.block_length)

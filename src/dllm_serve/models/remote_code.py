@@ -9,8 +9,9 @@ A remote ``generate`` decides everything itself (caching, batching, its own forw
 request runs alone, start to finish, in one call (``dllm_serve.engine.remote.RemoteEngine``). Its
 keyword arguments are filtered by the function's signature: a revision that lacks ``shift_logits``
 or names ``block_length`` differently is not handed arguments it would reject. Requests take the
-``nemotron`` preset's parameters, whose knobs (steps, block_length, threshold, shift_logits,
-temperature) are those of Nemotron's own ``generate``.
+presets of the registry's remote-code family (``FamilySpec.remote_code``: the checkpoint's own
+family when it declares it, else Nemotron, whose knobs - steps, block_length, threshold,
+shift_logits, temperature - are those of Nemotron's own ``generate``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,19 +29,17 @@ from torch import nn
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.models.loader import (
     DTYPES,
-    REMOTE_AUTO_CLASSES,
     CheckpointLoadError,
     LoadedModel,
-    has_remote_code,
     load_tokenizer,
     one_line,
     read_config,
     resolve_model_path,
 )
+from dllm_serve.models.registry import REMOTE_AUTO_CLASSES, has_remote_code, remote_family
 
 log = logging.getLogger(__name__)
 
-REMOTE_FAMILY = "nemotron"  # the preset family whose parameters a remote generate() receives
 DEFAULT_MAX_LENGTH = 4096  # context limit when config.json names none
 # DecodeParams fields offered to a remote generate() under these names (filtered by its signature).
 CORE_KWARGS = ("max_new_tokens", "steps", "block_length", "threshold", "shift_logits", "temperature")
@@ -54,11 +53,10 @@ class RemoteCodeRefusedError(PermissionError):
 class RemoteModel:
     """The checkpoint's own model, with what the server needs to know of any model."""
 
-    module: nn.Module
+    module: Any  # the checkpoint's own nn.Module; its generate() and extras come with its code
     max_length: int
     eos_token_id: int | None
     stop_ids: tuple[int, ...]
-    decode_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def load_remote_model(
@@ -112,9 +110,15 @@ def load_remote_model(
         ),
         eos_token_id=eos,
         stop_ids=stop_ids,
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=remote_family(config).name,  # whose presets' parameters generate() receives
+        path=path,
+        config=config,
         decode_defaults=defaults,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, family=REMOTE_FAMILY, path=path, config=config)
 
 
 def generate_kwargs(
@@ -150,7 +154,8 @@ def generate_kwargs(
 def _count_forwards(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
     """Count forwards by the input embedding's calls (one per forward however generate calls it)."""
     counter = [0]
-    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    get_embeddings = getattr(module, "get_input_embeddings", None)
+    embed = get_embeddings() if callable(get_embeddings) else None
     target = embed if isinstance(embed, nn.Module) else module
 
     def hook(*_: Any) -> None:

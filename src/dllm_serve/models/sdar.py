@@ -6,7 +6,7 @@ without bias, per-head ``q_norm``/``k_norm`` before rotate-half RoPE, SwiGLU ``m
 ``lm_head``); what makes it a diffusion model is the attention mask and the mask token
 (``mask_token_id`` in config.json, 151669 = ``<|MASK|>`` in the published checkpoints). Blocks sit
 at absolute positions (0-3, 4-7, ...), the prompt included; each block attends to itself and to every
-block before it. The engine's ``block_causal`` cache policy builds exactly that mask, so this module
+block before it. The engine's ``aligned`` cache policy builds exactly that mask, so this module
 is a config class and a weight-name map (docs/sdar.md has the provenance of each fact).
 
 The MoE variant (``SDARMoeForCausalLM``, SDAR-30B-A3B) is recognised and refused with a clear message.
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 MODEL_TYPE = "sdar"
@@ -109,8 +110,33 @@ class SDARConfig:
         )
 
 
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
+_LAYER = PREFIX + "layers.{i}."
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "embed_tokens.weight",
+        "norm": PREFIX + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
+        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+        "q_norm": _LAYER + "self_attn.q_norm.weight",
+        "k_norm": _LAYER + "self_attn.k_norm.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
+
+
 class SDARModel(DiffusionLM):
     """Qwen3 stack whose attention pattern (block-causal, blocks of ``block_size``) the engine sets."""
+
+    weight_names = WEIGHT_NAMES
+    title = "SDAR"
 
     def __init__(self, cfg: SDARConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
@@ -121,8 +147,6 @@ class SDARModel(DiffusionLM):
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        # The checkpoint's block length is the default of every request (DecodeParams field name).
-        self.decode_defaults: dict[str, Any] = {"block_length": cfg.block_size}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -142,88 +166,6 @@ class SDARModel(DiffusionLM):
         )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.norm_eps = cfg.rms_norm_eps
-
-    # -- official checkpoint names ------------------------------------------------------------
-
-    def _layer_names(self, i: int) -> dict[str, str]:
-        """Official tensor name -> role, for layer ``i`` (roles are the fused module's pieces)."""
-        p = f"{PREFIX}layers.{i}."
-        a = p + "self_attn."
-        return {
-            p + "input_layernorm.weight": "attn_norm",
-            p + "post_attention_layernorm.weight": "mlp_norm",
-            a + "q_norm.weight": "q_norm",
-            a + "k_norm.weight": "k_norm",
-            a + "q_proj.weight": "q",
-            a + "k_proj.weight": "k",
-            a + "v_proj.weight": "v",
-            a + "o_proj.weight": "o_proj",
-            p + "mlp.gate_proj.weight": "gate",
-            p + "mlp.up_proj.weight": "up",
-            p + "mlp.down_proj.weight": "down",
-        }
-
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in the published checkpoint into the fused modules."""
-        used: set[str] = set()
-
-        def take(key: str) -> torch.Tensor:
-            if key not in tensors:
-                raise KeyError(f"checkpoint is missing tensor {key!r}")
-            used.add(key)
-            return tensors[key]
-
-        with torch.no_grad():
-            self.embed.weight.copy_(take(PREFIX + "embed_tokens.weight"))
-            self.norm.copy_(take(PREFIX + "norm.weight"))
-            if self.head is not None:
-                self.head.weight.copy_(take(HEAD))
-            elif HEAD in tensors:  # tied checkpoints may still store the (identical) head
-                used.add(HEAD)
-            for i, layer in enumerate(self.layers):
-                got = {role: take(name) for name, role in self._layer_names(i).items()}
-                layer.attn_norm.copy_(got["attn_norm"])
-                layer.mlp_norm.copy_(got["mlp_norm"])
-                layer.q_norm.copy_(got["q_norm"])
-                layer.k_norm.copy_(got["k_norm"])
-                layer.qkv.weight.copy_(torch.cat([got["q"], got["k"], got["v"]]))
-                layer.o_proj.weight.copy_(got["o_proj"])
-                layer.gate_up.weight.copy_(torch.cat([got["gate"], got["up"]]))
-                layer.down.weight.copy_(got["down"])
-        unexpected = sorted(set(tensors) - used)
-        if unexpected:
-            raise KeyError(f"checkpoint has tensors the SDAR model does not use: {unexpected[:5]}")
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under the published names (un-fused, contiguous copies)."""
-        cfg = self.cfg
-        hd = cfg.head_dim
-        out: dict[str, torch.Tensor] = {
-            PREFIX + "embed_tokens.weight": self.embed.weight,
-            PREFIX + "norm.weight": self.norm,
-        }
-        if self.head is not None:
-            out[HEAD] = self.head.weight
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv.weight.split(
-                [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
-            )
-            gate, up = layer.gate_up.weight.chunk(2)
-            pieces = {
-                "attn_norm": layer.attn_norm,
-                "mlp_norm": layer.mlp_norm,
-                "q_norm": layer.q_norm,
-                "k_norm": layer.k_norm,
-                "q": q,
-                "k": k,
-                "v": v,
-                "o_proj": layer.o_proj.weight,
-                "gate": gate,
-                "up": up,
-                "down": layer.down.weight,
-            }
-            out.update({name: pieces[role] for name, role in self._layer_names(i).items()})
-        return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
@@ -265,3 +207,101 @@ def sdar_config_dict(cfg: SDARConfig) -> dict[str, Any]:
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
     return out
+
+
+def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's block size as the requests' default ``block_length``."""
+    return {"block_length": SDARConfig.from_dict(config).block_size}
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by SDARConfig so defaults (KV heads, head_dim) match."""
+    c = SDARConfig.from_dict(config)
+    return ModelShape(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_length=c.max_position_embeddings,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-sdar (scripts/train_tiny.py)."""
+    cfg = SDARConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d_model // shape.heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+        block_size=shape.block_size,
+    )
+    return sdar_config_dict(cfg)
+
+
+# SDAR's Qwen3 tokenizer: Qwen's special tokens plus the added mask token <|MASK|> (151669 published).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")
+# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="sdar",
+    title="SDAR",
+    model_types=(MODEL_TYPE, MOE_MODEL_TYPE),
+    architectures=("sdar",),
+    build=build,
+    attention="aligned_block_causal",
+    default_preset="sdar",
+    cost_shape=cost_shape,
+    decode_defaults=decode_defaults,
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|im_end|>",
+        mask="<|MASK|>",
+        tokenizer_config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|MASK|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|MASK|>",
+        },
+        config=tiny_config,
+        objective="aligned_block_diffusion",
+        # Block-causal: what follows the answer never reaches it, so short canvases suffice.
+        canvas_lengths=(32, 48, 32, 64),
+        default_kv_heads=2,
+        generation_eos_both=True,
+        block_size=4,
+    ),
+)

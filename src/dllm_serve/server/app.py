@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -31,6 +31,9 @@ from dllm_serve.server.errors import SERVER_ERROR, APIError, install_handlers
 from dllm_serve.server.metrics import ServerMetrics
 from dllm_serve.server.middleware import BodyLimitMiddleware, JsonOnlyMiddleware, RequestIdMiddleware
 from dllm_serve.server.shutdown import InFlight, InFlightMiddleware, drain
+
+if TYPE_CHECKING:
+    from dllm_serve.engine.engine import EngineBase
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.model_id = served_model_id(config)
-        self.engine = None  # dllm_serve.engine.engine.Engine once loaded
+        self.engine: EngineBase | None = None  # once loaded
         self.status = "loading"  # loading | ready | draining | failed
         self.load_error: BaseException | None = None
         self.metrics = ServerMetrics()
@@ -72,7 +75,7 @@ class ServerState:
         call = functools.partial(contextvars.copy_context().run, fn, *args)
         return await asyncio.get_running_loop().run_in_executor(self.prepare_pool, call)
 
-    def attach(self, engine) -> None:
+    def attach(self, engine: EngineBase) -> None:
         self.engine = engine
         engine.step_observers.append(self.metrics.observe_step)
         if not engine.is_running:
@@ -81,6 +84,7 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
+        assert self.engine is not None, "max_model_len is known once the engine is loaded"
         limit = int(self.engine.loaded.model.max_length)
         if self.config.engine.max_model_len:
             limit = min(limit, int(self.config.engine.max_model_len))
@@ -91,7 +95,7 @@ class ServerState:
         """Why the engine stopped for good after repeated loop failures, else None."""
         return getattr(self.engine, "failure", None)
 
-    def ready_engine(self):
+    def ready_engine(self) -> EngineBase:
         """The engine, or a 503 while loading, draining, after a failed load or a failed engine."""
         if self.status == "ready" and self.engine is not None:
             if self.engine_failure:
