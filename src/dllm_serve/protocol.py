@@ -6,7 +6,8 @@ server cannot honour are refused by name (``unsupported_field``) unless their va
 nothing (``logprobs: false``, ``presence_penalty: 0`` ...), which clients often send by default.
 
 The diffusion fields are exactly the request-overridable fields of ``DecodeParams``
-(``algorithms.OVERRIDABLE``), generated from that dataclass so the two cannot drift apart, plus
+(``algorithms.OVERRIDABLE``, its knobs), generated from that dataclass, descriptions included, so
+the two cannot drift apart, plus
 ``algorithm`` and its alias ``generation_algorithm``.
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from dllm_serve.engine.algorithms import OVERRIDABLE, DecodeParams
+from dllm_serve.engine.algorithms import KNOBS, OVERRIDABLE, DecodeParams
 
 DEFAULT_MAX_TOKENS = 128  # a request without max_tokens / max_completion_tokens generates at most this
 MAX_N = 64
@@ -88,7 +89,7 @@ class _Strict(BaseModel):
 
 def _diffusion_fields() -> dict[str, Any]:
     hints = typing.get_type_hints(DecodeParams)
-    return {name: (hints[name] | None, None) for name in OVERRIDABLE}
+    return {name: (hints[name] | None, Field(None, description=KNOBS[name].help)) for name in OVERRIDABLE}
 
 
 # One optional field per DecodeParams override (steps, block_length, threshold, temperature, seed ...).

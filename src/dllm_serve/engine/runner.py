@@ -23,14 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.decoding import rules
-from dllm_serve.decoding.confidence import MEASURES, confidence
-from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.decoding.step import NoiseSpan, RowStep, decide
 from dllm_serve.engine import denoise, token_logprobs
-from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
+from dllm_serve.engine.prompt_cache import PromptCache
 from dllm_serve.engine.sequence import (
     BLOCK_CACHES,
     ForwardPlan,
@@ -40,14 +38,12 @@ from dllm_serve.engine.sequence import (
     TokenLogprob,
     canvas_length,
 )
+from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
-
-RULE_INDEX = {name: i for i, name in enumerate(rules.RULES)}
-MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
 
 
 @dataclass
@@ -94,10 +90,18 @@ class Runner:
         # The KV cache, sized by the memory budget and allocated now (start-up fails with the
         # numbers if one sequence of max_len tokens cannot fit).
         m = self.model
-        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        # Block-causal models get a prompt cache, carved out of the KV budget; under full
+        # attention a prompt's K/V depend on the canvas.
+        block_causal = registry.get(loaded.family).attention == "block_causal"
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
         )
+        self.prompt_cache = PromptCache(self.kv_plan.prompt_cache_bytes, self.pool.bytes_per_token)
+        if block_causal:
+            budget = self.prompt_cache.budget_bytes
+            shown = f"{human_bytes(budget)} for reused prompt blocks" if budget else "off"
+            log.info("prompt cache: %s", shown)
         log.info(
             "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
             self.pool.capacity,
@@ -147,6 +151,10 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
+        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+            seq.committed_context = self.prompt_cache.reuse(
+                request.prompt_ids, params.block_length, self.pool, seq.extent
+            )
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -199,7 +207,18 @@ class Runner:
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
-        tokens, commit, conf = self._decide(rows, logits, candidates, masked)
+        step = decide(
+            logits,
+            block=block,
+            rows=[self._row_step(r, m) for r, m in zip(rows, masked, strict=True)],
+            mask_id=self.roles.mask_token_id,
+            eos_id=self.roles.eos_token_id,
+            eot_id=self.eot_id,
+        )
+        tokens, commit, conf = step.tokens, step.commit, step.conf
+        for row, state in zip(rows, step.states, strict=True):
+            if state is not None:
+                row.seq.rule_state = state
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
@@ -296,115 +315,19 @@ class Runner:
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
         return block
 
-    def _decide(
-        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
-        parameters.
-
-        ``masked`` is each row's count of masked block positions, known on the host. Every branch
-        here is decided from host values, so nothing waits for the device. ``logits`` (the step's
-        own tensor) is edited in place: copying [B, P, vocab] costs as much as the edits.
-        """
-        dev = self.device
-        params = [r.seq.params for r in rows]
-
-        def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return upload(values, dev, dtype)
-
-        logits = self._forbid(logits, [p.logits_eos_inf for p in params], self.roles.eos_token_id)
-        logits = top_p_filter(logits, [p.top_p for p in params])
-
-        credit_rows = [i for i, p in enumerate(params) if p.rule == "credit"]
-        if credit_rows:
-            logits = self._apply_credit(rows, credit_rows, logits, candidates)
-
-        tokens = logits.argmax(dim=-1)
-        vocab = logits.shape[-1]
-        random_conf: dict[int, torch.Tensor] = {}
-        for i, (r, p) in enumerate(zip(rows, params, strict=True)):
-            seq, bl = r.seq, p.block_length
-            # The reference sampler draws noise for the whole canvas; mirror its stream exactly.
-            full = p.algorithm == "llada"
-            offset = seq.block_start if full else 0
-            if p.temperature > 0:
-                shape = (seq.length if full else bl, vocab)
-                noise = uniform(seq.generator, shape, dev)[offset : offset + bl]
-                tokens[i, :bl] = gumbel_argmax(logits[i, :bl], p.temperature, noise)
-            if p.remasking == "random":
-                draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
-                random_conf[i] = draws[offset : offset + bl]
-
-        # Tokens are chosen; from here on logits only rank confidence.
-        conf_logits = self._forbid_in_confidence(logits, params)
-        measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
-        conf = confidence(conf_logits.softmax(-1), tokens, measure)
-        for i, draws in random_conf.items():
-            conf[i, : draws.shape[0]] = draws.to(conf.dtype)
-
-        floor = per_row([r.seq.floor_commits(m) for r, m in zip(rows, masked, strict=True)], torch.long)
-        commit = rules.select_commits(
-            conf,
-            candidates,
-            floor,
-            [RULE_INDEX[p.rule] for p in params],
-            per_row([p.threshold for p in params]),
-            per_row([p.factor for p in params]),
-            per_row([p.low_threshold for p in params]),
+    def _row_step(self, row: _Row, masked: int) -> RowStep:
+        """One row's inputs to the decoding step: its parameters, floor, noise span and rule state."""
+        seq, p = row.seq, row.seq.params
+        # The reference sampler draws its noise over the whole canvas; mirror its stream exactly.
+        length, offset = (seq.length, seq.block_start) if p.canvas_noise else (p.block_length, 0)
+        return RowStep(
+            params=p,
+            width=p.block_length,
+            floor=seq.floor_commits(masked),
+            noise=NoiseSpan(seq.generator, length, offset),
+            state=seq.rule_state,
+            constraint=seq.constraint,
         )
-        return tokens, commit, conf
-
-    def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
-        """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
-        if token is not None and any(rows):
-            flagged = upload(rows, logits.device, torch.bool)[:, None]
-            logits[..., token].masked_fill_(flagged, float("-inf"))
-        return logits
-
-    def _forbid_in_confidence(self, logits: torch.Tensor, params: list[DecodeParams]) -> torch.Tensor:
-        """``confidence_eos_eot_inf`` with the effect of ML-GSAI's published ``generate``.
-
-        There one chained assignment sets EOS to -inf in the noisy logits and EOT in the raw
-        logits, after the tokens are chosen; the confidence is the softmax of the raw logits. At
-        temperature 0 the noisy logits are the raw logits (the same tensor), so both EOS and EOT
-        leave the confidence; at temperature > 0 the noisy tensor is a float64 copy that nothing
-        reads afterwards, so only EOT does. Either way a position whose chosen token is banned
-        gets confidence 0, and the others are renormalised without the banned tokens.
-        """
-        flags = [p.confidence_eos_eot_inf for p in params]
-        logits = self._forbid(logits, flags, self.eot_id)
-        at_zero = [f and p.temperature == 0 for f, p in zip(flags, params, strict=True)]
-        return self._forbid(logits, at_zero, self.roles.eos_token_id)
-
-    def _apply_credit(
-        self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        """Update credit rows' accumulated credit and add it to their logits (in place)."""
-        sub = logits[credit_rows]
-        width, vocab = sub.shape[1], sub.shape[2]
-        state = torch.stack(
-            [
-                credit
-                if (credit := rows[i].seq.credit) is not None
-                else torch.zeros((width, vocab), device=self.device)
-                for i in credit_rows
-            ]
-        )[:, :width]
-        ps = [rows[i].seq.params for i in credit_rows]
-        dev = self.device
-        state = rules.credit_update(
-            state,
-            sub.softmax(-1),
-            candidates[credit_rows],
-            upload([p.credit_beta for p in ps], dev, torch.float32),
-            upload([p.credit_gamma for p in ps], dev, torch.float32),
-        )
-        for k, i in enumerate(credit_rows):
-            rows[i].seq.credit = state[k]
-        logits[credit_rows] = rules.credit_logits(
-            sub, state, upload([p.credit_alpha for p in ps], dev, torch.float32)
-        )
-        return logits
 
     # -- state updates ------------------------------------------------------------------------
 
@@ -419,14 +342,16 @@ class Runner:
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
-        seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
         if seq.params.cache in BLOCK_CACHES:
+            if seq.params.cache == "committed" and seq.committed_context < seq.prompt_len:
+                # this forward wrote the prompt's K/V
+                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool((block[:bl] == seq.mask_id).any()):
             seq.block += 1
             seq.step_in_block = 0
-            seq.credit = None
+            seq.rule_state = None
         self._emit(seq)
         return n_committed
 

@@ -34,8 +34,8 @@ from dllm_serve.server.choice_text import ChoiceText, Decoder
 from dllm_serve.server.errors import SERVER_ERROR, APIError, internal_error
 
 if TYPE_CHECKING:
-    from dllm_serve.server.app import ServerState
     from dllm_serve.server.preparation import Prepared
+    from dllm_serve.server.state import ServerState
 
 log = logging.getLogger(__name__)
 

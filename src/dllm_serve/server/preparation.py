@@ -36,7 +36,7 @@ from dllm_serve.server.errors import APIError, bad_request, from_validation_erro
 from dllm_serve.server.prompts import check_fits
 
 if TYPE_CHECKING:
-    from dllm_serve.server.app import ServerState
+    from dllm_serve.server.state import ServerState
 
 Body = TypeVar("Body", bound=BaseModel)
 

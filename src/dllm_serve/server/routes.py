@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from dllm_serve.engine.algorithms import describe_presets
+from dllm_serve.engine.algorithms import describe_presets, describe_rules
 from dllm_serve.engine.sequence import TokenLogprob
 from dllm_serve.protocol import ChatCompletionRequest, CompletionRequest
 from dllm_serve.protocol_responses import (
@@ -78,6 +78,7 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
         "model": state.model_id,
         "default": engine.default_algorithm if engine is not None else None,
         "data": describe_presets(family),
+        "rules": describe_rules(),
     }
 
 
@@ -106,6 +107,11 @@ async def health(request: Request) -> JSONResponse:
                 "capacity_tokens": stats.kv_capacity_tokens,
                 "used_tokens": stats.kv_used_tokens,
                 "peak_used_tokens": stats.kv_peak_used_tokens,
+            },
+            prompt_cache={
+                "capacity_bytes": stats.prompt_cache.budget_bytes,
+                "used_bytes": stats.prompt_cache.used_bytes,
+                "blocks": stats.prompt_cache.blocks,
             },
         )
     return JSONResponse(body, status_code=200 if status == "ready" else 503)

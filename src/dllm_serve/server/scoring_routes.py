@@ -30,7 +30,7 @@ from dllm_serve.server.logprobs import completion_logprobs
 from dllm_serve.server.preparation import accept
 
 if TYPE_CHECKING:
-    from dllm_serve.server.app import ServerState
+    from dllm_serve.server.state import ServerState
 
 scoring_api = APIRouter(dependencies=[Depends(require_api_key)])
 
