@@ -92,7 +92,7 @@ class Runner:
         m = self.model
         # Block-causal models get a prompt cache, carved out of the KV budget; under full
         # attention a prompt's K/V depend on the canvas.
-        block_causal = registry.get(loaded.family).attention == "block_causal"
+        block_causal = registry.get(loaded.family).attention != "full"
         self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
@@ -151,7 +151,7 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
-        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+        if params.cache in BLOCK_CACHES:  # block-causal: full prompt blocks may come from the cache
             seq.committed_context = self.prompt_cache.reuse(
                 request.prompt_ids, params.block_length, self.pool, seq.extent
             )
@@ -344,8 +344,7 @@ class Runner:
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.step_in_block += 1
         if seq.params.cache in BLOCK_CACHES:
-            if seq.params.cache == "committed" and seq.committed_context < seq.prompt_len:
-                # this forward wrote the prompt's K/V
+            if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
                 self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool((block[:bl] == seq.mask_id).any()):
