@@ -309,14 +309,16 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
-    assert set(listing) == {*LLADA_NAMES, "nemotron", "sdar", "sdar_static"}
-    aliases = {a: name for name, p in listing.items() for a in p["aliases"]}
-    sdar_aliases = {
+    labs = {"nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"}
+    assert set(listing) == {*LLADA_NAMES, "nemotron", *labs, "sdar", "sdar_static"}
+    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in LLADA_NAMES}
+    assert aliases == LLADA_ALIASES
+    sdar_aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name.startswith("sdar")}
+    assert sdar_aliases == {
         "low_confidence_dynamic": "sdar",
         "sdar_dynamic": "sdar",
         "low_confidence_static": "sdar_static",
     }
-    assert aliases == {**LLADA_ALIASES, **sdar_aliases}
     for name, (cache, rule) in LLADA_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"
@@ -334,11 +336,13 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert [p["name"] for p in describe_presets("sdar")] == ["sdar", "sdar_static"]
     assert listing["sdar"]["defaults"]["threshold"] == 0.9 and listing["sdar"]["engine"] == "sdar"
     assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
+    assert {p["name"] for p in describe_presets("nemotron-labs")} == labs
 
 
 def test_default_preset_per_engine() -> None:
     assert default_preset("auto", "llada") == "dinfer_blockwise"
     assert default_preset("auto", "nemotron") == "nemotron"
+    assert default_preset("auto", "nemotron-labs") == "nemotron_labs"
     assert default_preset("fast-dllm", "llada") == "dual_cache"
     assert default_preset("dinfer", "llada") == "dinfer_blockwise"
     assert default_preset("nemotron", "nemotron") == "nemotron"

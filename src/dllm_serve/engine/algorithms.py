@@ -16,6 +16,9 @@ from typing import Any, cast
 from dllm_serve.decoding.registry import REMASKING, RULES, Knob, knob, knob_metadata
 from dllm_serve.models import registry
 
+# Policies whose committed context is causal (engine/causal_modes.py: Nemotron-Labs' modes).
+CAUSAL_CACHES = ("causal", "ar", "speculative")
+
 
 class ParamError(ValueError):
     """A request parameter that cannot be served; ``param`` names the request field."""
@@ -114,6 +117,8 @@ class Preset:
     steps_bound_rules: bool = False
     # Draws each step's noise over the whole canvas (DecodeParams.canvas_noise): the reference sampler.
     canvas_noise: bool = False
+    # Knob values this preset sets unlike DecodeParams' defaults (request and checkpoint values win).
+    defaults: tuple[tuple[str, Any], ...] = ()
 
 
 PRESETS: dict[str, Preset] = {
@@ -185,6 +190,37 @@ PRESETS: dict[str, Preset] = {
             steps_bound_rules=True,
         ),
         Preset(
+            "nemotron_labs",
+            "nemotron-labs",
+            "causal",
+            "causal",
+            "threshold",
+            ("dlm", "labs_diffusion"),
+            "Nemotron-Labs diffusion: causal committed context, each block opened by the causal "
+            "next-token prediction, threshold decoding",
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "nemotron_labs_ar",
+            "nemotron-labs",
+            "causal",
+            "ar",
+            "threshold",
+            ("ar", "autoregressive"),
+            "Nemotron-Labs autoregressive decoding: causal attention, one token per forward, KV cache",
+        ),
+        Preset(
+            "nemotron_labs_spec",
+            "nemotron-labs",
+            "causal",
+            "speculative",
+            "threshold",
+            ("linear_spec", "self_speculative"),
+            "Nemotron-Labs self-speculation: draft a block by diffusion, verify it causally, accept "
+            "the agreeing prefix plus one token",
+            defaults=(("threshold", 0.0),),
+        ),
+        Preset(
             "sdar",
             "sdar",
             "aligned_block_causal",
@@ -211,6 +247,7 @@ ENGINE_DEFAULT_PRESET = {
     "fast-dllm": "dual_cache",
     "dinfer": "dinfer_blockwise",
     "nemotron": "nemotron",
+    "nemotron-labs": "nemotron_labs",
     "sdar": "sdar",
 }
 DEFAULT_BLOCK_LENGTH = 32
@@ -286,7 +323,8 @@ def resolve_params(
             rule = "factor"
         elif "threshold" in given and preset.rule == "schedule":
             rule = "threshold"
-    values: dict[str, Any] = {k: v for k, v in (model_defaults or {}).items() if v is not None}
+    values: dict[str, Any] = dict(preset.defaults)
+    values.update({k: v for k, v in (model_defaults or {}).items() if v is not None})
     values.update(given)
     threshold = values.get("threshold")
     if "low_threshold" not in values and type(threshold) in (int, float):
@@ -368,6 +406,8 @@ def _validate(p: DecodeParams) -> None:
         raise ParamError(
             "low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})"
         )
+    if p.shift_logits and p.cache in CAUSAL_CACHES:
+        raise ParamError("shift_logits", f"shift_logits does not apply to the {p.algorithm!r} algorithm")
     if p.cfg_scale > 0 and p.cache != "none":
         raise ParamError("cfg_scale", "cfg_scale needs the full-canvas 'llada' algorithm (no KV cache)")
     if p.max_steps_per_block is not None and rule.fixed_steps:
@@ -428,7 +468,7 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
         )
         defaults = {
             k: v
-            for k, v in base.to_dict().items()
+            for k, v in replace(base, **dict(p.defaults)).to_dict().items()
             if k not in {"algorithm", "gen_length", "steps", "seed", "canvas_noise"}
         }
         out.append(
