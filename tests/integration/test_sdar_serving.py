@@ -118,3 +118,33 @@ def test_models_command_lists_the_family_and_its_presets():
     report = json.loads(proc.stdout)
     assert report["family"] == "sdar"
     assert [a["name"] for a in report["algorithms"]] == ["sdar", "sdar_static"]
+
+
+def test_structured_output_under_aligned_blocks(server):
+    """A JSON schema and a guided choice hold with SDAR's blocks of 4 (the grammar's frontier can
+    sit in a block that starts inside the prompt)."""
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+        "required": ["city", "n"],
+        "additionalProperties": False,
+    }
+    for seed in range(2):
+        out = client.chat.completions.create(
+            model="tiny-sdar",
+            messages=[{"role": "user", "content": "Answer in JSON."}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema, "strict": True},
+            },
+            temperature=1.0,
+            seed=seed,
+            max_tokens=64,
+        )
+        value = json.loads(out.choices[0].message.content)
+        assert set(value) == {"city", "n"} and isinstance(value["n"], int), value
+    out = client.completions.create(
+        model="tiny-sdar", prompt="Pick", n=3, temperature=1.0, extra_body={"guided_choice": ["yes", "no"]}
+    )
+    assert {c.text for c in out.choices} <= {"yes", "no"}
