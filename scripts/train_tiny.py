@@ -63,6 +63,7 @@ from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_str
 from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.family import TinyFormat, TinyShape
+from dllm_serve.models.loader import load_model, read_config
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,10 +88,12 @@ TRAINABLE = {spec.name: spec for spec in registry.FAMILIES if spec.tiny is not N
 OBJECTIVES = {
     "masked_diffusion": "masked diffusion SFT (1/p-weighted, response masked)",
     "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
-    "aligned_block_diffusion": "block diffusion, blocks aligned at position 0, two-copy, uniform CE; "
-    "aux-free expert bias",
+    "moe_aligned_block_diffusion": "block diffusion, blocks aligned at position 0, two-copy, uniform CE; "
+    "aux-free expert bias (LLaDA2)",
     "joint_ar_block_diffusion": "joint AR + block diffusion, two-copy (clean causal copy: next-token CE; "
     "noisy block over the clean context before it: CE on masked tokens), the two means summed",
+    "aligned_block_diffusion": "block diffusion at absolute block positions (prompt block-causal), two-copy, "
+    "uniform CE",
 }
 
 
@@ -127,6 +130,24 @@ def write_tokenizer(out: Path, tok: Tokenizer, fmt: TinyFormat) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
+
+
+def with_specials(tok: Tokenizer, specials: tuple[str, ...]) -> Tokenizer:
+    """``tok`` with its special tokens renamed to ``specials``, id for id (the ids 0.. of both lists).
+
+    Lets a family start from another family's tokenizer and weights when only the special-token
+    strings differ (tiny-sdar's ``<|MASK|>`` is tiny-nemotron's ``<|mask|>``, both id 3).
+    """
+    data = json.loads(tok.to_str())
+    added = sorted(data["added_tokens"], key=lambda t: t["id"])
+    if len(added) != len(specials):
+        raise ValueError(f"the tokenizer has {len(added)} special tokens, the format needs {len(specials)}")
+    vocab = data["model"]["vocab"]
+    for entry, name in zip(added, specials, strict=True):
+        if entry["content"] != name:
+            vocab[name] = vocab.pop(entry["content"])
+            entry["content"] = name
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def encode_rows(
@@ -261,6 +282,87 @@ def block_diffusion_loss(
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
 
 
+def aligned_block_diffusion_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    bs: int,
+    mask_id: int,
+    pad_id: int,
+    gen: torch.Generator,
+    eps: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """SDAR's layout: blocks of ``bs`` at absolute positions over prompt + response.
+
+    Each row is ``[clean prompt + response | noisy copy]``; the clean part attends block-causally
+    (the prompt too, as the engine's ``aligned`` cache policy caches it), the noisy copy starts at the
+    first block holding a response token (so it may begin with the prompt's last tokens, never
+    masked) and each of its blocks attends to the clean blocks before it and to itself. Returns what
+    ``block_diffusion_batch`` returns; ``noisy_index`` points at the noisy copy's response positions.
+    """
+    b, rl = len(prompts), len(responses[0])
+    plen = torch.tensor([len(p) for p in prompts])
+    first = plen // bs * bs  # start of the first block with a response token
+    clean_len = plen + rl
+    noisy_len = clean_len - first
+    width = int((clean_len + noisy_len).max())
+    idx = torch.arange(width)[None, :].expand(b, width)
+    is_clean = idx < clean_len[:, None]
+    is_noisy = ~is_clean & (idx < (clean_len + noisy_len)[:, None])
+    pos = torch.where(is_clean, idx, idx - clean_len[:, None] + first[:, None])
+    pos = torch.where(is_clean | is_noisy, pos, torch.zeros_like(pos))
+    block = pos // bs
+    blk_q, blk_k = block[:, :, None], block[:, None, :]
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    noisy_q = is_noisy[:, :, None] & (
+        (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
+    )
+    mask = clean_q | noisy_q
+
+    targets = torch.tensor(responses)
+    # One masking ratio per (row, block), stratified over the batch for each block slot.
+    resp_block = (plen[:, None] + torch.arange(rl)[None, :]) // bs - (first // bs)[:, None]
+    n_blocks = int(resp_block.max()) + 1
+    t = (torch.arange(b)[:, None] + torch.rand(b, n_blocks, generator=gen)) / b
+    t = torch.gather(t, 0, torch.rand(b, n_blocks, generator=gen).argsort(0))
+    p_mask = (1 - eps) * torch.gather(t, 1, resp_block) + eps
+    masked = torch.rand(b, rl, generator=gen) < p_mask
+    noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n, a, c = len(p), int(first[i]), int(clean_len[i])
+        ids[i, :c] = torch.tensor(p + r)
+        ids[i, c : c + n - a] = torch.tensor(p[a:], dtype=torch.long)
+        ids[i, c + n - a : c + n - a + rl] = noisy[i]
+    noisy_index = (clean_len + plen - first)[:, None] + torch.arange(rl)[None, :]
+    return {
+        "ids": ids,
+        "positions": pos,
+        "mask": mask,
+        "noisy_index": noisy_index,
+        "targets": targets,
+        "masked": masked,
+        "p_mask": p_mask,
+    }
+
+
+def aligned_block_diffusion_loss(
+    model: DiffusionLM,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    block_size: int,
+) -> torch.Tensor:
+    """Mean cross-entropy on the masked tokens of SDAR's noisy copy (blocks of ``block_size``)."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    batch = aligned_block_diffusion_batch(prompts, responses, block_size, ids_.mask, ids_.eos, gen)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
+    masked = batch["masked"]
+    return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
 def joint_ar_diffusion_loss(
     model: DiffusionLM,
     tok: ChatTokenizer,
@@ -315,6 +417,22 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
             torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
 
 
+def init_weights_from(model: DiffusionLM, path: Path, family: str) -> None:
+    """Start from ``path``'s weights: under its official names when they fit (the same family, or a
+    Nemotron checkpoint's names in a Nemotron-Labs model, whose q/k norms it lacks are dropped);
+    otherwise through the native modules (a Nemotron checkpoint seeds an SDAR model: the same Qwen3
+    stack of ``DecoderLayer``s, only the published names differ)."""
+    tensors = load_file(str(path / "model.safetensors"))
+    if model.layers[0].q_norm is None:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+    try:
+        model.load_official(tensors)
+    except KeyError:
+        if registry.detect_family(read_config(path)) == family:
+            raise
+        model.load_state_dict(load_model(path).model.state_dict())
+
+
 def save_checkpoint(
     model: DiffusionLM,
     config: dict[str, Any],
@@ -347,13 +465,17 @@ def save_checkpoint(
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if fmt.objective != "masked_diffusion":
-        record["block_sizes"] = list(BLOCK_SIZES)
     if fmt.objective == "aligned_block_diffusion":
+        record["block_sizes"] = [args.block_size]
+    elif fmt.objective != "masked_diffusion":
+        record["block_sizes"] = list(BLOCK_SIZES)
+    if fmt.objective == "moe_aligned_block_diffusion":
         record["block_size"] = tiny_llada2.BLOCK
         record["routing"] = tiny_llada2.RoutingBalance.record()
     if getattr(args, "init_record", None):
         record["init"] = args.init_record
+    elif args.init is not None:
+        record["init"] = str(args.init)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
 
@@ -404,7 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
-    ap.add_argument("--block-size", type=int, default=32, help="block diffusion: config.json block_size")
+    ap.add_argument(
+        "--block-size", type=int, default=None, help="config.json block_size (default: the family's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -434,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = Path(f"models/tiny-{args.family}")
     if args.kv_heads is None:
         args.kv_heads = fmt.default_kv_heads
+    if args.block_size is None:
+        args.block_size = fmt.block_size
     return args
 
 
@@ -450,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
         converted = tiny_llada2.tokenizer_json_from_nemotron(args.tokenizer_from)
         write_tokenizer(args.out, Tokenizer.from_str(json.dumps(converted)), fmt)
     else:
-        write_tokenizer(args.out, Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json")), fmt)
+        source = Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json"))
+        write_tokenizer(args.out, with_specials(source, fmt.specials), fmt)
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
@@ -461,11 +588,8 @@ def main(argv: list[str] | None = None) -> None:
         copied = tiny_llada2.init_from_nemotron(model, load_file(str(args.init / "model.safetensors")))
         args.init_record = {"from": str(args.init), "copied": copied, "rest": "init_weights (std 0.02)"}
     elif args.init is not None:
-        tensors = load_file(str(args.init / "model.safetensors"))
-        if model.layers[0].q_norm is None:  # e.g. tiny-nemotron's q/k norms into a Nemotron-Labs model
-            tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
-        model.load_official(tensors)
-    balance = tiny_llada2.RoutingBalance(model) if fmt.objective == "aligned_block_diffusion" else None
+        init_weights_from(model, args.init, args.family)
+    balance = tiny_llada2.RoutingBalance(model) if fmt.objective == "moe_aligned_block_diffusion" else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -481,11 +605,13 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if fmt.objective == "masked_diffusion":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
-        elif fmt.objective == "aligned_block_diffusion":
+        elif fmt.objective == "moe_aligned_block_diffusion":
             prompts, responses = encode_rows(tok, examples, ids.eos, ids.eot, canvas)
             loss = tiny_llada2.loss(model, prompts, responses, ids.mask, ids.eos, gen)
         elif fmt.objective == "joint_ar_block_diffusion":
             loss = joint_ar_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
+        elif fmt.objective == "aligned_block_diffusion":
+            loss = aligned_block_diffusion_loss(model, tok, examples, canvas, ids, gen, args.block_size)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

@@ -18,8 +18,14 @@ from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import exact_expectation
 from tests.llada2_helpers import TINY_LLADA2
 from tests.nemotron_helpers import TINY_NEMOTRON
+from tests.sdar_helpers import TINY_SDAR
 
-MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "llada2": (TINY_LLADA2, 32)}
+MODELS = {
+    "llada": (TINY_LLADA, None),
+    "nemotron": (TINY_NEMOTRON, 32),
+    "sdar": (TINY_SDAR, 4),
+    "llada2": (TINY_LLADA2, 32),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

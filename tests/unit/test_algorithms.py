@@ -315,9 +315,15 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
         "llada2_quality": ["llada2.1", "llada2.1_quality"],
         "llada2_speed": ["llada2.1_speed"],
     }
-    assert set(listing) == {*LLADA_NAMES, "nemotron", *labs, *llada2}
+    assert set(listing) == {*LLADA_NAMES, "nemotron", *labs, "sdar", "sdar_static", *llada2}
     aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in LLADA_NAMES}
     assert aliases == LLADA_ALIASES
+    sdar_aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name.startswith("sdar")}
+    assert sdar_aliases == {
+        "low_confidence_dynamic": "sdar",
+        "sdar_dynamic": "sdar",
+        "low_confidence_static": "sdar_static",
+    }
     assert {name: listing[name]["aliases"] for name in llada2} == llada2
     assert listing["llada2"]["defaults"]["threshold"] == 0.95  # LLaDA2.0's generate()
     assert listing["llada2_quality"]["defaults"]["editing_threshold"] == 0.5
@@ -336,6 +342,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert not {"algorithm", "gen_length", "steps", "seed"} & set(defaults)
     assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
+    assert [p["name"] for p in describe_presets("sdar")] == ["sdar", "sdar_static"]
+    assert listing["sdar"]["defaults"]["threshold"] == 0.9 and listing["sdar"]["engine"] == "sdar"
     assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
     assert {p["name"] for p in describe_presets("nemotron-labs")} == labs
 

@@ -148,7 +148,7 @@ def _params(engine: Engine, settings: BenchSettings) -> DecodeParams:
     not fit in one batch, is a ``BenchError``."""
     from dllm_serve.engine.algorithms import ParamError
     from dllm_serve.engine.kv_cache import extent_tokens
-    from dllm_serve.engine.sequence import canvas_tokens
+    from dllm_serve.engine.sequence import canvas_length
 
     overrides = dict(settings.overrides)
     if settings.block_length is not None:
@@ -162,7 +162,7 @@ def _params(engine: Engine, settings: BenchSettings) -> DecodeParams:
     except ParamError as exc:
         raise BenchError(f"{exc.param}: {exc}") from exc
     pool = engine.runner.pool
-    canvas = canvas_tokens(settings.prompt_len, params, settings.gen_length)
+    canvas = canvas_length(settings.prompt_len, params)
     need = settings.batch_size * extent_tokens(canvas)
     if params.cache != "none" and need > pool.capacity:
         raise BenchError(

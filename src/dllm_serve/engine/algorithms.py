@@ -118,9 +118,7 @@ class DecodeParams:
 class Preset:
     name: str
     engine: str
-    attention: (
-        str  # the model's attention kind: "full", "block_causal", "block_aligned", "causal" (family.py)
-    )
+    attention: str  # the attention the model must have: ATTENTION_KINDS of models/family.py
     cache: str
     rule: str
     aliases: tuple[str, ...] = ()
@@ -234,6 +232,26 @@ PRESETS: dict[str, Preset] = {
             defaults=(("threshold", 0.0),),
         ),
         Preset(
+            "sdar",
+            "sdar",
+            "aligned_block_causal",
+            "aligned",
+            "threshold",
+            ("low_confidence_dynamic", "sdar_dynamic"),
+            "SDAR low_confidence_dynamic: committed-context KV cache with blocks at absolute positions, "
+            "threshold with SDAR's per-step minimum",
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "sdar_static",
+            "sdar",
+            "aligned_block_causal",
+            "aligned",
+            "schedule",
+            ("low_confidence_static",),
+            "SDAR low_confidence_static: the same cache, a fixed number of most confident tokens per step",
+        ),
+        Preset(
             "llada2",
             "llada2",
             "block_aligned",
@@ -272,6 +290,7 @@ ENGINE_DEFAULT_PRESET = {
     "dinfer": "dinfer_blockwise",
     "nemotron": "nemotron",
     "nemotron-labs": "nemotron_labs",
+    "sdar": "sdar",
     "llada2": "llada2",
 }
 DEFAULT_BLOCK_LENGTH = 32

@@ -99,11 +99,12 @@ class DenoiseTrace:
             if self._sent.get(pos) != guess:
                 self._sent[pos] = guess
                 guesses.append((pos, *guess))
+        first = max(offset, 0)  # an ``aligned`` (SDAR) block may start inside the prompt
         return DenoiseStep(
             step=self.steps,
             block=seq.block,
-            block_start=max(0, offset),
-            block_length=bl,
+            block_start=first,
+            block_length=offset + bl - first,
             canvas_length=seq.length - seq.prompt_len,
             refresh=refresh,
             committed=committed,

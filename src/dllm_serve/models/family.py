@@ -19,14 +19,16 @@ if TYPE_CHECKING:
 
 # Which keys a query may see. "full": every position of the canvas (LLaDA, Dream): the presets with
 # a full-canvas, prefix, dual or vicinity cache run it. "block_causal": the committed context and its
-# own block, blocks counted from the prompt's end and the prompt one block (Nemotron, SDAR): the
-# committed-context presets run it. "block_aligned": the same with blocks counted from position 0,
-# the prompt block-causal too and its last block decoded with the generation (LLaDA2's published
-# mask): the aligned committed-context presets run it. "causal": a causal committed context, and the
-# active block or draft bidirectionally over it; the same weights also decode autoregressively
-# (Nemotron-Labs): engine/causal_modes.py's presets run it.
-Attention = Literal["full", "block_causal", "block_aligned", "causal"]
-ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal", "block_aligned", "causal")
+# own block, blocks counted from the prompt's end and the prompt one block (Nemotron): the
+# committed-context presets run it. "causal": a causal committed context, and the active block or
+# draft bidirectionally over it; the same weights also decode autoregressively (Nemotron-Labs):
+# engine/causal_modes.py's presets run it. "aligned_block_causal": block_causal with blocks at
+# absolute positions, the prompt block-causal too (SDAR, as trained): the aligned presets run it.
+# "block_aligned": the same mask for LLaDA2 (its last prompt block decoded with the generation),
+# a kind of its own so that LLaDA2's and SDAR's presets stay apart; the llada2* presets run it,
+# through the same ``aligned`` cache policy.
+Attention = Literal["full", "block_causal", "causal", "aligned_block_causal", "block_aligned"]
+ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal", "causal", "aligned_block_causal", "block_aligned")
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,11 @@ class TinyFormat:
 
     ``objective`` names the trainer's loss: "masked_diffusion" (LLaDA's SFT: the response masked at
     one ratio per row, full attention), "block_diffusion" (two-copy BD3LM layout: clean
-    block-causal context + noisy block), "aligned_block_diffusion" (the same with blocks counted from
-    position 0, the prompt block-causal too: LLaDA2, scripts/tiny_llada2.py) or
-    "joint_ar_block_diffusion" (the BD3LM rows with a causal clean copy that also carries a
-    next-token loss).
+    block-causal context + noisy block), "joint_ar_block_diffusion" (the same rows with a causal
+    clean copy that also carries a next-token loss), "aligned_block_diffusion" (two copies with
+    blocks at absolute positions, the prompt block-causal too: SDAR) or "moe_aligned_block_diffusion"
+    (the same layout for LLaDA2's mixture of experts, with its expert-balancing bias:
+    scripts/tiny_llada2.py).
     """
 
     specials: tuple[str, ...]  # special-token strings, added to the trained BPE at the first ids
@@ -145,11 +148,16 @@ class TinyFormat:
     special_tokens_map: dict[str, Any]
     config: Callable[[TinyShape], dict[str, Any]]  # config.json in the published format
     objective: Literal[
-        "masked_diffusion", "block_diffusion", "aligned_block_diffusion", "joint_ar_block_diffusion"
+        "masked_diffusion",
+        "block_diffusion",
+        "joint_ar_block_diffusion",
+        "aligned_block_diffusion",
+        "moe_aligned_block_diffusion",
     ]
     canvas_lengths: tuple[int, ...]  # response canvases the trainer cycles through
     default_kv_heads: int | None = None  # None: as many as --heads
     generation_eos_both: bool = False  # generation_config.json lists [eos, end-of-turn], not eos alone
+    block_size: int = 32  # config.json block_size (block diffusion), unless --block-size says otherwise
 
 
 @dataclass(frozen=True)

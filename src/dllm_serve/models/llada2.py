@@ -410,7 +410,7 @@ SPEC = FamilySpec(
             "mask_token": "<|mask|>",
         },
         config=tiny_config,
-        objective="aligned_block_diffusion",
+        objective="moe_aligned_block_diffusion",
         # Decoded block by block behind committed blocks: short canvases suffice, as for Nemotron.
         canvas_lengths=(32, 48, 32, 64),
         default_kv_heads=2,
