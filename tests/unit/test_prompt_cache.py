@@ -19,13 +19,13 @@ from dllm_serve.engine.memory import DEFAULT_PROMPT_CACHE_SHARE, KVBudgetError, 
 from dllm_serve.engine.prompt_cache import PromptCache, block_keys
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
 from dllm_serve.models.loader import load_model
+from tests.llada2_helpers import TINY_LLADA2
 from tests.nemotron_helpers import (
     TINY_NEMOTRON,
     random_nemotron_config,
     random_nemotron_weights,
     write_nemotron_checkpoint,
 )
-from tests.llada2_helpers import TINY_LLADA2
 from tests.sdar_helpers import random_sdar_config, random_sdar_weights, write_sdar_checkpoint
 
 BL = 8  # block length of the engine tests: prompts span many blocks
