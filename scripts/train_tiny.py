@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
+from dllm_serve.models.dream import DreamConfig, DreamModel, dream_config_dict
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
 from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -85,6 +86,11 @@ QWEN_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
+# Dream-v0-Instruct's template: Qwen2.5's ChatML, with Qwen's default system message when none is given.
+DREAM_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}" + QWEN_CHAT_TEMPLATE
+)
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
 # ends answers cleanly on any canvas a user picks. LLaDA attends over the whole canvas, so it must see
 # every max_tokens a client may ask for (32..512; trained on 32-96 only it answered nothing at 256);
@@ -95,6 +101,7 @@ CANVAS_LENGTHS = {
     "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
     "nemotron": (32, 48, 32, 64),
 }
+CANVAS_LENGTHS["dream"] = CANVAS_LENGTHS["llada"]  # full attention over the canvas, like LLaDA
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
 MAX_LENGTH = 1024
@@ -133,6 +140,30 @@ FORMATS = {
         },
         {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
     ),
+    "dream": Format(
+        NEMOTRON_SPECIALS,
+        "<|endoftext|>",
+        "<|im_end|>",
+        "<|mask|>",
+        {
+            # Dream itself ships Qwen2's BPE as remote code ("DreamTokenizer", vocab.json +
+            # merges.txt, which the loader reads as Qwen2's tokenizer); Qwen2's pre-tokenizer
+            # splits every digit, which would push the task suite's longest answers past a
+            # 32-token canvas, so the tiny model keeps its tokenizer.json (docs/dream.md).
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "errors": "replace",
+            "model_max_length": MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": DREAM_CHAT_TEMPLATE,
+        },
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
+    ),
     "nemotron": Format(
         NEMOTRON_SPECIALS,
         "<|endoftext|>",
@@ -158,10 +189,12 @@ FORMATS = {
 DEFAULTS = {
     "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
     "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
+    "dream": {"out": Path("models/tiny-dream"), "kv_heads": 2},
 }
 OBJECTIVES = {
     "llada": "masked diffusion SFT (1/p-weighted, response masked)",
     "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "dream": "masked diffusion SFT with right-shifted logits (1/p-weighted, response masked)",
 }
 
 
@@ -229,7 +262,13 @@ def encode_batch(
 
 
 def llada_loss(
-    model: LLaDAModel, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
+    model: LLaDAModel | DreamModel,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    shift: bool = False,
 ) -> torch.Tensor:
     """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring)."""
     eps = 1e-3
@@ -243,10 +282,20 @@ def llada_loss(
     noisy = torch.where(masked, torch.full_like(ids, ids_.mask), ids)
     positions = torch.arange(width)[None, :].expand(b, width)
     logits = model(noisy, positions)
+    if shift:  # position i is predicted by the output at i - 1 (responses never start at 0)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
     row = torch.arange(b)[:, None].expand(b, width)[masked]
     per_row = torch.zeros(b).index_add_(0, row, ce) / response.sum(1)
     return per_row.mean()
+
+
+def dream_loss(
+    model: DreamModel, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
+) -> torch.Tensor:
+    """Dream's SFT loss: LLaDA's masked-diffusion loss with the logits shifted right by one (the
+    output at position i - 1 scores token i), as Dream trains and samples."""
+    return llada_loss(model, tok, examples, canvas, ids_, gen, shift=True)
 
 
 def block_diffusion_batch(
@@ -349,6 +398,22 @@ def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
             pad_token_id=ids.eos,
         )
         return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
+    if family == "dream":
+        dcfg = DreamConfig(
+            hidden_size=args.d_model,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads or args.heads,
+            intermediate_size=args.mlp,
+            vocab_size=n_vocab,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=MAX_LENGTH,
+            mask_token_id=ids.mask,
+            eos_token_id=ids.eos,
+            pad_token_id=ids.eos,
+        )
+        return DreamModel(dcfg, eot_token_id=ids.eot), dcfg
     cfg = NemotronConfig(
         hidden_size=args.d_model,
         num_hidden_layers=args.layers,
@@ -378,11 +443,34 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
             torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
 
 
+def init_tensors(family: str, init: Path) -> dict[str, torch.Tensor]:
+    """The ``--init`` checkpoint's tensors under ``family``'s names.
+
+    A Dream model may start from a bundled Nemotron checkpoint (the same Qwen-style tokenizer and
+    layer shapes): ``encoder.*`` becomes ``model.*``, ``diffusion_head`` the ``lm_head``, the q/k
+    norms Dream lacks are dropped and its q/k/v biases start at zero."""
+    tensors = load_file(str(init / "model.safetensors"))
+    source = json.loads((init / "config.json").read_text()).get("model_type")
+    if family != "dream" or source != "nvrdiff":
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            continue
+        name = name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head.")
+        out[name] = t
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            out[name.replace(".weight", ".bias")] = torch.zeros(t.shape[0])
+    return out
+
+
 def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: float, loss: float) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
     if args.family == "llada":
         config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
+    elif args.family == "dream":
+        config, eos_ids = dream_config_dict(cfg), cfg.eos_token_id
     else:
         config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
@@ -483,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     model, cfg = build_model(args.family, args, len(vocab), ids)
     init_weights(model, args.layers)
     if args.init is not None:
-        model.load_official(load_file(str(args.init / "model.safetensors")))
+        model.load_official(init_tensors(args.family, args.init))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -499,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if args.family == "llada":
             loss = llada_loss(model, tok, examples, canvas, ids, gen)
+        elif args.family == "dream":
+            loss = dream_loss(model, tok, examples, canvas, ids, gen)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

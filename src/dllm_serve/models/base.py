@@ -170,7 +170,16 @@ class DecoderLayer(nn.Module):
     which their ``load_official`` / ``export_state_dict`` map."""
 
     def __init__(
-        self, hidden: int, heads: int, kv_heads: int, head_dim: int, mlp: int, eps: float, qk_norm: bool
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        mlp: int,
+        eps: float,
+        qk_norm: bool,
+        *,
+        qkv_bias: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
@@ -178,7 +187,7 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(hidden))
         self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
-        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=False)
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)  # Qwen2: biased
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
         self.gate_up = nn.Linear(hidden, 2 * mlp, bias=False)
         self.down = nn.Linear(mlp, hidden, bias=False)

@@ -110,6 +110,8 @@ def detect_family(config: dict[str, Any]) -> str:
         return "llada"
     if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
         return "nemotron"
+    if model_type == "dream" or "dreammodel" in archs:
+        return "dream"
     hint = (
         "; it ships its own modeling code (auto_map): pass --trust-remote-code to serve it through that code"
         if has_remote_code(config)
@@ -172,6 +174,9 @@ def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], Diffusion
     except ImportError:  # the Nemotron model lands in its own module
         return builders
     builders["nemotron"] = nemotron.build
+    from dllm_serve.models import dream
+
+    builders["dream"] = dream.build
     return builders
 
 
