@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 CACHES = ("none", "prefix", "dual", "vicinity", "committed")
-RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
+RULES = ("schedule", "threshold", "factor", "hierarchy", "credit", "timestep", "origin")
+# Dream's diffusion_generate rules (decoding/dream.py): they choose tokens Dream's way too.
+DREAM_RULES = ("timestep", "origin")
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
 
@@ -52,6 +54,9 @@ class DecodeParams:
     warmup_steps: int = 4
     early_stop: bool = True
     shift_logits: bool = False
+    top_k: int = 0  # Dream's rules: keep the k most probable tokens (0: off)
+    alg_temp: float = 0.0  # Dream's rules: > 0 draws the committed positions from softmax(conf / alg_temp)
+    eps: float = 1e-3  # Dream's rules: the last timestep of linspace(1, eps, steps + 1)
     seed: int | None = None
     max_steps_per_block: int | None = None
 
@@ -89,6 +94,8 @@ class Preset:
     # Threshold-style rules take at most steps / num_blocks forwards per block unless the request
     # sets max_steps_per_block (the nemotron preset's documented bound); otherwise they are unbounded.
     steps_bound_rules: bool = False
+    # One block over the whole canvas unless the request sets block_length (Dream's diffusion_generate).
+    whole_canvas: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -148,6 +155,25 @@ PRESETS: dict[str, Preset] = {
             (),
             "dInfer credit decoding (alpha, gamma, beta) + threshold",
         ),
+        *(
+            Preset(
+                f"dream_{alg}",
+                "dream",
+                "dream",
+                "none",
+                "origin" if alg == "origin" else "timestep",
+                (alg,),
+                f"Dream's diffusion_generate, alg={alg!r}: whole canvas every step, {what}",
+                () if alg == "origin" else (("remasking", measure),),
+                whole_canvas=True,
+            )
+            for alg, measure, what in (
+                ("origin", None, "each masked position commits with probability 1 - s/t"),
+                ("maskgit_plus", "low_confidence", "the int(masked * (1 - s/t)) most probable commit"),
+                ("topk_margin", "margin", "the int(masked * (1 - s/t)) largest top-1 - top-2 margins commit"),
+                ("entropy", "entropy", "the int(masked * (1 - s/t)) lowest-entropy positions commit"),
+            )
+        ),
         Preset(
             "nemotron",
             "nemotron",
@@ -161,7 +187,12 @@ PRESETS: dict[str, Preset] = {
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
-ENGINE_DEFAULT_PRESET = {"fast-dllm": "dual_cache", "dinfer": "dinfer_blockwise", "nemotron": "nemotron"}
+ENGINE_DEFAULT_PRESET = {
+    "fast-dllm": "dual_cache",
+    "dinfer": "dinfer_blockwise",
+    "nemotron": "nemotron",
+    "dream": "dream_entropy",
+}
 DEFAULT_BLOCK_LENGTH = 32
 
 # Request fields that override DecodeParams fields of the same name.
@@ -195,7 +226,7 @@ def canonical_name(name: str, family: str) -> str:
 def default_preset(engine: str, family: str) -> str:
     """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
     if engine == "auto":
-        engine = "nemotron" if family == "nemotron" else "dinfer"
+        engine = {"nemotron": "nemotron", "dream": "dream"}.get(family, "dinfer")
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]
@@ -243,7 +274,8 @@ def resolve_params(
         # it at the threshold commits exactly the same positions: with low_threshold >= threshold
         # the hierarchy rule's per-run pick only finds positions the threshold already commits.
         values["low_threshold"] = min(DecodeParams.low_threshold, threshold)
-    block_length = values.pop("block_length", DEFAULT_BLOCK_LENGTH)
+    default_block = max_new_tokens if preset.whole_canvas else DEFAULT_BLOCK_LENGTH
+    block_length = values.pop("block_length", default_block)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length
     steps = values.pop("steps", None)
@@ -321,6 +353,13 @@ def _validate(p: DecodeParams) -> None:
                 "max_steps_per_block bounds the threshold-style rules; the schedule rule takes exactly "
                 "steps / num_blocks steps per block (set steps instead)",
             )
+    _check_int("top_k", p.top_k, 0)
+    _check_range("alg_temp", p.alg_temp, 0.0, 100.0)
+    _check_range("eps", p.eps, 0.0, 1.0, low_open=True)
+    if p.eps >= 1.0:
+        raise ParamError("eps", f"eps must be below 1 (the last timestep), got {p.eps!r}")
+    if p.rule in DREAM_RULES and p.remasking not in ("low_confidence", "margin", "entropy"):
+        raise ParamError("remasking", f"rule {p.rule!r} ranks by low_confidence, margin or entropy")
     if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
         raise ParamError("seed", f"seed must be a non-negative integer, got {p.seed!r}")
 

@@ -26,8 +26,8 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import MEASURES, confidence
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
-from dllm_serve.engine import denoise, token_logprobs
-from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine import denoise, dream_step, token_logprobs
+from dllm_serve.engine.algorithms import DREAM_RULES, DecodeParams
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
@@ -182,12 +182,12 @@ class Runner:
         block = self._block_view(rows)
         logits = self._forward(rows)
         masked = (block == self.roles.mask_token_id).sum(-1).tolist()
-        block = upload(block, self.device)
+        host_block, block = block, upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
-        tokens, commit, conf = self._decide(rows, logits, candidates, masked)
+        tokens, commit, conf = self._decide(rows, logits, candidates, masked, host_block)
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
@@ -284,6 +284,45 @@ class Runner:
         return block
 
     def _decide(
+        self,
+        rows: list[_Row],
+        logits: torch.Tensor,
+        candidates: torch.Tensor,
+        masked: list[int],
+        blocks: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen tokens, commit mask and confidence: rows under Dream's own rules through
+        ``dream_step`` (its token choice and counts), the others through ``_decide_rows``."""
+        dream_rows = [i for i, r in enumerate(rows) if r.seq.params.rule in DREAM_RULES]
+        if not dream_rows:
+            return self._decide_rows(rows, logits, candidates, masked)
+        others = [i for i in range(len(rows)) if i not in dream_rows]
+        index = upload(dream_rows, self.device, torch.long)
+        parts = [
+            (
+                index,
+                dream_step.decide(
+                    [rows[i].seq for i in dream_rows],
+                    logits[index],
+                    blocks[dream_rows],
+                    self.roles.mask_token_id,
+                ),
+            )
+        ]
+        if others:
+            rest = upload(others, self.device, torch.long)
+            sub = [rows[i] for i in others]
+            parts.append(
+                (rest, self._decide_rows(sub, logits[rest], candidates[rest], [masked[i] for i in others]))
+            )
+        tokens = torch.empty(candidates.shape, dtype=torch.long, device=self.device)
+        commit = torch.empty_like(candidates)
+        conf = torch.empty(candidates.shape, dtype=torch.float32, device=self.device)
+        for where, (t, c, f) in parts:
+            tokens[where], commit[where], conf[where] = t, c, f.float()
+        return tokens, commit, conf
+
+    def _decide_rows(
         self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
