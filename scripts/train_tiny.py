@@ -31,6 +31,14 @@ in model/format and objective:
   itself, as the active block does at inference. Inside each noisy block the masking ratio is
   p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
   tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
+- ``dream`` (DreamModel, Qwen ChatML): LLaDA's objective with the logits right-shifted as Dream
+  trains and samples (the output at position i - 1 scores token i). The bundled tiny-dream started
+  from tiny-nemotron's weights and tokenizer (``--init models/tiny-nemotron``: names mapped, q/k
+  norms dropped, q/k/v biases at zero; see its TRAINING.json):
+
+    python scripts/train_tiny.py --family dream --init models/tiny-nemotron \
+        --tokenizer-from models/tiny-nemotron --steps 1500 --schedule wsd --lr 2e-3 \
+        --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
 
 Deterministic for a given seed and thread count.
 """
@@ -53,55 +61,17 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_stream
-from dllm_serve.models.dream import DreamConfig, DreamModel, dream_config_dict
-from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
-from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
+from dllm_serve.models import registry
+from dllm_serve.models.base import DiffusionLM
+from dllm_serve.models.family import TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
-LLADA_SPECIALS = [
-    "<|startoftext|>",
-    "<|endoftext|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|mdm_mask|>",
-]
-# LLaDA-8B-Instruct's template: Llama-3 headers, bos on the first message, content trimmed.
-LLADA_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + text | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-NEMOTRON_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
-# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
-QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
-    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
-# Dream-v0-Instruct's template: Qwen2.5's ChatML, with Qwen's default system message when none is given.
-DREAM_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}" + QWEN_CHAT_TEMPLATE
-)
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
-# ends answers cleanly on any canvas a user picks. LLaDA attends over the whole canvas, so it must see
-# every max_tokens a client may ask for (32..512; trained on 32-96 only it answered nothing at 256);
-# long canvases take fewer rows (ROW_TOKENS per batch row at --batch-size rows), which keeps the
-# tokens per step, and so the seconds per step, about level. Nemotron decodes block by block behind
-# committed blocks only, so the canvas after the answer never reaches it: short canvases suffice.
-CANVAS_LENGTHS = {
-    "llada": (32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
-    "nemotron": (32, 48, 32, 64),
-}
-CANVAS_LENGTHS["dream"] = CANVAS_LENGTHS["llada"]  # full attention over the canvas, like LLaDA
+# ends answers cleanly on any canvas a user picks; each family's TinyFormat.canvas_lengths lists them
+# (full attention sees the whole canvas, so it needs every max_tokens a client may ask for; block
+# diffusion never sees past its block, so short canvases suffice). Long canvases take fewer rows
+# (ROW_TOKENS per batch row at --batch-size rows), which keeps the tokens per step, and so the
+# seconds per step, about level.
 ROW_TOKENS = 96
 # Context length written to config.json: a chat prompt plus the longest canvas (512) must fit.
 MAX_LENGTH = 1024
@@ -110,91 +80,11 @@ BLOCK_SIZES = (8, 16, 32)
 BLOCK_WEIGHTS = (0.25, 0.25, 0.5)
 
 
-@dataclass(frozen=True)
-class Format:
-    """A family's tokenizer files: special tokens (eos, end-of-turn, mask by name) and chat template."""
-
-    specials: list[str]
-    eos: str
-    eot: str
-    mask: str
-    tokenizer_config: dict[str, Any]
-    special_tokens_map: dict[str, Any]
-
-
-FORMATS = {
-    "llada": Format(
-        LLADA_SPECIALS,
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|mdm_mask|>",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|startoftext|>",
-            "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
-            "mask_token": "<|mdm_mask|>",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": LLADA_CHAT_TEMPLATE,
-        },
-        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
-    ),
-    "dream": Format(
-        NEMOTRON_SPECIALS,
-        "<|endoftext|>",
-        "<|im_end|>",
-        "<|mask|>",
-        {
-            # Dream itself ships Qwen2's BPE as remote code ("DreamTokenizer", vocab.json +
-            # merges.txt, which the loader reads as Qwen2's tokenizer); Qwen2's pre-tokenizer
-            # splits every digit, which would push the task suite's longest answers past a
-            # 32-token canvas, so the tiny model keeps its tokenizer.json (docs/dream.md).
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
-            "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "mask_token": "<|mask|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "errors": "replace",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": DREAM_CHAT_TEMPLATE,
-        },
-        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
-    ),
-    "nemotron": Format(
-        NEMOTRON_SPECIALS,
-        "<|endoftext|>",
-        "<|im_end|>",
-        "<|mask|>",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "mask_token": "<|mask|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-            "add_prefix_space": False,
-            "errors": "replace",
-            "model_max_length": MAX_LENGTH,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": QWEN_CHAT_TEMPLATE,
-        },
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"},
-    ),
-}
-# Per-family defaults of the flags whose default is None.
-DEFAULTS = {
-    "llada": {"out": Path("models/tiny-llada"), "kv_heads": None},
-    "nemotron": {"out": Path("models/tiny-nemotron"), "kv_heads": 2},
-    "dream": {"out": Path("models/tiny-dream"), "kv_heads": 2},
-}
+# The families a tiny checkpoint can be trained for: those whose spec gives a TinyFormat.
+TRAINABLE = {spec.name: spec for spec in registry.FAMILIES if spec.tiny is not None}
 OBJECTIVES = {
-    "llada": "masked diffusion SFT (1/p-weighted, response masked)",
-    "nemotron": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
-    "dream": "masked diffusion SFT with right-shifted logits (1/p-weighted, response masked)",
+    "masked_diffusion": "masked diffusion SFT (1/p-weighted, response masked)",
+    "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
 }
 
 
@@ -205,7 +95,7 @@ class Ids:
     mask: int
 
 
-def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
+def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: TinyFormat) -> None:
     """Train a byte-level BPE on task-like text and write tokenizer.json + tokenizer_config.json."""
     rng = random.Random(seed)
     corpus = []
@@ -218,7 +108,7 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=fmt.specials,
+        special_tokens=list(fmt.specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -226,7 +116,7 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: Format) -> None:
     write_tokenizer(out, tok, fmt)
 
 
-def write_tokenizer(out: Path, tok: Tokenizer, fmt: Format) -> None:
+def write_tokenizer(out: Path, tok: Tokenizer, fmt: TinyFormat) -> None:
     """tokenizer.json plus the family's tokenizer_config.json and special_tokens_map.json."""
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
@@ -262,7 +152,7 @@ def encode_batch(
 
 
 def llada_loss(
-    model: LLaDAModel | DreamModel,
+    model: DiffusionLM,
     tok: ChatTokenizer,
     examples,
     canvas: int,
@@ -270,7 +160,8 @@ def llada_loss(
     gen: torch.Generator,
     shift: bool = False,
 ) -> torch.Tensor:
-    """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring)."""
+    """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring). ``shift``: the
+    family's logits are right-shifted (Dream): the output at position i - 1 scores token i."""
     eps = 1e-3
     ids, starts = encode_batch(tok, examples, ids_.eos, ids_.eot, canvas)
     b, width = ids.shape
@@ -282,20 +173,12 @@ def llada_loss(
     noisy = torch.where(masked, torch.full_like(ids, ids_.mask), ids)
     positions = torch.arange(width)[None, :].expand(b, width)
     logits = model(noisy, positions)
-    if shift:  # position i is predicted by the output at i - 1 (responses never start at 0)
+    if shift:  # responses never start at position 0, so the first position's own logits are unused
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
     row = torch.arange(b)[:, None].expand(b, width)[masked]
     per_row = torch.zeros(b).index_add_(0, row, ce) / response.sum(1)
     return per_row.mean()
-
-
-def dream_loss(
-    model: DreamModel, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
-) -> torch.Tensor:
-    """Dream's SFT loss: LLaDA's masked-diffusion loss with the logits shifted right by one (the
-    output at position i - 1 scores token i), as Dream trains and samples."""
-    return llada_loss(model, tok, examples, canvas, ids_, gen, shift=True)
 
 
 def block_diffusion_batch(
@@ -359,7 +242,7 @@ def block_diffusion_batch(
 
 
 def block_diffusion_loss(
-    model: NemotronModel,
+    model: DiffusionLM,
     tok: ChatTokenizer,
     examples,
     canvas: int,
@@ -379,59 +262,22 @@ def block_diffusion_loss(
 # -- models and checkpoints ---------------------------------------------------------------------
 
 
-def build_model(family: str, args: argparse.Namespace, n_vocab: int, ids: Ids):
-    """The family's native model with the trainer's shapes, and its config."""
-    if family == "llada":
-        cfg = LLaDAConfig(
-            d_model=args.d_model,
-            n_layers=args.layers,
-            n_heads=args.heads,
-            n_kv_heads=args.kv_heads or args.heads,
-            mlp_hidden_size=args.mlp,
-            vocab_size=n_vocab,
-            embedding_size=n_vocab,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-5,
-            max_sequence_length=MAX_LENGTH,
-            mask_token_id=ids.mask,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.eos,
-        )
-        return LLaDAModel(cfg, eot_token_id=ids.eot), cfg
-    if family == "dream":
-        dcfg = DreamConfig(
-            hidden_size=args.d_model,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads or args.heads,
-            intermediate_size=args.mlp,
-            vocab_size=n_vocab,
-            rope_theta=10000.0,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=MAX_LENGTH,
-            mask_token_id=ids.mask,
-            eos_token_id=ids.eos,
-            pad_token_id=ids.eos,
-        )
-        return DreamModel(dcfg, eot_token_id=ids.eot), dcfg
-    cfg = NemotronConfig(
-        hidden_size=args.d_model,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads or args.heads,
-        head_dim=args.d_model // args.heads,
-        intermediate_size=args.mlp,
+def tiny_config(fmt: TinyFormat, args: argparse.Namespace, n_vocab: int, ids: Ids) -> dict[str, Any]:
+    """config.json of the tiny checkpoint in the family's published format, with the trainer's shapes."""
+    shape = TinyShape(
+        d_model=args.d_model,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
+        mlp=args.mlp,
         vocab_size=n_vocab,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=MAX_LENGTH,
-        mask_token_id=ids.mask,
-        eos_token_id=ids.eos,
-        pad_token_id=ids.eos,
-        dlm_paradigm="block_diff",
+        max_length=MAX_LENGTH,
+        eos=ids.eos,
+        eot=ids.eot,
+        mask=ids.mask,
         block_size=args.block_size,
     )
-    return NemotronModel(cfg, eot_token_id=ids.eot), cfg
+    return fmt.config(shape)
 
 
 def init_weights(model: torch.nn.Module, n_layers: int) -> None:
@@ -446,12 +292,14 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
 def init_tensors(family: str, init: Path) -> dict[str, torch.Tensor]:
     """The ``--init`` checkpoint's tensors under ``family``'s names.
 
-    A Dream model may start from a bundled Nemotron checkpoint (the same Qwen-style tokenizer and
-    layer shapes): ``encoder.*`` becomes ``model.*``, ``diffusion_head`` the ``lm_head``, the q/k
+    A Dream model may start from the bundled Nemotron checkpoint (the same Qwen-style special tokens
+    and layer shapes): ``encoder.*`` becomes ``model.*``, ``diffusion_head`` the ``lm_head``, the q/k
     norms Dream lacks are dropped and its q/k/v biases start at zero."""
     tensors = load_file(str(init / "model.safetensors"))
-    source = json.loads((init / "config.json").read_text()).get("model_type")
-    if family != "dream" or source != "nvrdiff":
+    if (
+        family != "dream"
+        or registry.detect_family(json.loads((init / "config.json").read_text())) != "nemotron"
+    ):
         return tensors
     out = {}
     for name, t in tensors.items():
@@ -464,22 +312,35 @@ def init_tensors(family: str, init: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: float, loss: float) -> None:
+def save_checkpoint(
+    model: DiffusionLM,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    step: int,
+    seconds: float,
+    loss: float,
+) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
-    if args.family == "llada":
-        config, eos_ids = llada_config_dict(cfg), cfg.eos_token_id
-    elif args.family == "dream":
-        config, eos_ids = dream_config_dict(cfg), cfg.eos_token_id
-    else:
-        config, eos_ids = nemotron_config_dict(cfg), [cfg.eos_token_id, model.roles.eot_token_id]
+    fmt = TRAINABLE[args.family].tiny
+    roles_ = model.roles
+    eos_ids = [roles_.eos_token_id, roles_.eot_token_id] if fmt.generation_eos_both else roles_.eos_token_id
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
-    roles = {"eos_token_id": eos_ids, "pad_token_id": cfg.pad_token_id, "mask_token_id": cfg.mask_token_id}
+    roles = {
+        "eos_token_id": eos_ids,
+        "pad_token_id": roles_.pad_token_id,
+        "mask_token_id": roles_.mask_token_id,
+    }
     (args.out / "generation_config.json").write_text(json.dumps(roles, indent=2))
     record = {
         "script": "scripts/train_tiny.py",
         "family": args.family,
-        "objective": OBJECTIVES[args.family],
+        "objective": OBJECTIVES[fmt.objective]
+        + (
+            ", logits right-shifted (position i - 1 scores token i)"
+            if TRAINABLE[args.family].shift_logits
+            else ""
+        ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "suites": {name: list(tasks) for name, tasks in SUITES.items()},
         "canvas_lengths": list(args.canvases),
@@ -488,7 +349,7 @@ def save_checkpoint(model, cfg, args: argparse.Namespace, step: int, seconds: fl
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if args.family == "nemotron":
+    if fmt.objective == "block_diffusion":
         record["block_sizes"] = list(BLOCK_SIZES)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
@@ -512,7 +373,7 @@ def lr_factor(schedule: str, steps: int, step: int) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=sorted(FORMATS), default="llada", help="checkpoint format")
+    ap.add_argument("--family", choices=sorted(TRAINABLE), default="llada", help="checkpoint format")
     ap.add_argument("--out", type=Path, default=None, help="default: models/tiny-<family>")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=48)
@@ -527,10 +388,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (llada), 2 (nemotron)")
+    ap.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="default: the family's TinyFormat.default_kv_heads, else --heads",
+    )
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
-    ap.add_argument("--block-size", type=int, default=32, help="nemotron: config.json block_size")
+    ap.add_argument("--block-size", type=int, default=32, help="block diffusion: config.json block_size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -542,22 +408,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="reuse this checkpoint's tokenizer.json instead of training one (needed with --init)",
     )
-    ap.add_argument("--canvases", type=int, nargs="+", default=None, help="default: CANVAS_LENGTHS[family]")
+    ap.add_argument(
+        "--canvases",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: the family's TinyFormat.canvas_lengths",
+    )
     ap.add_argument(
         "--dependent-share", type=float, default=1 / 3, help="share of examples from the dependent suite"
     )
     ap.add_argument("--skip-examples", type=int, default=0, help="skip this many training examples first")
     args = ap.parse_args(argv)
-    args.canvases = tuple(args.canvases or CANVAS_LENGTHS[args.family])
-    for key, value in DEFAULTS[args.family].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fmt = TRAINABLE[args.family].tiny
+    args.canvases = tuple(args.canvases or fmt.canvas_lengths)
+    if args.out is None:
+        args.out = Path(f"models/tiny-{args.family}")
+    if args.kv_heads is None:
+        args.kv_heads = fmt.default_kv_heads
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    fmt = FORMATS[args.family]
+    spec = TRAINABLE[args.family]
+    fmt = spec.tiny
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -568,10 +443,11 @@ def main(argv: list[str] | None = None) -> None:
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
-    model, cfg = build_model(args.family, args, len(vocab), ids)
+    config = tiny_config(fmt, args, len(vocab), ids)
+    model = spec.build(config, tok)
     init_weights(model, args.layers)
     if args.init is not None:
-        model.load_official(init_tensors(args.family, args.init))
+        model.load_official(init_tensors(spec.name, args.init))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -585,10 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(1, last + 1):
         canvas = args.canvases[step % len(args.canvases)]
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
-        if args.family == "llada":
-            loss = llada_loss(model, tok, examples, canvas, ids, gen)
-        elif args.family == "dream":
-            loss = dream_loss(model, tok, examples, canvas, ids, gen)
+        if fmt.objective == "masked_diffusion":
+            loss = llada_loss(model, tok, examples, canvas, ids, gen, shift=spec.shift_logits)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)
@@ -597,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         sched.step()
         if step % args.save_every == 0 and step < last:
-            save_checkpoint(model, cfg, args, step, time.time() - t0, loss.item())
+            save_checkpoint(model, config, args, step, time.time() - t0, loss.item())
         if step % args.log_every == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
@@ -605,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    save_checkpoint(model, cfg, args, last, time.time() - t0, loss.item())
+    save_checkpoint(model, config, args, last, time.time() - t0, loss.item())
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 
 

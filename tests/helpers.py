@@ -1,4 +1,5 @@
-"""Small builders shared by tests: random tiny LLaDA checkpoints in the official format."""
+"""Small builders shared by tests: random tiny checkpoints of any registered family in its official
+format (``random_checkpoint``), and the LLaDA shortcuts most tests use."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from dllm_serve.config import DEFAULT_MODEL
-from dllm_serve.models.llada import LLaDAConfig, LLaDAModel, llada_config_dict
+from dllm_serve.models import registry
+from dllm_serve.models.llada import LLaDAConfig, llada_config_dict
+from dllm_serve.models.tokenizer import ChatTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLADA = DEFAULT_MODEL
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def random_llada_config(vocab: int = 368, **overrides) -> LLaDAConfig:
@@ -51,9 +55,36 @@ def random_like(
     return out
 
 
+def random_weights(
+    config: dict, tokenizer_from: Path, seed: int = 0, scale: float = 0.2, norm_jitter: float = 0.1
+) -> dict[str, torch.Tensor]:
+    """Official-name tensors of a random model of the family config.json names (its spec builds the
+    model on the meta device; the family's weight table gives the names and shapes)."""
+    spec = registry.get(registry.detect_family(config))
+    with torch.device("meta"):
+        model = spec.build(config, ChatTokenizer(tokenizer_from))
+    return random_like(model.export_state_dict(), seed, scale, norm_jitter)
+
+
+def random_checkpoint(
+    directory: Path,
+    config: dict,
+    tokenizer_from: Path,
+    *,
+    seed: int = 0,
+    scale: float = 0.2,
+    norm_jitter: float = 0.1,
+    shards: int = 1,
+) -> Path:
+    """A checkpoint of any registered family: ``config`` (config.json in the family's format),
+    random weights under its official names, and ``tokenizer_from``'s tokenizer files."""
+    tensors = random_weights(config, tokenizer_from, seed, scale, norm_jitter)
+    return write_checkpoint(directory, config, tokenizer_from, TOKENIZER_FILES, tensors, shards=shards)
+
+
 def random_official_weights(cfg: LLaDAConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
     """Official-name tensors of a random LLaDA."""
-    return random_like(LLaDAModel(cfg).export_state_dict(), seed, scale, norm_jitter=0.1)
+    return random_weights(llada_config_dict(cfg), TINY_LLADA, seed, scale, norm_jitter=0.1)
 
 
 def write_checkpoint(
@@ -91,5 +122,5 @@ def write_llada_checkpoint(
     directory: Path, cfg: LLaDAConfig, tensors: dict[str, torch.Tensor], *, shards: int = 1
 ) -> Path:
     """A checkpoint directory in GSAI-ML/LLaDA's format, with the bundled model's tokenizer."""
-    files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    return write_checkpoint(directory, llada_config_dict(cfg), TINY_LLADA, files, tensors, shards=shards)
+    config = llada_config_dict(cfg)
+    return write_checkpoint(directory, config, TINY_LLADA, TOKENIZER_FILES, tensors, shards=shards)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
-from dllm_serve.models.nemotron import NemotronConfig, NemotronModel, nemotron_config_dict
-from tests.helpers import random_like, write_checkpoint
+from dllm_serve.models.nemotron import NemotronConfig, nemotron_config_dict
+from tests.helpers import TOKENIZER_FILES, random_weights, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def random_nemotron_config(**overrides) -> NemotronConfig:
@@ -44,7 +43,7 @@ def random_nemotron_weights(
     cfg: NemotronConfig, seed: int = 0, scale: float = 0.2
 ) -> dict[str, torch.Tensor]:
     """Published-name tensors of a random Nemotron."""
-    return random_like(NemotronModel(cfg).export_state_dict(), seed, scale, norm_jitter=0.2)
+    return random_weights(nemotron_config_dict(cfg), TINY_NEMOTRON, seed, scale, norm_jitter=0.2)
 
 
 def write_nemotron_checkpoint(

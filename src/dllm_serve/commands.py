@@ -232,7 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from dllm_serve.config import DEFAULT_MODEL
     from dllm_serve.engine.algorithms import describe_presets
-    from dllm_serve.models.loader import detect_family, resolve_model_path
+    from dllm_serve.models.loader import resolve_model_path
+    from dllm_serve.models.registry import detect_family
 
     path = resolve_model_path(args.model_path or DEFAULT_MODEL)
     config = json.loads((path / "config.json").read_text())

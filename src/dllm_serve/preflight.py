@@ -37,7 +37,8 @@ def check_gpus(gpus: int) -> None:
 
 def check_model(config: EngineConfig) -> None:
     """The checkpoint the engine would load exists and names an architecture we can serve."""
-    from dllm_serve.models.loader import detect_family, has_remote_code, read_config, resolve_model_path
+    from dllm_serve.models.loader import read_config, resolve_model_path
+    from dllm_serve.models.registry import detect_family, has_remote_code
 
     if config.dcp_path:
         from dllm_serve.checkpoints.layout import find_layout

@@ -25,7 +25,19 @@ LLADA_NAMES = {
     "dinfer_hierarchy": ("vicinity", "hierarchy"),
     "dinfer_credit": ("vicinity", "credit"),
 }
+# Dream's diffusion_generate (full attention: listed for every full-attention family).
+DREAM_NAMES = {
+    "dream_origin": ("none", "origin"),
+    "dream_maskgit_plus": ("none", "timestep"),
+    "dream_topk_margin": ("none", "timestep"),
+    "dream_entropy": ("none", "timestep"),
+}
+FULL_NAMES = {**LLADA_NAMES, **DREAM_NAMES}
 LLADA_ALIASES = {
+    "origin": "dream_origin",
+    "maskgit_plus": "dream_maskgit_plus",
+    "topk_margin": "dream_topk_margin",
+    "entropy": "dream_entropy",
     "basic": "llada",
     "no_cache": "llada",
     "prefix": "prefix_cache",
@@ -50,12 +62,12 @@ def param_error(algorithm: str = "dual_cache", max_new_tokens: int = 64, **overr
 # -- names ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [*LLADA_NAMES, *LLADA_ALIASES])
+@pytest.mark.parametrize("name", [*FULL_NAMES, *LLADA_ALIASES])
 def test_llada_names_and_aliases_resolve(name: str) -> None:
     canonical = LLADA_ALIASES.get(name, name)
     params = resolve(name)
     assert params.algorithm == canonical
-    assert (params.cache, params.rule) == LLADA_NAMES[canonical]
+    assert (params.cache, params.rule) == FULL_NAMES[canonical]
     assert canonical_name(name, "llada") == canonical
 
 
@@ -309,10 +321,10 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
-    assert set(listing) == {*LLADA_NAMES, "nemotron"}
+    assert set(listing) == {*FULL_NAMES, "nemotron"}
     aliases = {a: name for name, p in listing.items() for a in p["aliases"]}
     assert aliases == LLADA_ALIASES
-    for name, (cache, rule) in LLADA_NAMES.items():
+    for name, (cache, rule) in FULL_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"
         assert (entry["defaults"]["cache"], entry["defaults"]["rule"]) == (cache, rule)
@@ -326,7 +338,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert not {"algorithm", "gen_length", "steps", "seed"} & set(defaults)
     assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
-    assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
+    assert {p["name"] for p in describe_presets("llada")} == set(FULL_NAMES)
+    assert {p["name"] for p in describe_presets("dream")} == set(FULL_NAMES)
 
 
 def test_default_preset_per_engine() -> None:

@@ -76,7 +76,7 @@ def test_checkpoint_round_trip_and_loader(tmp_path):
     assert detect_family(config) == "dream"
     loaded = load_model(path)
     assert loaded.family == "dream"
-    assert loaded.model.decode_defaults["shift_logits"] is True
+    assert loaded.decode_defaults == {"shift_logits": True}
     exported = loaded.model.export_state_dict()
     assert set(exported) == set(weights)
     for name, tensor in weights.items():

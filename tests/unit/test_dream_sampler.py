@@ -172,7 +172,7 @@ def test_dream_presets_match_reference(loaded, case):
             "dream",
             gen,
             {**_overrides(opts), "seed": seed, "early_stop": False},
-            model_defaults=loaded.model.decode_defaults,
+            model_defaults=loaded.decode_defaults,
         )
         assert params.block_length == gen and params.shift_logits  # whole canvas, shifted logits
         requests.append(GenerationRequest(f"r{i}", prompt, params, gen))

@@ -107,7 +107,7 @@ def test_forward_flops_match_torch_flop_counter():
     """The analytic FLOPs equal what torch counts, op by op, for a GQA model with and without a cache."""
     cfg = random_llada_config(n_kv_heads=2, n_layers=2)
     model = LLaDAModel(cfg).eval()
-    shape = shape_from_config({**cfg.__dict__})
+    shape = shape_from_config({**cfg.__dict__, "model_type": "llada"})
     b, q = 2, 12
     ids = torch.randint(0, cfg.vocab_size, (b, q))
     pos = torch.arange(q).expand(b, q)

@@ -155,7 +155,7 @@ def test_dtype_dummy_and_roles(tmp_path):
     assert roles.eos_token_id == vocab["<|endoftext|>"]
     assert roles.eot_token_id == vocab["<|im_end|>"]
     assert set(loaded.tokenizer.stop_ids(roles.eos_token_id)) == {vocab["<|endoftext|>"], vocab["<|im_end|>"]}
-    assert bf16.decode_defaults == {"block_length": cfg.block_size, "shift_logits": False}
+    assert loaded.decode_defaults == {"block_length": cfg.block_size, "shift_logits": False}
 
 
 def test_family_comes_from_config_not_path(tmp_path):

@@ -142,7 +142,7 @@ def test_scoring_joins_generation_without_changing_its_tokens(family):
         loaded.family,
         32,
         {"seed": 1},
-        model_defaults=loaded.model.decode_defaults if block else None,
+        model_defaults=loaded.decode_defaults if block else None,
     )
     gen = GenerationRequest("g", context, params, 32)
     want = Engine(loaded, EngineConfig()).run_to_completion([gen])["g"].token_ids

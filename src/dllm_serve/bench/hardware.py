@@ -2,8 +2,9 @@
 
 The engine benchmark divides a step's FLOPs and bytes by these rates to say how close a step comes
 to the limit that binds it: compute (a large matmul in the model's dtype) or memory bandwidth (a
-weight-streaming GEMV, which is what a small-batch forward does). Shapes come from config.json
-(LLaDA's key names or the Hugging Face ones Nemotron/Qwen3 use); the per-call sizes come from the
+weight-streaming GEMV, which is what a small-batch forward does). Shapes come from config.json,
+read by the family's spec (``FamilySpec.cost_shape``: dense or MoE MLP, GQA, head_dim, biases);
+``ModelShape`` lives in models/family.py for that reason. The per-call sizes come from the
 runner's own report of each forward, so padding and cache spans are counted as the engine runs them
 (batch padding for a CUDA graph aside: only real rows count).
 """
@@ -18,72 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dllm_serve.models.family import ModelShape
+
 if TYPE_CHECKING:
     from dllm_serve.engine.runner import ForwardShape, Runner
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions that set a forward's cost."""
-
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    mlp_hidden: int
-    vocab_size: int  # rows of the LM head that are multiplied (the padded embedding size)
-    max_length: int  # the longest canvas the model takes (prompt + generation)
-
-    @property
-    def layer_matmul_params(self) -> int:
-        """Weights one token multiplies in one layer: QKV, output projection, SwiGLU (3 matrices)."""
-        q = self.n_heads * self.head_dim
-        kv = self.n_kv_heads * self.head_dim
-        return self.d_model * (q + 2 * kv) + q * self.d_model + 3 * self.d_model * self.mlp_hidden
-
-    @property
-    def head_params(self) -> int:
-        return self.d_model * self.vocab_size
-
-    @property
-    def streamed_params(self) -> int:
-        """Weights every forward reads in full: all layers and the LM head (embedding rows are gathered)."""
-        return self.n_layers * self.layer_matmul_params + self.head_params
-
-    def to_dict(self) -> dict[str, int]:
-        return {**asdict(self), "streamed_params": self.streamed_params}
-
-
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
-    """The shape of a LLaDA (``d_model``, ...) or Nemotron (``hidden_size``, ...) config.json, parsed by
-    the model's own config class so defaults (KV heads, head_dim, padded embedding) match the model."""
-    from dllm_serve.models.llada import LLaDAConfig
-    from dllm_serve.models.nemotron import NemotronConfig
+    """The cost shape of a config.json, as its family's spec reads it (models/registry.py), so
+    defaults (KV heads, head_dim, padded embedding, experts) match the model."""
+    from dllm_serve.models import registry
 
-    if "d_model" in config:
-        c = LLaDAConfig.from_dict(config)
-        return ModelShape(
-            d_model=c.d_model,
-            n_layers=c.n_layers,
-            n_heads=c.n_heads,
-            n_kv_heads=c.n_kv_heads,
-            head_dim=c.head_dim,
-            mlp_hidden=c.mlp_hidden_size,
-            vocab_size=c.embedding_size,
-            max_length=c.max_sequence_length,
-        )
-    n = NemotronConfig.from_dict(config)
-    return ModelShape(
-        d_model=n.hidden_size,
-        n_layers=n.num_hidden_layers,
-        n_heads=n.num_attention_heads,
-        n_kv_heads=n.num_key_value_heads,
-        head_dim=n.head_dim,
-        mlp_hidden=n.intermediate_size,
-        vocab_size=n.vocab_size,
-        max_length=n.max_position_embeddings,
-    )
+    return registry.get(registry.detect_family(config)).cost_shape(config)
 
 
 @dataclass

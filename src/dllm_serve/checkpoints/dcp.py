@@ -161,14 +161,14 @@ def base_weight_specs(base_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.
 
 
 def _native_specs(base_dir: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    from dllm_serve.models import loader
+    from dllm_serve.models import registry
     from dllm_serve.models.tokenizer import ChatTokenizer
 
     config = json.loads((base_dir / "config.json").read_text())
-    family = loader.detect_family(config)
+    spec = registry.get(registry.detect_family(config))
     with torch.device("meta"):
-        model = loader._builders()[family](config, ChatTokenizer(base_dir))
-    log.info("base model %s has no weights; using the %s model's official names", base_dir, family)
+        model = spec.build(config, ChatTokenizer(base_dir))
+    log.info("base model %s has no weights; using the %s model's official names", base_dir, spec.name)
     return {n: (tuple(t.shape), None) for n, t in model.export_state_dict().items()}
 
 

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dllm_serve.models import registry
+
 CACHES = ("none", "prefix", "dual", "vicinity", "committed")
 RULES = ("schedule", "threshold", "factor", "hierarchy", "credit", "timestep", "origin")
 # Dream's diffusion_generate rules (decoding/dream.py): they choose tokens Dream's way too.
@@ -85,7 +87,7 @@ class DecodeParams:
 class Preset:
     name: str
     engine: str
-    family: str  # model family that can run it
+    attention: str  # the attention the model must have: "full" or "block_causal" (models/family.py)
     cache: str
     rule: str
     aliases: tuple[str, ...] = ()
@@ -104,7 +106,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "llada",
             "fast-dllm",
-            "llada",
+            "full",
             "none",
             "schedule",
             ("basic", "no_cache"),
@@ -113,7 +115,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "prefix_cache",
             "fast-dllm",
-            "llada",
+            "full",
             "prefix",
             "threshold",
             ("prefix",),
@@ -122,7 +124,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dual_cache",
             "fast-dllm",
-            "llada",
+            "full",
             "dual",
             "threshold",
             ("dual",),
@@ -131,7 +133,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_blockwise",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "threshold",
             ("dinfer", "blockwise"),
@@ -140,7 +142,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_hierarchy",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "hierarchy",
             ("dinfer_hierarchical",),
@@ -149,7 +151,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dinfer_credit",
             "dinfer",
-            "llada",
+            "full",
             "vicinity",
             "credit",
             (),
@@ -159,7 +161,7 @@ PRESETS: dict[str, Preset] = {
             Preset(
                 f"dream_{alg}",
                 "dream",
-                "dream",
+                "full",
                 "none",
                 "origin" if alg == "origin" else "timestep",
                 (alg,),
@@ -177,7 +179,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "nemotron",
             "nemotron",
-            "nemotron",
+            "block_causal",
             "committed",
             "threshold",
             (),
@@ -202,7 +204,9 @@ OVERRIDABLE = tuple(
 
 
 def presets_for(family: str) -> list[Preset]:
-    return [p for p in PRESETS.values() if p.family == family]
+    """The presets a registered model family can run: those declaring its attention kind."""
+    attention = registry.get(family).attention
+    return [p for p in PRESETS.values() if p.attention == attention]
 
 
 def canonical_name(name: str, family: str) -> str:
@@ -215,7 +219,7 @@ def canonical_name(name: str, family: str) -> str:
     if key not in ALIASES:
         raise ParamError("algorithm", f"unknown algorithm {name!r}; valid for this model: {listing}")
     preset = PRESETS[ALIASES[key]]
-    if preset.family != family:
+    if preset not in valid:
         raise ParamError(
             "algorithm",
             f"algorithm {preset.name!r} cannot run on a {family} model; valid for this model: {listing}",
@@ -224,13 +228,13 @@ def canonical_name(name: str, family: str) -> str:
 
 
 def default_preset(engine: str, family: str) -> str:
-    """The server's default preset for ``--engine`` (``auto`` picks by model family)."""
+    """The server's default preset for ``--engine`` (``auto``: the family's own, from its spec)."""
     if engine == "auto":
-        engine = {"nemotron": "nemotron", "dream": "dream"}.get(family, "dinfer")
+        return registry.get(family).default_preset
     if engine not in ENGINE_DEFAULT_PRESET:
         raise ValueError(f"unknown engine {engine!r}; choose auto, {', '.join(ENGINE_DEFAULT_PRESET)}")
     name = ENGINE_DEFAULT_PRESET[engine]
-    if PRESETS[name].family != family:
+    if PRESETS[name] not in presets_for(family):
         raise ValueError(f"engine {engine!r} cannot serve a {family} model")
     return name
 
@@ -367,9 +371,8 @@ def _validate(p: DecodeParams) -> None:
 def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
     """Presets, aliases and defaults, as served by GET /v1/algorithms."""
     out = []
-    for p in PRESETS.values():
-        if family and p.family != family:
-            continue
+    for p in PRESETS.values() if family is None else presets_for(family):
+        families = [spec.name for spec in registry.families_with_attention(p.attention)]
         base = DecodeParams(
             algorithm=p.name,
             cache=p.cache,
@@ -388,7 +391,10 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
                 "name": p.name,
                 "aliases": list(p.aliases),
                 "engine": p.engine,
-                "model_family": p.family,
+                "attention": p.attention,
+                # The loaded model's family, or (no model) the first registered family that runs it.
+                "model_family": family or (families[0] if families else None),
+                "model_families": families,
                 "description": p.description,
                 "defaults": defaults,
             }

@@ -22,7 +22,9 @@ from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
 from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models.loader import LoadedModel, has_remote_code, load_model, resolve_model_path
+from dllm_serve.models import registry
+from dllm_serve.models.loader import LoadedModel, load_model, resolve_model_path
+from dllm_serve.models.registry import has_remote_code
 from dllm_serve.threads import apply_threads
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,10 @@ class EngineBase:
             if self.config.algorithm
             else default_preset(self.config.engine, family)
         )
+        # Block-causal attention (models/family.py): likelihoods use the block-diffusion estimator.
+        self.block_diffusion = registry.get(family).attention == "block_causal"
         # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).
-        self.model_defaults: dict[str, Any] = dict(getattr(loaded.model, "decode_defaults", None) or {})
+        self.model_defaults: dict[str, Any] = dict(loaded.decode_defaults)
         self.step_observers: list[Callable[[StepInfo], None]] = []
         self.forwards = 0
         self.steps = 0

@@ -7,8 +7,9 @@ the caller wants. Rows never need left padding: the engine right-pads spans and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +47,43 @@ class KVView(Protocol):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+OfficialNames = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """A family's table from internal parameter names to the published tensor names.
+
+    ``top`` maps parameters of the model itself (``embed.weight``, ``norm``, ``head.weight``);
+    ``layers`` maps parameters inside ``layers.{i}`` to official names containing ``{i}``. A tuple
+    of official names is a fused parameter: the official tensors concatenated along dim 0, in that
+    order (``qkv.weight`` from q, k, v; ``gate_up.weight`` from gate, up); exporting splits it again
+    by the layer's ``splits`` (equal parts when it names none). Entries whose parameter the model
+    does not have (an untied head, q/k norms, biases switched off) are skipped. ``optional`` names
+    tensors a checkpoint may carry that the model does not use (a tied model's stored head).
+    """
+
+    top: Mapping[str, OfficialNames]
+    layers: Mapping[str, OfficialNames]
+    optional: tuple[str, ...] = ()
+
+
+def _names(official: OfficialNames) -> tuple[str, ...]:
+    return (official,) if isinstance(official, str) else tuple(official)
+
+
 class DiffusionLM(nn.Module):
     """Base class: a bidirectional (or block-causal) denoiser returning logits.
 
     The architectures differ inside their layers only, so the stack's forward lives here. A subclass
     builds ``embed`` (token embedding), ``layers`` (each called as ``layer(x, cos, sin, bias, kv, i)``),
     ``norm`` (final RMSNorm weight), ``head`` (output ``nn.Linear``, or None when tied to ``embed``)
-    and ``rotary``, and sets ``norm_eps``.
+    and ``rotary``, sets ``norm_eps``, and declares ``weight_names`` (its checkpoint's tensor names)
+    and ``title`` (for messages); loading and exporting the official checkpoint are written here once.
     """
+
+    weight_names: ClassVar[WeightNames]
+    title: ClassVar[str] = "native"
 
     roles: TokenRoles
     vocab_size: int
@@ -97,6 +127,67 @@ class DiffusionLM(nn.Module):
         x = rms_norm(hidden, self.norm, self.norm_eps)
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(x, weight)[..., : self.vocab_size]  # LLaDA pads its embedding past the vocab
+
+    # -- official checkpoint names ------------------------------------------------------------
+
+    def weight_map(self) -> dict[str, tuple[str, ...]]:
+        """Every parameter's official tensor name(s), from the family's ``weight_names`` table."""
+        params = dict(self.named_parameters())
+        table = self.weight_names
+        out = {k: _names(v) for k, v in table.top.items() if k in params}
+        for i in range(len(self.layers)):
+            for internal, official in table.layers.items():
+                name = f"layers.{i}.{internal}"
+                if name in params:
+                    out[name] = tuple(n.format(i=i) for n in _names(official))
+        unmapped = sorted(set(params) - set(out))
+        if unmapped:  # a module added without its row in the table: a bug, not a checkpoint problem
+            raise TypeError(f"{type(self).__name__}.weight_names does not map {unmapped[:5]}")
+        return out
+
+    def load_official(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors named as in the published checkpoint into the (fused) parameters.
+
+        A missing tensor or one the model does not use is a ``KeyError`` naming it; a shape that
+        differs is torch's ``RuntimeError``.
+        """
+        params = dict(self.named_parameters())
+        used: set[str] = set()
+        with torch.no_grad():
+            for internal, names in self.weight_map().items():
+                parts = []
+                for name in names:
+                    if name not in tensors:
+                        raise KeyError(f"checkpoint is missing tensor {name!r}")
+                    used.add(name)
+                    parts.append(tensors[name])
+                params[internal].copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+        used.update(n for n in self.weight_names.optional if n in tensors)
+        unexpected = sorted(set(tensors) - used)
+        if unexpected:
+            raise KeyError(f"checkpoint has tensors the {self.title} model does not use: {unexpected[:5]}")
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the official names (fused parameters split; contiguous copies).
+
+        ``scripts/train_tiny.py`` saves its checkpoints with it, the DCP converter reads the names
+        and shapes from it (on the meta device), and tests build random official checkpoints.
+        """
+        params = dict(self.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for internal, names in self.weight_map().items():
+            tensor = params[internal]
+            pieces = [tensor] if len(names) == 1 else tensor.split(self._split_sizes(internal, len(names)))
+            out.update(zip(names, pieces, strict=True))
+        return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+    def _split_sizes(self, internal: str, parts: int) -> list[int]:
+        """Rows of each official tensor in a fused parameter: the layer's ``splits`` or equal parts."""
+        path = internal.split(".")
+        module = self.layers[int(path[1])] if path[0] == "layers" else self
+        rows = self.get_parameter(internal).shape[0]
+        sizes = getattr(module, "splits", {}).get(path[-2] if path[0] == "layers" else internal)
+        return list(sizes) if sizes is not None else [rows // parts] * parts
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,11 +254,27 @@ def gather_positions(hidden: torch.Tensor, logits_index: torch.Tensor | None) ->
     return torch.gather(hidden, 1, idx)
 
 
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dimensions of each head, the rest passed through
+    (partial rotary); the whole head when the rotary width is the head's."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
+
+
 class DecoderLayer(nn.Module):
     """Pre-RMSNorm attention and SwiGLU MLP with fused QKV and gate/up projections, grouped-query
     attention, RoPE on q and k, and (Qwen3 / Nemotron) optional per-head RMSNorm of q and k before
     RoPE. A LLaDA block is this layer without the q/k norms; the models differ in tensor names only,
-    which their ``load_official`` / ``export_state_dict`` map."""
+    which their ``weight_names`` table maps.
+
+    Seams for the families that differ a little: ``qkv_bias`` / ``o_bias`` (Qwen2-style attention
+    biases), partial rotary (the model builds its ``RotaryEmbedding`` with fewer dimensions than
+    ``head_dim``; the rest of each head is not rotated), and ``mlp`` (override it, and the modules it
+    uses, for a mixture-of-experts MLP). ``splits`` gives the rows of each official tensor fused
+    into one parameter, for exporting.
+    """
 
     def __init__(
         self,
@@ -180,6 +287,7 @@ class DecoderLayer(nn.Module):
         qk_norm: bool,
         *,
         qkv_bias: bool = False,
+        o_bias: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
@@ -187,10 +295,18 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.Parameter(torch.ones(hidden))
         self.q_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
         self.k_norm = nn.Parameter(torch.ones(head_dim)) if qk_norm else None
-        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)  # Qwen2: biased
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
         self.gate_up = nn.Linear(hidden, 2 * mlp, bias=False)
         self.down = nn.Linear(mlp, hidden, bias=False)
+        self.splits: dict[str, list[int]] = {
+            "qkv": [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        }
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU over the fused gate/up projection."""
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
     def forward(
         self,
@@ -210,13 +326,11 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin)
+        k = apply_partial_rope(k.transpose(1, 2), cos, sin)
         v = v.view(b, q_len, nkv, hd).transpose(1, 2)
         if kv is not None:
             k, v = kv.update(layer, k, v)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=nkv != nh)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, q_len, nh * hd))
-        h = rms_norm(x, self.mlp_norm, self.eps)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return x + self.mlp(rms_norm(x, self.mlp_norm, self.eps))

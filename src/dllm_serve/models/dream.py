@@ -4,7 +4,7 @@ Dream is Qwen2.5's transformer used without a causal mask (``model_type`` ``Drea
 ``DreamModel``): grouped-query attention whose q/k/v projections carry a bias (o_proj does not),
 rotate-half RoPE, RMSNorm, SwiGLU, an untied ``lm_head``. Its logits are *shifted*: the output at
 position i predicts token i + 1, so the engine reads position p's logits from p - 1
-(``decode_defaults['shift_logits']``). Tensor names are the checkpoint's (``model.layers.N.self_attn.q_proj``
+(the spec's ``shift_logits``). Tensor names are the checkpoint's (``model.layers.N.self_attn.q_proj``
 ...); Q/K/V (weights and biases) and gate/up are fused at load, as in the other families.
 
 Facts (config keys and defaults, tensor names, biases, the shift) come from the published
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 MODEL_TYPE = "Dream"
@@ -93,8 +94,32 @@ class DreamConfig:
         )
 
 
+_LAYER = PREFIX + "layers.{i}."
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "embed_tokens.weight",
+        "norm": PREFIX + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
+        "qkv.bias": tuple(_LAYER + f"self_attn.{x}_proj.bias" for x in "qkv"),
+        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
+
+
 class DreamModel(DiffusionLM):
     """Qwen2 stack without a causal mask; logits from ``lm_head`` (or the tied embedding), shifted."""
+
+    weight_names = WEIGHT_NAMES
+    title = "Dream"
 
     def __init__(self, cfg: DreamConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
@@ -105,8 +130,6 @@ class DreamModel(DiffusionLM):
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        # Dream's logits at position i predict token i + 1 (generation_utils.py shifts them right).
-        self.decode_defaults: dict[str, Any] = {"shift_logits": True}
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -127,72 +150,6 @@ class DreamModel(DiffusionLM):
         )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.norm_eps = cfg.rms_norm_eps
-
-    # -- official checkpoint names ------------------------------------------------------------
-
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in the published checkpoint into the fused modules."""
-        used: set[str] = set()
-
-        def take(key: str) -> torch.Tensor:
-            if key not in tensors:
-                raise KeyError(f"checkpoint is missing tensor {key!r}")
-            used.add(key)
-            return tensors[key]
-
-        with torch.no_grad():
-            self.embed.weight.copy_(take(PREFIX + "embed_tokens.weight"))
-            self.norm.copy_(take(PREFIX + "norm.weight"))
-            if self.head is not None:
-                self.head.weight.copy_(take(HEAD))
-            elif HEAD in tensors:  # tied checkpoints may still store the (identical) head
-                used.add(HEAD)
-            for i, layer in enumerate(self.layers):
-                p = f"{PREFIX}layers.{i}."
-                a = p + "self_attn."
-                layer.attn_norm.copy_(take(p + "input_layernorm.weight"))
-                layer.mlp_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                for kind in ("weight", "bias"):
-                    fused = [take(f"{a}{proj}_proj.{kind}") for proj in ("q", "k", "v")]
-                    getattr(layer.qkv, kind).copy_(torch.cat(fused))
-                layer.o_proj.weight.copy_(take(a + "o_proj.weight"))
-                layer.gate_up.weight.copy_(
-                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-                )
-                layer.down.weight.copy_(take(p + "mlp.down_proj.weight"))
-        unexpected = sorted(set(tensors) - used)
-        if unexpected:
-            raise KeyError(f"checkpoint has tensors the Dream model does not use: {unexpected[:5]}")
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under the published names (un-fused, contiguous copies)."""
-        cfg = self.cfg
-        hd = cfg.head_dim
-        sizes = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
-        out: dict[str, torch.Tensor] = {
-            PREFIX + "embed_tokens.weight": self.embed.weight,
-            PREFIX + "norm.weight": self.norm,
-        }
-        if self.head is not None:
-            out[HEAD] = self.head.weight
-        for i, layer in enumerate(self.layers):
-            p = f"{PREFIX}layers.{i}."
-            a = p + "self_attn."
-            for kind in ("weight", "bias"):
-                parts = getattr(layer.qkv, kind).split(sizes)
-                out.update({f"{a}{proj}_proj.{kind}": t for proj, t in zip("qkv", parts, strict=True)})
-            gate, up = layer.gate_up.weight.chunk(2)
-            out.update(
-                {
-                    p + "input_layernorm.weight": layer.attn_norm,
-                    p + "post_attention_layernorm.weight": layer.mlp_norm,
-                    a + "o_proj.weight": layer.o_proj.weight,
-                    p + "mlp.gate_proj.weight": gate,
-                    p + "mlp.up_proj.weight": up,
-                    p + "mlp.down_proj.weight": layer.down.weight,
-                }
-            )
-        return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
@@ -231,3 +188,99 @@ def dream_config_dict(cfg: DreamConfig) -> dict[str, Any]:
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
     return out
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by DreamConfig so defaults (KV heads) match."""
+    c = DreamConfig.from_dict(config)
+    return ModelShape(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_length=c.max_position_embeddings,
+        attention_bias=True,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-dream (scripts/train_tiny.py)."""
+    cfg = DreamConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+    )
+    return dream_config_dict(cfg)
+
+
+# Dream's special tokens by string (151643, 151644, 151645, 151666 in the 7B vocabulary).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+# Qwen2.5's ChatML as Dream-Instruct uses it: Qwen's default system message when none is given.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="dream",
+    title="Dream",
+    model_types=(MODEL_TYPE.lower(),),
+    architectures=("dreammodel",),
+    build=build,
+    attention="full",
+    default_preset="dinfer_blockwise",
+    cost_shape=cost_shape,
+    shift_logits=True,  # generation_utils.py: logits = cat(logits[:, :1], logits[:, :-1])
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|im_end|>",
+        mask="<|mask|>",
+        tokenizer_config={
+            # Dream itself ships Qwen2's BPE as remote code ("DreamTokenizer": vocab.json + merges.txt,
+            # read natively as Qwen2's tokenizer). Qwen2's pre-tokenizer splits every digit, which would
+            # push the task suite's longest answers past a 32-token canvas, so the tiny model keeps a
+            # tokenizer.json (docs/dream.md).
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "errors": "replace",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+        },
+        config=tiny_config,
+        objective="masked_diffusion",
+        # Full attention over the whole canvas, like LLaDA: every max_tokens a client may ask for.
+        canvas_lengths=(32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
+        default_kv_heads=2,
+    ),
+)

@@ -1,8 +1,10 @@
 """Native LLaDA (GSAI-ML/LLaDA-8B-Instruct, LLaDA-1.5) in plain PyTorch.
 
 Reads the official config keys and safetensors names; projections are fused at load (QKV, and the
-gate/up pair of the SwiGLU MLP) so a step launches fewer, larger matmuls. ``export_state_dict``
-writes the official names back, which is how ``scripts/train_tiny.py`` saves its checkpoint.
+gate/up pair of the SwiGLU MLP) so a step launches fewer, larger matmuls. ``WEIGHT_NAMES`` is the
+table from those fused parameters to the official names, which ``models/base.py`` loads and exports
+(``export_state_dict`` is how ``scripts/train_tiny.py`` saves its checkpoint). ``SPEC`` registers
+the family (models/registry.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from dllm_serve.models.base import (
     DiffusionLM,
     RotaryEmbedding,
     TokenRoles,
+    WeightNames,
 )
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
+from dllm_serve.models.tokenizer import ChatTokenizer
 
 PREFIX = "model.transformer."
 
@@ -109,8 +114,29 @@ def unsupported_options(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
+# Internal parameter -> official tensor name(s) (models/base.py WeightNames); tuples are fused.
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "wte.weight",
+        "norm": PREFIX + "ln_f.weight",
+        "head.weight": PREFIX + "ff_out.weight",
+    },
+    layers={
+        "attn_norm": PREFIX + "blocks.{i}.attn_norm.weight",
+        "mlp_norm": PREFIX + "blocks.{i}.ff_norm.weight",
+        "qkv.weight": tuple(PREFIX + f"blocks.{{i}}.{x}_proj.weight" for x in "qkv"),
+        "o_proj.weight": PREFIX + "blocks.{i}.attn_out.weight",
+        "gate_up.weight": (PREFIX + "blocks.{i}.ff_proj.weight", PREFIX + "blocks.{i}.up_proj.weight"),
+        "down.weight": PREFIX + "blocks.{i}.ff_out.weight",
+    },
+)
+
+
 class LLaDAModel(DiffusionLM):
     """LLaDA's masked-diffusion transformer: bidirectional attention, SwiGLU MLP, RMSNorm, RoPE."""
+
+    weight_names = WEIGHT_NAMES
+    title = "LLaDA"
 
     def __init__(self, cfg: LLaDAConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
@@ -138,71 +164,6 @@ class LLaDAModel(DiffusionLM):
         self.head = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.norm_eps = cfg.rms_norm_eps
-
-    # -- official checkpoint names ------------------------------------------------------------
-
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in the official checkpoint into the fused modules."""
-        cfg = self.cfg
-        used: set[str] = set()
-
-        def take(name: str) -> torch.Tensor:
-            key = PREFIX + name
-            if key not in tensors:
-                raise KeyError(f"checkpoint is missing tensor {key!r}")
-            used.add(key)
-            return tensors[key]
-
-        with torch.no_grad():
-            self.embed.weight.copy_(take("wte.weight"))
-            self.norm.copy_(take("ln_f.weight"))
-            if self.head is not None:
-                self.head.weight.copy_(take("ff_out.weight"))
-            for i, blk in enumerate(self.layers):
-                p = f"blocks.{i}."
-                blk.attn_norm.copy_(take(p + "attn_norm.weight"))
-                blk.mlp_norm.copy_(take(p + "ff_norm.weight"))
-                blk.qkv.weight.copy_(
-                    torch.cat(
-                        [take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")]
-                    )
-                )
-                blk.o_proj.weight.copy_(take(p + "attn_out.weight"))
-                blk.gate_up.weight.copy_(torch.cat([take(p + "ff_proj.weight"), take(p + "up_proj.weight")]))
-                blk.down.weight.copy_(take(p + "ff_out.weight"))
-        unexpected = sorted(set(tensors) - used)
-        if unexpected:
-            raise KeyError(f"checkpoint has tensors the LLaDA model does not use: {unexpected[:5]}")
-        del cfg
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights under the official LLaDA names (un-fused, contiguous copies)."""
-        cfg = self.cfg
-        hd = cfg.head_dim
-        out: dict[str, torch.Tensor] = {
-            PREFIX + "wte.weight": self.embed.weight,
-            PREFIX + "ln_f.weight": self.norm,
-        }
-        if self.head is not None:
-            out[PREFIX + "ff_out.weight"] = self.head.weight
-        for i, blk in enumerate(self.layers):
-            p = f"{PREFIX}blocks.{i}."
-            q, k, v = blk.qkv.weight.split([cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd])
-            gate, up = blk.gate_up.weight.chunk(2)
-            out.update(
-                {
-                    p + "attn_norm.weight": blk.attn_norm,
-                    p + "ff_norm.weight": blk.mlp_norm,
-                    p + "q_proj.weight": q,
-                    p + "k_proj.weight": k,
-                    p + "v_proj.weight": v,
-                    p + "attn_out.weight": blk.o_proj.weight,
-                    p + "ff_proj.weight": gate,
-                    p + "up_proj.weight": up,
-                    p + "ff_out.weight": blk.down.weight,
-                }
-            )
-        return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def llada_config_dict(cfg: LLaDAConfig) -> dict[str, Any]:
@@ -258,3 +219,101 @@ def llada_config_dict(cfg: LLaDAConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "weight_tying": cfg.weight_tying,
     }
+
+
+def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
+    """The loader's entry point: config.json as a dict and the checkpoint's tokenizer."""
+    return LLaDAModel(LLaDAConfig.from_dict(config), eot_token_id=tokenizer.end_of_turn_id)
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by LLaDAConfig so defaults (KV heads, padded embedding) match."""
+    c = LLaDAConfig.from_dict(config)
+    return ModelShape(
+        d_model=c.d_model,
+        n_layers=c.n_layers,
+        n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.mlp_hidden_size,
+        vocab_size=c.embedding_size,
+        max_length=c.max_sequence_length,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-llada (scripts/train_tiny.py)."""
+    cfg = LLaDAConfig(
+        d_model=shape.d_model,
+        n_layers=shape.layers,
+        n_heads=shape.heads,
+        n_kv_heads=shape.kv_heads,
+        mlp_hidden_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        embedding_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_sequence_length=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+    )
+    return llada_config_dict(cfg)
+
+
+SPECIAL_TOKENS = (
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|mdm_mask|>",
+)
+# LLaDA-8B-Instruct's template: Llama-3 headers, bos on the first message, content trimmed.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + text | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="llada",
+    title="LLaDA",
+    model_types=("llada",),
+    architectures=("llada",),
+    build=build,
+    attention="full",
+    default_preset="dinfer_blockwise",
+    cost_shape=cost_shape,
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|eot_id|>",
+        mask="<|mdm_mask|>",
+        tokenizer_config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mdm_mask|>",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+        },
+        config=tiny_config,
+        objective="masked_diffusion",
+        # LLaDA attends over the whole canvas, so it must see every max_tokens a client may ask for
+        # (32..512; trained on 32-96 only it answered nothing at 256).
+        canvas_lengths=(32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
+    ),
+)

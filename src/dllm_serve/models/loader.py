@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 
+from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
+from dllm_serve.models.registry import detect_family
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:
@@ -59,9 +60,12 @@ def read_config(path: Path) -> dict[str, Any]:
 class LoadedModel:
     model: DiffusionLM | RemoteModel  # RemoteModel: the checkpoint's own code (--trust-remote-code)
     tokenizer: ChatTokenizer
-    family: str  # "llada" | "nemotron"
+    family: str  # a registered family's name (models/registry.py)
     path: Path
     config: dict[str, Any]
+    # Decoding defaults the checkpoint implies (DecodeParams field names: Nemotron's block_size ->
+    # block_length, shift_logits); precedence: preset < these < the request.
+    decode_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
@@ -90,38 +94,6 @@ def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
             f"`hf download {text}`, or pass a local directory"
         )
     raise ModelNotFoundError(f"model path {path} does not exist")
-
-
-# transformers auto classes a checkpoint's auto_map may name for its own model code, preferred first.
-REMOTE_AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
-
-
-def has_remote_code(config: dict[str, Any]) -> bool:
-    """Whether config.json points transformers at modeling code shipped with the checkpoint."""
-    auto_map = config.get("auto_map") or {}
-    return any(key in auto_map for key in REMOTE_AUTO_CLASSES)
-
-
-def detect_family(config: dict[str, Any]) -> str:
-    """The architecture named by config.json (model_type / architectures), never by the path."""
-    model_type = str(config.get("model_type", "")).lower()
-    archs = [a.lower() for a in config.get("architectures") or []]
-    if model_type == "llada" or any("llada" in a for a in archs):
-        return "llada"
-    if model_type in {"nvrdiff", "nemotron_diffusion"} or any("diffencoder" in a for a in archs):
-        return "nemotron"
-    if model_type == "dream" or "dreammodel" in archs:
-        return "dream"
-    hint = (
-        "; it ships its own modeling code (auto_map): pass --trust-remote-code to serve it through that code"
-        if has_remote_code(config)
-        else ""
-    )
-    raise ValueError(
-        f"unsupported model: model_type={config.get('model_type')!r}, "
-        f"architectures={config.get('architectures')}; "
-        f"supported: LLaDA (model_type 'llada') and Nemotron diffusion (DiffEncoderModel){hint}"
-    )
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
@@ -162,24 +134,6 @@ def load_tokenizer(path: Path) -> ChatTokenizer:
         raise CheckpointLoadError(f"cannot load the tokenizer in {path}: {one_line(exc)}") from exc
 
 
-def _builders() -> dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]]:
-    from dllm_serve.models import llada
-
-    def build_llada(cfg: dict[str, Any], tok: ChatTokenizer) -> DiffusionLM:
-        return llada.LLaDAModel(llada.LLaDAConfig.from_dict(cfg), eot_token_id=tok.end_of_turn_id)
-
-    builders: dict[str, Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]] = {"llada": build_llada}
-    try:
-        from dllm_serve.models import nemotron
-    except ImportError:  # the Nemotron model lands in its own module
-        return builders
-    builders["nemotron"] = nemotron.build
-    from dllm_serve.models import dream
-
-    builders["dream"] = dream.build
-    return builders
-
-
 def load_model(
     name_or_path: str | os.PathLike[str],
     *,
@@ -195,10 +149,10 @@ def load_model(
         raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     path = resolve_model_path(name_or_path)
     config = read_config(path)
-    family = detect_family(config)
+    spec = registry.get(detect_family(config))
     tokenizer = load_tokenizer(Path(tokenizer_path or path))
     with torch.device("meta"):
-        model = _builders()[family](config, tokenizer)
+        model = spec.build(config, tokenizer)
     # Allocate straight in the target dtype (a bf16 8B model never exists in float32 on the device);
     # weights are cast as they are copied in. RoPE frequencies are computed afterwards, in float32.
     model = model.to(dtype=DTYPES[dtype]).to_empty(device=device)
@@ -210,12 +164,20 @@ def load_model(
             model.load_official(tensors)
         except (KeyError, RuntimeError, ValueError) as exc:  # a missing tensor, a shape that differs
             raise CheckpointLoadError(
-                f"weights in {path} do not fit the {family} model its config.json describes: {one_line(exc)}"
+                f"weights in {path} do not fit the {spec.name} model its config.json describes: "
+                f"{one_line(exc)}"
             ) from exc
     model.rotary.reset()
     model.eval().requires_grad_(False)
-    log.info("loaded %s model from %s (%s, %s, %s)", family, path, dtype, device, load_format)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=path, config=config)
+    log.info("loaded %s model from %s (%s, %s, %s)", spec.name, path, dtype, device, load_format)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=spec.name,
+        path=path,
+        config=config,
+        decode_defaults=spec.defaults_for(config),
+    )
 
 
 def _init_dummy(model: DiffusionLM) -> None:

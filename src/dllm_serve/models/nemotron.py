@@ -3,8 +3,9 @@
 The published checkpoint is a Qwen3 decoder stack used as a (bidirectional or block-causal)
 encoder, ``encoder.*``, plus a linear ``diffusion_head`` (hidden -> vocab, no bias). Attention is
 Qwen3's: grouped-query, per-head RMSNorm on queries and keys before rotate-half RoPE. Q/K/V and the
-gate/up pair are fused at load, like ``llada.py``; ``export_state_dict`` writes the official names
-back (that is how ``scripts/train_tiny.py --family nemotron`` saves the bundled checkpoint).
+gate/up pair are fused at load, like ``llada.py``; ``WEIGHT_NAMES`` maps them to the published names
+(``export_state_dict`` writes them back: that is how ``scripts/train_tiny.py --family nemotron``
+saves the bundled checkpoint). ``SPEC`` registers the family (models/registry.py).
 
 Which keys each query sees is decided by the caller's attention mask (the engine's committed-
 context plan), so one forward serves every ``dlm_paradigm`` that decodes by blocks; the paradigm
@@ -24,7 +25,9 @@ from dllm_serve.models.base import (
     DiffusionLM,
     RotaryEmbedding,
     TokenRoles,
+    WeightNames,
 )
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 ENCODER = "encoder."
@@ -124,8 +127,33 @@ class NemotronConfig:
         )
 
 
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
+_LAYER = ENCODER + "layers.{i}."
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": ENCODER + "embed_tokens.weight",
+        "norm": ENCODER + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
+        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+        "q_norm": _LAYER + "self_attn.q_norm.weight",
+        "k_norm": _LAYER + "self_attn.k_norm.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
+
+
 class NemotronModel(DiffusionLM):
     """Qwen3 stack as a diffusion denoiser; logits come from ``diffusion_head`` (or the tied embedding)."""
+
+    weight_names = WEIGHT_NAMES
+    title = "Nemotron"
 
     def __init__(self, cfg: NemotronConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
@@ -136,11 +164,6 @@ class NemotronModel(DiffusionLM):
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        # Decoding defaults the checkpoint implies (DecodeParams field names), for resolve_params.
-        self.decode_defaults: dict[str, Any] = {
-            "block_length": cfg.block_size,
-            "shift_logits": cfg.shift_logits,
-        }
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -160,82 +183,6 @@ class NemotronModel(DiffusionLM):
         )
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.norm_eps = cfg.rms_norm_eps
-
-    # -- official checkpoint names ------------------------------------------------------------
-
-    def load_official(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors named as in the published checkpoint into the fused modules."""
-        used: set[str] = set()
-
-        def take(key: str) -> torch.Tensor:
-            if key not in tensors:
-                raise KeyError(f"checkpoint is missing tensor {key!r}")
-            used.add(key)
-            return tensors[key]
-
-        with torch.no_grad():
-            self.embed.weight.copy_(take(ENCODER + "embed_tokens.weight"))
-            self.norm.copy_(take(ENCODER + "norm.weight"))
-            if self.head is not None:
-                self.head.weight.copy_(take(HEAD))
-            elif HEAD in tensors:  # tied checkpoints may still store the (identical) head
-                used.add(HEAD)
-            for i, layer in enumerate(self.layers):
-                p = f"{ENCODER}layers.{i}."
-                a = p + "self_attn."
-                layer.attn_norm.copy_(take(p + "input_layernorm.weight"))
-                layer.mlp_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                if layer.q_norm is not None:
-                    layer.q_norm.copy_(take(a + "q_norm.weight"))
-                    layer.k_norm.copy_(take(a + "k_norm.weight"))
-                layer.qkv.weight.copy_(
-                    torch.cat(
-                        [take(a + "q_proj.weight"), take(a + "k_proj.weight"), take(a + "v_proj.weight")]
-                    )
-                )
-                layer.o_proj.weight.copy_(take(a + "o_proj.weight"))
-                layer.gate_up.weight.copy_(
-                    torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-                )
-                layer.down.weight.copy_(take(p + "mlp.down_proj.weight"))
-        unexpected = sorted(set(tensors) - used)
-        if unexpected:
-            raise KeyError(f"checkpoint has tensors the Nemotron model does not use: {unexpected[:5]}")
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under the published names (un-fused, contiguous copies)."""
-        cfg = self.cfg
-        hd = cfg.head_dim
-        out: dict[str, torch.Tensor] = {
-            ENCODER + "embed_tokens.weight": self.embed.weight,
-            ENCODER + "norm.weight": self.norm,
-        }
-        if self.head is not None:
-            out[HEAD] = self.head.weight
-        for i, layer in enumerate(self.layers):
-            p = f"{ENCODER}layers.{i}."
-            a = p + "self_attn."
-            q, k, v = layer.qkv.weight.split(
-                [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
-            )
-            gate, up = layer.gate_up.weight.chunk(2)
-            out.update(
-                {
-                    p + "input_layernorm.weight": layer.attn_norm,
-                    p + "post_attention_layernorm.weight": layer.mlp_norm,
-                    a + "q_proj.weight": q,
-                    a + "k_proj.weight": k,
-                    a + "v_proj.weight": v,
-                    a + "o_proj.weight": layer.o_proj.weight,
-                    p + "mlp.gate_proj.weight": gate,
-                    p + "mlp.up_proj.weight": up,
-                    p + "mlp.down_proj.weight": layer.down.weight,
-                }
-            )
-            if layer.q_norm is not None:
-                out[a + "q_norm.weight"] = layer.q_norm
-                out[a + "k_norm.weight"] = layer.k_norm
-        return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
@@ -277,3 +224,103 @@ def nemotron_config_dict(cfg: NemotronConfig) -> dict[str, Any]:
     if cfg.bos_token_id is not None:
         out["bos_token_id"] = cfg.bos_token_id
     return out
+
+
+def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's block size and logits shift, as DecodeParams fields (block_length, shift_logits)."""
+    cfg = NemotronConfig.from_dict(config)
+    return {"block_length": cfg.block_size, "shift_logits": cfg.shift_logits}
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by NemotronConfig so defaults (KV heads, head_dim) match."""
+    n = NemotronConfig.from_dict(config)
+    return ModelShape(
+        d_model=n.hidden_size,
+        n_layers=n.num_hidden_layers,
+        n_heads=n.num_attention_heads,
+        n_kv_heads=n.num_key_value_heads,
+        head_dim=n.head_dim,
+        mlp_hidden=n.intermediate_size,
+        vocab_size=n.vocab_size,
+        max_length=n.max_position_embeddings,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-nemotron (scripts/train_tiny.py)."""
+    cfg = NemotronConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d_model // shape.heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+        dlm_paradigm="block_diff",
+        block_size=shape.block_size,
+    )
+    return nemotron_config_dict(cfg)
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="nemotron",
+    title="Nemotron diffusion",
+    model_types=(MODEL_TYPE, "nemotron_diffusion"),
+    architectures=("diffencoder",),
+    build=build,
+    attention="block_causal",
+    default_preset="nemotron",
+    cost_shape=cost_shape,
+    decode_defaults=decode_defaults,
+    remote_code=True,
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|im_end|>",
+        mask="<|mask|>",
+        tokenizer_config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+        },
+        config=tiny_config,
+        objective="block_diffusion",
+        # Nemotron decodes block by block behind committed blocks only, so the canvas after the
+        # answer never reaches it: short canvases suffice.
+        canvas_lengths=(32, 48, 32, 64),
+        default_kv_heads=2,
+        generation_eos_both=True,
+    ),
+)

@@ -9,8 +9,9 @@ A remote ``generate`` decides everything itself (caching, batching, its own forw
 request runs alone, start to finish, in one call (``dllm_serve.engine.remote.RemoteEngine``). Its
 keyword arguments are filtered by the function's signature: a revision that lacks ``shift_logits``
 or names ``block_length`` differently is not handed arguments it would reject. Requests take the
-``nemotron`` preset's parameters, whose knobs (steps, block_length, threshold, shift_logits,
-temperature) are those of Nemotron's own ``generate``.
+presets of the registry's remote-code family (``FamilySpec.remote_code``: the checkpoint's own
+family when it declares it, else Nemotron, whose knobs - steps, block_length, threshold,
+shift_logits, temperature - are those of Nemotron's own ``generate``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,19 +29,17 @@ from torch import nn
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.models.loader import (
     DTYPES,
-    REMOTE_AUTO_CLASSES,
     CheckpointLoadError,
     LoadedModel,
-    has_remote_code,
     load_tokenizer,
     one_line,
     read_config,
     resolve_model_path,
 )
+from dllm_serve.models.registry import REMOTE_AUTO_CLASSES, has_remote_code, remote_family
 
 log = logging.getLogger(__name__)
 
-REMOTE_FAMILY = "nemotron"  # the preset family whose parameters a remote generate() receives
 DEFAULT_MAX_LENGTH = 4096  # context limit when config.json names none
 # DecodeParams fields offered to a remote generate() under these names (filtered by its signature).
 CORE_KWARGS = ("max_new_tokens", "steps", "block_length", "threshold", "shift_logits", "temperature")
@@ -58,7 +57,6 @@ class RemoteModel:
     max_length: int
     eos_token_id: int | None
     stop_ids: tuple[int, ...]
-    decode_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def load_remote_model(
@@ -112,9 +110,15 @@ def load_remote_model(
         ),
         eos_token_id=eos,
         stop_ids=stop_ids,
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        family=remote_family(config).name,  # whose presets' parameters generate() receives
+        path=path,
+        config=config,
         decode_defaults=defaults,
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, family=REMOTE_FAMILY, path=path, config=config)
 
 
 def generate_kwargs(

@@ -160,9 +160,8 @@ def _tokens(state, item: ScoringItem, index: int) -> tuple[list[int], list[int]]
 def scoring_requests(state, req: LoglikelihoodRequest) -> list[ScoringRequest]:
     """Validated engine requests for every item (a bad item is a 400 naming it)."""
     engine = state.engine
-    family = engine.loaded.family
     defaults = engine.model_defaults
-    block = family == "nemotron"  # block diffusion: the estimator matching its training
+    block = engine.block_diffusion  # the estimator matching its training
     if req.block_length is not None and not block:
         raise bad_request("block_length applies to block-diffusion models only.", "block_length")
     block_length = (req.block_length or int(defaults.get("block_length", 32))) if block else None
@@ -304,7 +303,7 @@ def _check_native(engine) -> None:
 def _family_settings(engine) -> tuple[int | None, bool]:
     """(block length of the block-diffusion estimator or None, shift_logits) for the loaded model."""
     defaults = engine.model_defaults
-    block = int(defaults.get("block_length", 32)) if engine.loaded.family == "nemotron" else None
+    block = int(defaults.get("block_length", 32)) if engine.block_diffusion else None
     return block, bool(defaults.get("shift_logits", False))
 
 

@@ -1,0 +1,162 @@
+"""What the rest of dllm-serve needs to know about a model family, declared once in its model module.
+
+Each ``models/<family>.py`` ends with one ``SPEC = FamilySpec(...)``; ``models/registry.py`` lists
+the specs. The loader (recognition, building), the decoding presets (attention kind, default
+preset, decoding defaults), the benchmark's cost model (``ModelShape``), the remote-code path and
+``scripts/train_tiny.py`` (``TinyFormat``) all read the spec, so a new family is its model module
+and one registry line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dllm_serve.models.base import DiffusionLM
+    from dllm_serve.models.tokenizer import ChatTokenizer
+
+# Which keys a query may see. "full": every position of the canvas (LLaDA, Dream): the presets with
+# a full-canvas, prefix, dual or vicinity cache run it. "block_causal": the committed context and its
+# own block (Nemotron, SDAR, LLaDA2): the committed-context presets run it.
+Attention = Literal["full", "block_causal"]
+ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that set a forward's cost (bench/hardware.py's FLOP and byte counts).
+
+    ``mlp_hidden`` is one expert's width. A dense MLP is one expert with ``active_experts`` 1; a
+    mixture of experts reads ``active_experts`` experts per token (plus ``shared_mlp_hidden`` of
+    always-on experts) and streams every expert a batch touches, here counted as all
+    ``experts``. The router's matmul is ``d_model x experts``.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    vocab_size: int  # rows of the LM head that are multiplied (the padded embedding size)
+    max_length: int  # the longest canvas the model takes (prompt + generation)
+    attention_bias: bool = False  # q/k/v biases (cost negligible; recorded for the report)
+    experts: int = 1  # MoE: routed experts per layer (1: a dense MLP)
+    active_experts: int = 1  # MoE: routed experts each token uses
+    shared_mlp_hidden: int = 0  # MoE: width of the always-on shared expert(s), 0 for none
+
+    @property
+    def dense_mlp(self) -> bool:
+        return self.experts == 1
+
+    @property
+    def _attention_params(self) -> int:
+        q = self.n_heads * self.head_dim
+        kv = self.n_kv_heads * self.head_dim
+        return self.d_model * (q + 2 * kv) + q * self.d_model
+
+    @property
+    def _router_params(self) -> int:
+        return 0 if self.dense_mlp else self.d_model * self.experts
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights one token multiplies in one layer: QKV, output projection, SwiGLU (3 matrices per
+        expert it uses), the router."""
+        mlp = 3 * self.d_model * (self.mlp_hidden * self.active_experts + self.shared_mlp_hidden)
+        return self._attention_params + mlp + self._router_params
+
+    @property
+    def layer_stored_params(self) -> int:
+        """Weights one layer holds (every expert), what a forward over a large batch streams."""
+        mlp = 3 * self.d_model * (self.mlp_hidden * self.experts + self.shared_mlp_hidden)
+        return self._attention_params + mlp + self._router_params
+
+    @property
+    def head_params(self) -> int:
+        return self.d_model * self.vocab_size
+
+    @property
+    def streamed_params(self) -> int:
+        """Weights every forward reads in full: all layers and the LM head (embedding rows are gathered)."""
+        return self.n_layers * self.layer_stored_params + self.head_params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "streamed_params": self.streamed_params}
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """The bundled tiny checkpoint's dimensions and special-token ids, as scripts/train_tiny.py sets them."""
+
+    d_model: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocab_size: int
+    max_length: int
+    eos: int
+    eot: int
+    mask: int
+    block_size: int = 32  # block-diffusion families: config.json's block size
+
+
+@dataclass(frozen=True)
+class TinyFormat:
+    """What scripts/train_tiny.py needs to write a tiny checkpoint in the family's published format.
+
+    ``objective`` names the trainer's loss: "masked_diffusion" (LLaDA's SFT: the response masked at
+    one ratio per row, full attention) or "block_diffusion" (two-copy BD3LM layout: clean
+    block-causal context + noisy block).
+    """
+
+    specials: tuple[str, ...]  # special-token strings, added to the trained BPE at the first ids
+    eos: str
+    eot: str
+    mask: str
+    tokenizer_config: dict[str, Any]  # tokenizer_config.json, chat template included
+    special_tokens_map: dict[str, Any]
+    config: Callable[[TinyShape], dict[str, Any]]  # config.json in the published format
+    objective: Literal["masked_diffusion", "block_diffusion"]
+    canvas_lengths: tuple[int, ...]  # response canvases the trainer cycles through
+    default_kv_heads: int | None = None  # None: as many as --heads
+    generation_eos_both: bool = False  # generation_config.json lists [eos, end-of-turn], not eos alone
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family: how to recognise, build, decode, cost and train it."""
+
+    name: str  # the family's id: LoadedModel.family, `dllm-serve models`, train_tiny --family
+    title: str  # for messages: "LLaDA", "Nemotron diffusion"
+    model_types: tuple[str, ...]  # config.json model_type values (lower case)
+    architectures: tuple[str, ...]  # lower-case substrings of config.json architectures
+    build: Callable[[dict[str, Any], ChatTokenizer], DiffusionLM]  # config.json dict, its tokenizer
+    attention: Attention
+    default_preset: str  # the preset `--engine auto` serves (engine/algorithms.py PRESETS)
+    cost_shape: Callable[[dict[str, Any]], ModelShape]  # config.json -> the benchmark's shape
+    # Decoding defaults the checkpoint's config implies, as DecodeParams field names (Nemotron's
+    # block_size -> block_length, shift_logits); precedence: preset < these < the request.
+    decode_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # The family predicts position i from the logits at i - 1 (Dream): shift_logits defaults to true.
+    shift_logits: bool = False
+    tiny: TinyFormat | None = None  # None: no bundled tiny checkpoint is trained for it
+    # Under --trust-remote-code, a checkpoint whose native model does not fit runs its own generate()
+    # with this family's presets (the family whose knobs such generate() functions take).
+    remote_code: bool = False
+
+    def matches(self, config: dict[str, Any]) -> bool:
+        """Whether config.json names this family (model_type or architectures), never the path."""
+        model_type = str(config.get("model_type", "")).lower()
+        archs = [str(a).lower() for a in config.get("architectures") or []]
+        return model_type in self.model_types or any(h in a for a in archs for h in self.architectures)
+
+    def defaults_for(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The decoding defaults of a checkpoint of this family."""
+        out: dict[str, Any] = {"shift_logits": True} if self.shift_logits else {}
+        if self.decode_defaults is not None:
+            out.update(self.decode_defaults(config))
+        return out
