@@ -386,6 +386,8 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
             for k, v in replace(base, **dict(p.defaults)).to_dict().items()
             if k not in {"algorithm", "gen_length", "steps", "seed"}
         }
+        if p.whole_canvas:
+            defaults["block_length"] = None  # one block: the whole max_tokens canvas
         out.append(
             {
                 "name": p.name,
