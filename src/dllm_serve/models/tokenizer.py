@@ -12,6 +12,7 @@ import functools
 import json
 import re
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ class ChatTokenizer:
         try:
             qwen2 = _tokenizer_class(Path(path)) in QWEN2_EQUIVALENT_CLASSES
             loader = Qwen2Tokenizer if qwen2 else AutoTokenizer
-            self.hf: PreTrainedTokenizerBase = loader.from_pretrained(str(path), trust_remote_code=False)
+            with warnings.catch_warnings():  # config.json's rope_scaling key (Dream's) draws a FutureWarning
+                warnings.simplefilter("ignore", FutureWarning)
+                self.hf: PreTrainedTokenizerBase = loader.from_pretrained(str(path), trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(previous)
         vocab = self.hf.get_vocab()
