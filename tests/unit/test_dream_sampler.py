@@ -206,5 +206,8 @@ def test_dream_parameters_are_validated():
         with pytest.raises(ParamError) as err:
             resolve_params("dream_maskgit_plus", "dream", 16, {field: value})
         assert err.value.param == field
+    with pytest.raises(ParamError) as err:
+        resolve_params("dream_entropy", "dream", 16, {"max_steps_per_block": 4})
+    assert err.value.param == "max_steps_per_block"
     with pytest.raises(ParamError, match="random"):
         resolve_params("dream_maskgit_plus", "dream", 16, {"remasking": "random"})

@@ -351,10 +351,10 @@ def _validate(p: DecodeParams) -> None:
             raise ParamError(name, f"{name} must be a boolean")
     if p.max_steps_per_block is not None:
         _check_int("max_steps_per_block", p.max_steps_per_block, 1)
-        if p.rule == "schedule":
+        if p.rule == "schedule" or p.rule in DREAM_RULES:
             raise ParamError(
                 "max_steps_per_block",
-                "max_steps_per_block bounds the threshold-style rules; the schedule rule takes exactly "
+                f"max_steps_per_block bounds the threshold-style rules; the {p.rule} rule takes exactly "
                 "steps / num_blocks steps per block (set steps instead)",
             )
     _check_int("top_k", p.top_k, 0)
