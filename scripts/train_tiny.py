@@ -26,8 +26,9 @@ in model/format and objective:
 - ``nemotron`` (DiffEncoderModel, Qwen ChatML): block diffusion over a committed context, the way
   the ``nemotron`` preset decodes. Each row is ``[prompt | clean response | noisy response]`` with
   the response positions repeated (BD3LM's two-copy layout). The clean copy attends block-causally
-  (the prompt is one block, then response blocks of ``bs`` tokens), which gives exactly the K/V the
-  engine caches for committed blocks; a noisy block attends to the clean context before it and to
+  (the prompt in blocks of ``bs`` from its first token, its last, partial block seeing the whole
+  prompt, then response blocks of ``bs`` tokens), which gives exactly the K/V the engine caches for
+  the prompt and committed blocks; a noisy block attends to the clean context before it and to
   itself, as the active block does at inference. Inside each noisy block the masking ratio is
   p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
   tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
@@ -203,7 +204,8 @@ def block_diffusion_batch(
     is_noisy = (idx >= clean_end) & (idx < clean_end + rl)
     bs = torch.tensor(block_sizes)[:, None]
     offset = torch.where(is_noisy, idx - clean_end, idx - plen[:, None])  # response offset
-    block = torch.where(idx < plen[:, None], torch.full_like(idx, -1), offset // bs)
+    # Prompt blocks get negative ids (in order) so that every response block comes after them.
+    block = torch.where(idx < plen[:, None], idx // bs - (width + 1), offset // bs)
     blk_q, blk_k = block[:, :, None], block[:, None, :]
     clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
     noisy_q = is_noisy[:, :, None] & (

@@ -52,13 +52,18 @@ def masked_logprobs(
 
 
 def block_causal(c: int, start: int, end: int, block_length: int) -> torch.Tensor:
-    """[T, T] visibility of context + clean blocks + the noisy block [start, end): the context sees
-    itself, a clean block the context and clean blocks up to itself, the noisy block everything."""
+    """[T, T] visibility of context + clean blocks + the noisy block [start, end): a context token
+    sees the context up to the end of its block of ``block_length`` (counted from the first token;
+    the last, partial block: the whole context), a clean block the context and clean blocks up to
+    itself, the noisy block everything."""
     pos = torch.arange(c + end)
     ctx = pos < c
     clean = ~ctx & (pos < c + start)
     owner = torch.where(clean, (pos - c) // block_length, -1)
-    vis = ctx[None, :] | (clean[:, None] & clean[None, :] & (owner[None, :] <= owner[:, None]))
+    ctx_limit = torch.clamp((pos // block_length + 1) * block_length, max=c)
+    ctx_vis = ctx[:, None] & ctx[None, :] & (pos[None, :] < ctx_limit[:, None])
+    vis = (~ctx[:, None] & ctx[None, :]) | ctx_vis
+    vis = vis | (clean[:, None] & clean[None, :] & (owner[None, :] <= owner[:, None]))
     return vis | ~(ctx | clean)[:, None]
 
 

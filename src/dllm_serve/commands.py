@@ -10,36 +10,11 @@ import contextlib
 import json
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 from dllm_serve.config import add_engine_arguments, engine_config_from_args
-
-# Decoding flags shared by generate and eval; None means "the preset's default".
-_DECODING_FLAGS: tuple[tuple[str, type], ...] = (
-    ("steps", int),
-    ("max_steps_per_block", int),
-    ("block_length", int),
-    ("temperature", float),
-    ("top_p", float),
-    ("top_k", int),
-    ("alg_temp", float),
-    ("eps", float),
-    ("threshold", float),
-    ("factor", float),
-    ("low_threshold", float),
-    ("remasking", str),
-    ("rule", str),
-    ("cfg_scale", float),
-    ("credit_alpha", float),
-    ("credit_gamma", float),
-    ("credit_beta", float),
-    ("prefix_look", int),
-    ("after_look", int),
-    ("warmup_steps", int),
-    ("seed", int),
-)
-_BOOL_FLAGS = ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -85,29 +60,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--kv-cache-memory", default="2GiB", help="budget for the 'tokens that fit' figures (default 2GiB)"
     )
+    models.add_argument(
+        "--prompt-cache-memory",
+        default=None,
+        help="block-causal models: the prompt cache carved out of that budget (default a tenth)",
+    )
     models.set_defaults(func=run_models)
+
+
+def _decoding_flags() -> list[tuple[str, type, str]]:
+    """(name, type, help) of every decoding parameter (``DecodeParams``' knobs), shared by generate
+    and eval; a flag left out (None) means the preset's default."""
+    from dllm_serve.engine.algorithms import KNOBS, DecodeParams
+
+    hints = typing.get_type_hints(DecodeParams)
+    out = []
+    for name, spec in KNOBS.items():
+        kind = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not type(None))
+        extra = f" (one of {', '.join(spec.choices)})" if spec.choices else ""
+        out.append((name, kind, spec.help + extra))
+    return out
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("decoding (defaults come from the algorithm preset)")
-    for name, kind in _DECODING_FLAGS:
-        g.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
-    for name in _BOOL_FLAGS:
-        g.add_argument(
-            "--" + name.replace("_", "-"), dest=name, action=argparse.BooleanOptionalAction, default=None
-        )
+    for name, kind, text in _decoding_flags():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            g.add_argument(flag, dest=name, type=kind, default=None, help=text.replace("%", "%%"))
 
 
 def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = [n for n, _ in _DECODING_FLAGS] + list(_BOOL_FLAGS)
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    names = [name for name, _, _ in _decoding_flags()]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dllm_serve.engine.algorithms import ParamError
-    from dllm_serve.engine.engine import build_engine
+    from dllm_serve.engine.engine import Engine, build_engine
     from dllm_serve.engine.sequence import GenerationRequest
 
     if not args.prompt.strip():
@@ -125,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     request = GenerationRequest("generate", ids, params, args.gen_length)
-    if args.show and sys.stdout.isatty() and engine.traces_denoise:
+    if args.show and sys.stdout.isatty() and isinstance(engine, Engine):  # the native engine traces steps
         from dllm_serve.terminal_view import generate_with_view
 
         result = generate_with_view(engine, request, sys.stdout)
@@ -234,7 +228,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_models(args: argparse.Namespace) -> int:
     from dllm_serve.config import DEFAULT_MODEL
-    from dllm_serve.engine.algorithms import describe_presets
+    from dllm_serve.engine.algorithms import describe_parameters, describe_presets, describe_rules
     from dllm_serve.models.loader import resolve_model_path
     from dllm_serve.models.registry import detect_family
 
@@ -244,28 +238,41 @@ def run_models(args: argparse.Namespace) -> int:
     report = {
         "model": str(path),
         "family": family,
-        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory),
+        "kv_cache": kv_cache_figures(config, args.dtype, args.kv_cache_memory, args.prompt_cache_memory),
         "algorithms": describe_presets(family),
+        "rules": describe_rules(),
+        "parameters": describe_parameters(),
     }
     print(json.dumps(report, indent=2))
     return 0
 
 
-def kv_cache_figures(config: dict[str, Any], dtype: str, budget: str) -> dict[str, Any]:
-    """KV bytes per token, and the tokens and longest sequences that fit in ``budget``."""
+def kv_cache_figures(
+    config: dict[str, Any], dtype: str, budget: str, prompt_cache: str | None = None
+) -> dict[str, Any]:
+    """KV bytes per token, the prompt cache carved out of ``budget`` (block-causal models), and the
+    tokens and longest sequences that fit in the rest."""
     import torch
 
     from dllm_serve.bench.hardware import shape_from_config
+    from dllm_serve.config import EngineConfig
     from dllm_serve.engine.kv_cache import extent_tokens, kv_bytes_per_token
-    from dllm_serve.engine.memory import KVPlan, parse_bytes
+    from dllm_serve.engine.memory import KVPlan, parse_bytes, prompt_cache_bytes
+    from dllm_serve.models.registry import find_family
 
     shape = shape_from_config(config)
     per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
-    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token)
+    family = find_family(config)
+    block_causal = family is not None and family.attention == "block_causal"
+    carved = prompt_cache_bytes(
+        parse_bytes(budget), EngineConfig(prompt_cache_memory=prompt_cache), block_causal
+    )
+    plan = KVPlan(parse_bytes(budget), f"--kv-cache-memory {budget}", per_token, carved)
     return {
         "dtype": dtype,
         "bytes_per_token": per_token,
         "budget_bytes": plan.budget_bytes,
+        "prompt_cache_bytes": plan.prompt_cache_bytes,
         "tokens_that_fit": plan.capacity,
         "max_model_len": shape.max_length,
         "longest_sequences_that_fit": plan.capacity // extent_tokens(shape.max_length),

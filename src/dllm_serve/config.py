@@ -25,7 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own maximum; limits one request
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of device memory for weights + activations + KV
     kv_cache_memory: str | None = None  # KV bytes ("2GiB"); None: measured on CUDA, 2 GiB on the CPU
-    seed: int = 0  # base seed for requests without one
+    prompt_cache_memory: str | None = None  # block-causal prompt cache; None: a tenth of the KV budget
     # Training checkpoints (DCP): converted once, cached.
     dcp_path: str | None = None
     base_model: str | None = None
@@ -147,6 +147,12 @@ def add_engine_arguments(parser) -> None:
         help="KV-cache bytes, e.g. 2GiB (None: measured on CUDA, 2GiB on the CPU; docs/memory.md)",
     )
     g.add_argument(
+        "--prompt-cache-memory",
+        default=None,
+        help="bytes of the KV budget kept for reused prompt blocks of block-causal models, e.g. 4GiB; "
+        "0 turns reuse off (None: a tenth of the KV budget; docs/memory.md)",
+    )
+    g.add_argument(
         "--dcp-path", default=None, help="serve a torch.distributed.checkpoint (NeMo-RL) checkpoint"
     )
     g.add_argument("--base-model", default=None, help="config and tokenizer for --dcp-path")
@@ -189,6 +195,7 @@ def engine_config_from_args(args) -> EngineConfig:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory,
+        prompt_cache_memory=args.prompt_cache_memory,
         dcp_path=args.dcp_path,
         base_model=args.base_model,
         dcp_cache_dir=args.dcp_cache_dir,

@@ -1,4 +1,4 @@
-"""OpenAI request schemas plus the diffusion extension fields, and the response builders.
+"""OpenAI request schemas plus the diffusion extension fields (responses: ``protocol_responses.py``).
 
 Requests are validated strictly (no string-to-number coercion, no unknown fields) so a client's
 mistake is a 400 naming the field instead of a silently different generation. OpenAI fields this
@@ -6,20 +6,19 @@ server cannot honour are refused by name (``unsupported_field``) unless their va
 nothing (``logprobs: false``, ``presence_penalty: 0`` ...), which clients often send by default.
 
 The diffusion fields are exactly the request-overridable fields of ``DecodeParams``
-(``algorithms.OVERRIDABLE``), generated from that dataclass so the two cannot drift apart, plus
+(``algorithms.OVERRIDABLE``, its knobs), generated from that dataclass, descriptions included, so
+the two cannot drift apart, plus
 ``algorithm`` and its alias ``generation_algorithm``.
 """
 
 from __future__ import annotations
 
-import time
 import typing
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
-from dllm_serve.engine.algorithms import OVERRIDABLE, DecodeParams
+from dllm_serve.engine.algorithms import KNOBS, OVERRIDABLE, DecodeParams
 
 DEFAULT_MAX_TOKENS = 128  # a request without max_tokens / max_completion_tokens generates at most this
 MAX_N = 64
@@ -90,7 +89,7 @@ class _Strict(BaseModel):
 
 def _diffusion_fields() -> dict[str, Any]:
     hints = typing.get_type_hints(DecodeParams)
-    return {name: (hints[name] | None, None) for name in OVERRIDABLE}
+    return {name: (hints[name] | None, Field(None, description=KNOBS[name].help)) for name in OVERRIDABLE}
 
 
 # One optional field per DecodeParams override (steps, block_length, threshold, temperature, seed ...).
@@ -299,31 +298,3 @@ class CompletionRequest(_GenerationRequest):
             "prompt must be a non-empty string, a list of strings, a list of token ids "
             "or a list of such lists"
         )
-
-
-# ------------------------------------------------------------------------------- responses
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def diffusion_dict(algorithm: str, forwards: int, tokens: int) -> dict[str, Any]:
-    """The extension object: how much model work the answer took."""
-    return {
-        "algorithm": algorithm,
-        "forwards": forwards,
-        "tokens_per_forward": round(tokens / forwards, 4) if forwards else None,
-    }

@@ -62,14 +62,16 @@ def copy_checkpoint(dst: Path, **config_changes) -> Path:
 
 def uncached_decode(model, prompt: list[int], params, mask_id: int) -> list[int]:
     """Block diffusion with threshold commits, re-forwarding prompt + every committed block each
-    step with block-causal attention (prompt one block, then blocks of block_length); the active
-    block sees everything before it and itself."""
+    step with block-causal attention (the prompt in blocks of block_length from position 0, its
+    last, partial block seeing the whole prompt; then blocks of block_length from the prompt's
+    end); the active block sees everything before it and itself."""
     bl, p_len = params.block_length, len(prompt)
     canvas = torch.tensor(prompt + [mask_id] * params.gen_length)
     steps_per_block = params.steps // params.num_blocks
+    prompt_limits = [min(p_len, (i // bl + 1) * bl) for i in range(p_len)]
     for blk in range(params.num_blocks):
         start, end = p_len + blk * bl, p_len + (blk + 1) * bl
-        limits = torch.tensor([p_len] * p_len + [p_len + (i // bl + 1) * bl for i in range(end - p_len)])
+        limits = torch.tensor(prompt_limits + [p_len + (i // bl + 1) * bl for i in range(end - p_len)])
         mask = torch.arange(end)[None, :] < limits[:, None]
         for step in range(steps_per_block):
             block = canvas[start:end]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dllm_serve.models.tokenizer import ChatTokenizer
-from dllm_serve.server.streaming import REPLACEMENT, ChoiceText
+from dllm_serve.server.choice_text import REPLACEMENT, ChoiceText
 from tests.helpers import TINY_LLADA
 
 

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dllm_serve.bench import engine_bench
-from dllm_serve.bench.engine_bench import BenchError, BenchSettings, fixed_step_overrides, run_engine_bench
+from dllm_serve.bench.engine_bench import run_engine_bench
+from dllm_serve.bench.engine_measure import BenchError, BenchSettings, fixed_step_overrides
 from dllm_serve.bench.hardware import (
     PeakRates,
     forward_cost,

@@ -120,10 +120,21 @@ def test_models_command_reports_kv_bytes_per_token_and_tokens_that_fit(capsys):
         "dtype": "bfloat16",
         "bytes_per_token": 524288,
         "budget_bytes": 50 * 2**30,
+        "prompt_cache_bytes": 0,  # full attention: no prompt cache
         "tokens_that_fit": 102400,
         "max_model_len": 4096,
         "longest_sequences_that_fit": 25,
     }
+
+
+def test_models_command_carves_the_prompt_cache_for_block_causal_models(capsys):
+    """Nemotron-4B in bf16: 144 KiB per token; of 50 GiB a tenth is the prompt cache, and the rest,
+    45 GiB, holds 327,680 tokens: 8 sequences of its 40,960-token context."""
+    config = SHIPPED_CONFIGS / "nemotron-diffusion-research-4b"
+    assert main(["models", "--model-path", str(config), "--kv-cache-memory", "50GiB"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    assert kv["bytes_per_token"] == 147456 and kv["prompt_cache_bytes"] == 5 * 2**30
+    assert kv["tokens_that_fit"] == 327680 and kv["longest_sequences_that_fit"] == 8
 
 
 def test_the_cache_is_allocated_at_start_up_from_the_budget(tiny):

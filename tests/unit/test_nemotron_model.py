@@ -246,7 +246,7 @@ def test_training_layout_matches_what_the_engine_computes(tmp_path):
     path = write_nemotron_checkpoint(tmp_path / "m", cfg, random_nemotron_weights(cfg, scale=0.1))
     model = load_model(path).model
     gen = torch.Generator().manual_seed(0)
-    prompts = [[7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18]]
+    prompts = [list(range(7, 27)), [12, 13, 14], list(range(15, 52))]  # 20, 3, 37 tokens: prompt blocks
     sizes = [8, 16, 32]
     for rt in (32, 48):  # response length (a training canvas)
         responses = [torch.randint(5, cfg.vocab_size, (rt,), generator=gen).tolist() for _ in prompts]
@@ -261,7 +261,8 @@ def test_training_layout_matches_what_the_engine_computes(tmp_path):
                 # Canvas: prompt, clean response blocks before this one, then the noisy block.
                 canvas = torch.tensor(p + responses[row][:start] + noisy[start:end].tolist())
                 n = canvas.shape[0]
-                limits = [len(p)] * len(p) + [min(n, len(p) + (i // bs + 1) * bs) for i in range(n - len(p))]
+                prompt_limits = [min(len(p), (i // bs + 1) * bs) for i in range(len(p))]
+                limits = prompt_limits + [min(n, len(p) + (i // bs + 1) * bs) for i in range(n - len(p))]
                 want = model(canvas[None], torch.arange(n)[None], block_causal(limits, n)[None])
                 got = logits[row, start:end]
                 assert (got - want[0, n - (end - start) :]).abs().max() < 1e-4, (rt, row, start)

@@ -14,7 +14,9 @@ import torch
 
 from dllm_serve.decoding import rules
 from dllm_serve.decoding.confidence import confidence
+from dllm_serve.decoding.registry import RULES
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter
+from dllm_serve.decoding.step import NoiseSpan, RowStep, decide, select_commits
 from dllm_serve.engine.kv_cache import KVPool, PoolView
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA
@@ -60,5 +62,35 @@ def test_decoding_has_no_read_back():
     conf = confidence(probs, logits.argmax(-1), [0, 1, 2])  # every measure at once
     credit = rules.credit_update(torch.zeros(B, WIDTH, vocab, device=META), probs, candidates, knob, knob)
     assert rules.credit_logits(logits, credit, knob).shape == logits.shape
+    names = list(RULES)
+    params = {"threshold": knob, "factor": knob, "low_threshold": knob}
     for rule_rows in ([0, 1, 2], [3, 4, 0]):  # every rule, several in one batch
-        assert rules.select_commits(conf, candidates, floor, rule_rows, knob, knob, knob).shape == (B, WIDTH)
+        rows = [names[i] for i in rule_rows]
+        assert select_commits(conf, candidates, floor, rows, params).shape == (B, WIDTH)
+
+
+def test_the_whole_decoding_step_has_no_read_back():
+    """decide() for a batch with every rule (credit's state included) and every measure that does
+    not draw, on the meta device: any host read of a device value would raise."""
+    from dllm_serve.engine.algorithms import resolve_params
+
+    vocab = 50
+    names = ["threshold", "credit", "hierarchy"]
+    measures = ["low_confidence", "margin", "entropy"]
+    overrides = [{"rule": n, "remasking": m, "top_p": 0.5} for n, m in zip(names, measures, strict=True)]
+    rows = [
+        RowStep(
+            params=resolve_params("dinfer_blockwise", "llada", WIDTH, o),
+            width=WIDTH,
+            floor=1,
+            noise=NoiseSpan(torch.Generator(), WIDTH),
+            state=None,
+        )
+        for o in overrides
+    ]
+    block = torch.zeros(B, WIDTH, dtype=torch.long, device=META)
+    logits = torch.zeros(B, WIDTH, vocab, device=META)
+    step = decide(logits, block=block, rows=rows, mask_id=0, eos_id=1, eot_id=2)
+    assert step.commit.shape == (B, WIDTH) and step.tokens.shape == (B, WIDTH)
+    assert step.states[1] is not None and step.states[1].shape == (WIDTH, vocab)
+    assert step.states[0] is None

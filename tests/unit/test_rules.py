@@ -12,12 +12,18 @@ import pytest
 import torch
 
 from dllm_serve.decoding import rules
+from dllm_serve.decoding.registry import RULES
+from dllm_serve.decoding.step import select_commits
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.sequence import GenerationRequest, Sequence
 
 T, F = True, False
 NEG_INF = float("-inf")
-RULE = {name: i for i, name in enumerate(rules.RULES)}
+RULE_NAMES = list(RULES)  # schedule, threshold, factor, hierarchy, credit
+
+
+def knobs(threshold: torch.Tensor, factor: torch.Tensor, low: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"threshold": threshold, "factor": factor, "low_threshold": low}
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -225,14 +231,16 @@ def test_credit_logits_adds_alpha_log1p_credit() -> None:
 
 def _select(rows: list[dict]) -> list[list[int]]:
     """select_commits over a batch built from per-row dicts (conf, cand, floor, rule, knobs)."""
-    mask = rules.select_commits(
+    mask = select_commits(
         t([r["conf"] for r in rows]),
         b([r["cand"] for r in rows]),
         torch.tensor([r["floor"] for r in rows]),
-        [RULE[r["rule"]] for r in rows],
-        torch.tensor([r.get("threshold", 0.9) for r in rows]),
-        torch.tensor([r.get("factor", 1.0) for r in rows]),
-        torch.tensor([r.get("low", 0.4) for r in rows]),
+        [r["rule"] for r in rows],
+        knobs(
+            torch.tensor([r.get("threshold", 0.9) for r in rows]),
+            torch.tensor([r.get("factor", 1.0) for r in rows]),
+            torch.tensor([r.get("low", 0.4) for r in rows]),
+        ),
     )
     return positions(mask)
 
@@ -304,16 +312,16 @@ def test_select_commits_row_result_independent_of_batch() -> None:
     cand = torch.rand((6, 16), generator=gen) < 0.6
     cand[:, 0] = True
     floor = torch.tensor([1, 2, 1, 1, 3, 1])
-    rule = [0, 1, 2, 3, 4, 1]
-    knobs = (
+    rule = [RULE_NAMES[i] for i in (0, 1, 2, 3, 4, 1)]
+    values = (
         torch.tensor([0.9, 0.8, 0.9, 0.7, 0.6, 0.5]),
         torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 1.0]),
         torch.tensor([0.4, 0.4, 0.4, 0.3, 0.4, 0.4]),
     )
-    batched = rules.select_commits(conf, cand, floor, rule, *knobs)
+    batched = select_commits(conf, cand, floor, rule, knobs(*values))
     for i in range(6):
         one = slice(i, i + 1)
-        alone = rules.select_commits(conf[one], cand[one], floor[one], rule[one], *(k[one] for k in knobs))
+        alone = select_commits(conf[one], cand[one], floor[one], rule[one], knobs(*(k[one] for k in values)))
         assert torch.equal(alone[0], batched[i])
         assert not bool((batched[i] & ~cand[i]).any())
 

@@ -18,7 +18,7 @@ from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
 from tests.dream_helpers import TINY_DREAM
 from tests.helpers import TINY_LLADA
-from tests.likelihood_reference import exact_expectation
+from tests.likelihood_reference import block_causal, exact_expectation
 from tests.nemotron_helpers import TINY_NEMOTRON
 
 FAMILIES = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "dream": (TINY_DREAM, None)}
@@ -208,10 +208,8 @@ def test_greedy_check_commits_the_argmax_and_stops_at_the_first_miss(family):
     c = len(context)
     for _ in range(4):
         mask = None
-        if block is not None:  # one block: the context sees itself only
-            mask = torch.ones(len(ids), len(ids), dtype=torch.bool)
-            mask[:c, c:] = False
-            mask = mask[None]
+        if block is not None:  # one block: the context in blocks, the continuation sees all
+            mask = block_causal(c, 0, len(ids) - c, block)[None]
         out = model(ids[None], torch.arange(len(ids))[None], mask).float()[0]
         logp = torch.log_softmax(out[c - 1 : -1] if _shift(loaded) else out[c:], -1)
         top, arg = logp.max(-1)

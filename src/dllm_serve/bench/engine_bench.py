@@ -11,6 +11,10 @@ step is from the limit that binds it.
 step and no early stop, so timings do not depend on the weights (dummy weights commit the same
 number of tokens as trained ones). Prompts are random token ids and nothing is detokenized, so a
 config directory with ``--load-format dummy`` is enough (see ``dllm_serve/models/configs``).
+
+This module is the command: its flags, the model directory and engine it builds, and
+``run_engine_bench``, which measures (``engine_measure.py``) and then summarises
+(``engine_report.py``).
 """
 
 from __future__ import annotations
@@ -18,20 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dllm_serve.bench.engine_measure import BenchError, BenchSettings, measure
+
 if TYPE_CHECKING:
-    from dllm_serve.bench.hardware import ForwardCost, PeakRates
+    from dllm_serve.bench.hardware import PeakRates
     from dllm_serve.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -40,44 +41,7 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class BenchError(ValueError):
-    """A benchmark setting that cannot run; the CLI prints it and exits with status 2."""
-
-
-@dataclass
-class BenchSettings:
-    batch_size: int = 1
-    prompt_len: int = 64
-    gen_length: int = 256
-    block_length: int | None = None  # None: the preset's default
-    fixed_tokens_per_step: int | None = None
-    algorithm: str | None = None  # None: the engine's default preset
-    overrides: dict[str, Any] = field(default_factory=dict)
-    warmup_steps: int = 2
-    seed: int = 0
-    progress: bool = True
-
-
 # -- setup ----------------------------------------------------------------------------------------
-
-
-def fixed_step_overrides(gen_length: int, block_length: int, tokens_per_step: int) -> dict[str, Any]:
-    """Decoding overrides under which every step commits exactly ``tokens_per_step`` per sequence.
-
-    The fixed schedule with steps = gen_length / K commits ceil(masked / steps left) = K tokens
-    at every step when K divides the block length; early stop is off so the whole canvas runs.
-    """
-    k = tokens_per_step
-    if k < 1:
-        raise BenchError(f"--fixed-tokens-per-step must be >= 1, got {k}")
-    if block_length % k:
-        raise BenchError(f"--fixed-tokens-per-step ({k}) must divide the block length ({block_length})")
-    if gen_length % block_length:
-        raise BenchError(
-            f"--gen-length ({gen_length}) must be a multiple of the block length ({block_length}) "
-            "with --fixed-tokens-per-step"
-        )
-    return {"rule": "schedule", "steps": gen_length // k, "block_length": block_length, "early_stop": False}
 
 
 def resolve_model_dir(path: str) -> str:
@@ -120,19 +84,14 @@ def patched_model_dir(source: Path, overrides: dict[str, Any], into: Path) -> Pa
     return into
 
 
-def check_family_available(model_dir: Path) -> None:
-    """A clear error when the checkpoint's architecture has no native model in this build."""
-    from dllm_serve.models.loader import detect_family
+def check_family_supported(model_dir: Path) -> None:
+    """A clear error, before any weights load, when no registered family serves the checkpoint."""
+    from dllm_serve.models.registry import detect_family
 
-    family = detect_family(json.loads((model_dir / "config.json").read_text()))
-    if family == "nemotron":
-        try:
-            import dllm_serve.models.nemotron  # noqa: F401
-        except ImportError as exc:
-            raise BenchError(
-                "this is a Nemotron-Diffusion config, but the native Nemotron model "
-                "(dllm_serve.models.nemotron) is not available in this build"
-            ) from exc
+    try:
+        detect_family(json.loads((model_dir / "config.json").read_text()))
+    except ValueError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def batch_kv_bytes(model_dir: Path, batch: int, canvas: int, dtype: str) -> int:
@@ -148,338 +107,23 @@ def batch_kv_bytes(model_dir: Path, batch: int, canvas: int, dtype: str) -> int:
     return batch * extent_tokens(canvas) * per_token
 
 
-def random_prompts(n: int, length: int, vocab: int, avoid: set[int], seed: int) -> list[list[int]]:
-    """Random prompt ids that avoid special tokens (mask, stops): no prompt can end a request."""
-    rng = random.Random(seed)
-    allowed = [t for t in range(vocab) if t not in avoid] if vocab < 1_000_000 else None
-    if not allowed:
-        raise BenchError("the vocabulary has no ordinary tokens to build prompts from")
-    return [[rng.choice(allowed) for _ in range(length)] for _ in range(n)]
-
-
-# -- measurement ----------------------------------------------------------------------------------
-
-
-@dataclass
-class StepRecord:
-    kind: str  # "block" | "refresh"
-    seconds: float
-    runner_seconds: float
-    forwards: int
-    refresh_forwards: int
-    model_calls: int
-    committed: int
-    cost: ForwardCost
-
-
-def _summarise(records: list[StepRecord], rates: PeakRates) -> dict[str, Any]:
-    from dllm_serve.bench.hardware import roofline_seconds
-
-    if not records:
-        return {"steps": 0}
-    times = sorted(r.seconds for r in records)
-    total = sum(times)
-    flops = sum(r.cost.flops for r in records)
-    nbytes = sum(r.cost.bytes for r in records)
-    bound_s = compute_s = memory_s = 0.0
-    for r in records:
-        t, limit = roofline_seconds(r.cost, rates)
-        bound_s += t
-        if limit == "compute":
-            compute_s += t
-        else:
-            memory_s += t
-    n = len(records)
-    return {
-        "steps": n,
-        "total_s": total,
-        "mean_ms": 1e3 * total / n,
-        "median_ms": 1e3 * statistics.median(times),
-        "p90_ms": 1e3 * times[min(n - 1, int(0.9 * n))],
-        "min_ms": 1e3 * times[0],
-        "runner_mean_ms": 1e3 * sum(r.runner_seconds for r in records) / n,
-        "forwards": sum(r.forwards for r in records),
-        "model_calls": sum(r.model_calls for r in records),
-        "committed_tokens": sum(r.committed for r in records),
-        "tokens_per_step": sum(r.committed for r in records) / n,
-        "flops": flops,
-        "bytes": nbytes,
-        "weight_bytes": sum(r.cost.weight_bytes for r in records),
-        "kv_bytes": sum(r.cost.kv_bytes for r in records),
-        "flops_per_s": flops / total if total else 0.0,
-        "bytes_per_s": nbytes / total if total else 0.0,
-        "binding_limit": "compute" if compute_s >= memory_s else "memory",
-        "roofline_s": bound_s,
-        "fraction_of_limit": bound_s / total if total else 0.0,
-    }
-
-
-def _peak_memory(device: Any) -> dict[str, Any]:
-    import torch
-
-    if device.type == "cuda":
-        return {
-            "peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
-            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device),
-        }
-    # Linux reports ru_maxrss in KiB: the process's resident peak, weights included.
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+# -- measure, then report --------------------------------------------------------------------------
 
 
 def run_engine_bench(engine: Engine, settings: BenchSettings, rates: PeakRates) -> dict[str, Any]:
-    """Warm up, then run one timed wave of ``batch_size`` requests; per-step records and a summary."""
-    import torch
+    """Warm up, run one timed wave of ``batch_size`` requests, summarise it (the report's ``results``)."""
+    from dllm_serve.bench.engine_report import results
 
-    from dllm_serve.bench.hardware import ForwardRecorder, shape_from_config, synchronize
-    from dllm_serve.engine.algorithms import ParamError
-    from dllm_serve.engine.kv_cache import extent_tokens
-    from dllm_serve.engine.sequence import GenerationRequest
-
-    loaded = engine.loaded
-    model = loaded.model
-    overrides = dict(settings.overrides)
-    if settings.block_length is not None:
-        overrides["block_length"] = settings.block_length
-    overrides.setdefault("seed", settings.seed)
-    try:
-        if settings.fixed_tokens_per_step is not None:
-            block = engine.resolve_params(settings.gen_length, overrides, settings.algorithm).block_length
-            overrides.update(fixed_step_overrides(settings.gen_length, block, settings.fixed_tokens_per_step))
-        params = engine.resolve_params(settings.gen_length, overrides, settings.algorithm)
-    except ParamError as exc:
-        raise BenchError(f"{exc.param}: {exc}") from exc
-    pool = engine.runner.pool
-    need = settings.batch_size * extent_tokens(settings.prompt_len + params.gen_length)
-    if params.cache != "none" and need > pool.capacity:
-        raise BenchError(
-            f"the KV cache holds {pool.capacity} tokens, the batch needs {need}: the wave would not run "
-            "as one batch; raise --kv-cache-memory (or --gpu-memory-utilization)"
-        )
-
-    roles = model.roles
-    avoid = {roles.mask_token_id, roles.eos_token_id, roles.pad_token_id, *roles.stop_token_ids}
-    avoid.update(loaded.tokenizer.hf.all_special_ids)
-    prompts = random_prompts(settings.batch_size, settings.prompt_len, model.vocab_size, avoid, settings.seed)
-
-    def wave(tag: str) -> list[GenerationRequest]:
-        n = settings.gen_length
-        return [GenerationRequest(f"{tag}-{i}", list(p), params, n) for i, p in enumerate(prompts)]
-
-    device = next(model.parameters()).device
-    shape = shape_from_config(loaded.config)
-    recorder = ForwardRecorder(engine.runner, shape)
-    infos: list = []
-    engine.step_observers.append(infos.append)
-    try:
-        if settings.warmup_steps > 0:
-            _warm_up(engine, wave("warmup"), settings.warmup_steps)
-        recorder.take()
-        infos.clear()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        records, wall, results = _timed_wave(engine, wave("bench"), recorder, infos, device, settings)
-    finally:
-        engine.step_observers.remove(infos.append)
-        recorder.close()
-    synchronize(device)
-
-    errors = [r.error for r in results.values() if r.error]
-    if errors:
-        raise BenchError(f"{len(errors)} request(s) failed: {errors[0]}")
-    block = [r for r in records if r.kind == "block"]
-    refresh = [r for r in records if r.kind == "refresh"]
-    committed = sum(r.committed for r in records)
-    forwards = sum(r.forwards for r in records)
-    return {
-        "params": params.to_dict(),
-        "steps": {
-            "block": _summarise(block, rates),
-            "refresh": _summarise(refresh, rates),
-            "all": _summarise(records, rates),
-        },
-        "totals": {
-            "wall_s": wall,
-            "committed_tokens": committed,
-            "tokens_per_s": committed / wall if wall else 0.0,
-            "steps": len(records),
-            "forwards": forwards,
-            "refresh_forwards": sum(r.refresh_forwards for r in records),
-            "model_calls": sum(r.model_calls for r in records),
-            "tokens_per_forward": committed / forwards if forwards else 0.0,
-            "finish_reasons": sorted({r.finish_reason for r in results.values()}),
-            **_peak_memory(device),
-        },
-        "step_seconds": [round(r.seconds, 6) for r in records],
-        "step_kinds": [r.kind for r in records],
-    }
-
-
-def _warm_up(engine: Engine, requests: list, steps: int) -> None:
-    """First calls pay for allocation and kernel selection; run a few steps, then cancel them."""
-    for req in requests:
-        engine.scheduler.submit(req, lambda event: None, ignore_queue_limit=True)
-    for _ in range(steps):
-        if not engine.step():
-            break
-    for req in requests:
-        engine.abort(req.request_id)
-    while engine.step():
-        pass
-
-
-def _timed_wave(
-    engine: Engine, requests: list, recorder: Any, infos: list, device: Any, settings: BenchSettings
-) -> tuple[list[StepRecord], float, dict]:
-    from tqdm import tqdm
-
-    from dllm_serve.bench.hardware import synchronize
-    from dllm_serve.engine.engine import RequestResult
-
-    results: dict[str, RequestResult] = {}
-
-    def collect(event) -> None:
-        res = results.setdefault(event.request_id, RequestResult([], "", False, 0))
-        res.token_ids.extend(event.token_ids)
-        if event.finished:
-            res.finish_reason = event.finish_reason or ""
-            res.error = event.error
-
-    total_tokens = settings.batch_size * requests[0].params.gen_length
-    records: list[StepRecord] = []
-    bar = tqdm(
-        total=total_tokens,
-        unit="tok",
-        desc="bench engine",
-        disable=not settings.progress,
-        file=sys.stderr,
-        leave=False,
-    )
-    synchronize(device)
-    start = time.perf_counter()
-    for req in requests:
-        engine.scheduler.submit(req, collect, ignore_queue_limit=True)
-    while True:
-        t0 = time.perf_counter()
-        worked = engine.step()
-        synchronize(device)
-        elapsed = time.perf_counter() - t0
-        if not worked:
-            break
-        info = infos.pop()
-        cost, calls = recorder.take()
-        kind = "refresh" if info.refresh_forwards else "block"
-        records.append(
-            StepRecord(
-                kind,
-                elapsed,
-                info.duration_s,
-                info.forwards,
-                info.refresh_forwards,
-                calls,
-                info.committed_tokens,
-                cost,
-            )
-        )
-        bar.update(info.committed_tokens)
-    wall = time.perf_counter() - start
-    bar.close()
-    return records, wall, results
-
-
-# -- report ---------------------------------------------------------------------------------------
-
-
-def _git_commit() -> str | None:
-    """The checkout's short commit, with ``-dirty`` when tracked files differ from it."""
-    repo = Path(__file__).resolve().parents[3]
-
-    def git(*args: str) -> str:
-        cmd = ["git", "-C", str(repo), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return sha + ("-dirty" if dirty else "")
-
-
-def _command_line() -> str | None:
-    """The exact command, when run as the ``dllm-serve`` program (not from tests or Python)."""
-    if Path(sys.argv[0]).name != "dllm-serve":
-        return None
-    return " ".join(["dllm-serve", *sys.argv[1:]])
-
-
-def _si(value: float, unit: str) -> str:
-    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The human-readable summary printed by the CLI."""
-    m, w, hw, res = report["model"], report["workload"], report["hardware"], report["results"]
-    tot = res["totals"]
-    fixed = w["fixed_tokens_per_step"]
-    p = res["params"]
-    lines = [
-        f"model    {m['path']} ({m['family']}, {m['dtype']}, {m['load_format']} weights, "
-        f"{m['shape']['streamed_params'] / 1e6:.1f}M streamed params)",
-        f"device   {hw['device']}",
-        f"peaks    {_si(hw['matmul_flops_per_s'], 'FLOP/s')} matmul, "
-        f"{_si(hw['read_bytes_per_s'], 'B/s')} read ({hw['source']}, {hw['dtype']})",
-        f"workload {p['algorithm']}, batch {w['batch_size']}, prompt {w['prompt_len']}, "
-        f"generate {p['gen_length']}, block {p['block_length']}, rule {p['rule']} ({p['steps']} steps)"
-        + (f", fixed {fixed} tokens/step" if fixed else "")
-        + (", CUDA graphs" if w.get("cuda_graphs") else ""),
-        "",
-        "| step kind | steps | mean ms | median ms | p90 ms | tokens/step | FLOP/step | bytes/step "
-        "| bound | % of bound |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for kind in ("block", "refresh", "all"):
-        s = res["steps"][kind]
-        if not s["steps"]:
-            continue
-        n = s["steps"]
-        lines.append(
-            f"| {kind} | {n} | {s['mean_ms']:.2f} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | "
-            f"{s['tokens_per_step']:.1f} | {_si(s['flops'] / n, '')} | {_si(s['bytes'] / n, 'B')} | "
-            f"{s['binding_limit']} | {100 * s['fraction_of_limit']:.1f} |"
-        )
-    memory = (
-        f"peak GPU memory {_si(tot['peak_gpu_allocated_bytes'], 'B')} allocated"
-        if "peak_gpu_allocated_bytes" in tot
-        else f"peak RSS {_si(tot['peak_rss_bytes'], 'B')}"
-    )
-    lines += [
-        "",
-        f"{tot['committed_tokens']} tokens in {tot['wall_s']:.3f} s = {tot['tokens_per_s']:.1f} tokens/s; "
-        f"{tot['forwards']} forwards ({tot['refresh_forwards']} refresh, {tot['model_calls']} model calls), "
-        f"{tot['tokens_per_forward']:.2f} tokens/forward; {memory}",
-    ]
-    kv = report.get("kv_cache")
-    if kv:
-        from dllm_serve.engine.memory import human_bytes
-
-        lines.append(
-            f"KV cache {kv['bytes_per_token']} B/token, {kv['tokens_that_fit']} tokens fit "
-            f"({human_bytes(kv['budget_bytes'])}: {kv['budget_source']}); the run held at most "
-            f"{kv['peak_used_tokens']} tokens"
-        )
-    return "\n".join(lines)
+    return results(measure(engine, settings), rates)
 
 
 def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     """Build the engine from the CLI flags, measure peak rates, run the benchmark; the JSON report."""
-    import torch
-
+    from dllm_serve.bench.engine_report import build_report
     from dllm_serve.bench.hardware import PeakRates, device_name, measure_peak_rates, shape_from_config
     from dllm_serve.config import engine_config_from_args
-    from dllm_serve.engine.engine import build_engine
+    from dllm_serve.engine.engine import Engine, build_engine
+    from dllm_serve.engine.memory import parse_bytes
 
     settings = BenchSettings(
         batch_size=args.max_batch_size,
@@ -504,7 +148,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     if args.load_format != "dummy" and (config_overrides or not has_weights):
         why = "--config-override changes the shapes" if config_overrides else f"{model_dir} has no weights"
         raise BenchError(f"{why}: pass --load-format dummy (random weights built from the config)")
-    check_family_available(model_dir)
+    check_family_supported(model_dir)
     if args.trust_remote_code:
         raise BenchError("bench engine measures the native engine; --trust-remote-code is not supported")
 
@@ -513,20 +157,26 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
             model_dir = patched_model_dir(model_dir, config_overrides, Path(tmp) / "model")
         base = engine_config_from_args(args)
         canvas = settings.prompt_len + settings.gen_length + (settings.block_length or 0)
+        # No prompt cache unless asked for: the timed wave repeats the warm-up's prompts, whose
+        # forwards reuse would skip (block-causal models); an asked-for one is added to the budget.
+        prompt_cache = base.prompt_cache_memory or "0"
         kv_memory = base.kv_cache_memory or str(
             batch_kv_bytes(model_dir, settings.batch_size, canvas, base.resolved_dtype())
+            + parse_bytes(prompt_cache)
         )
         config = replace(
             base,
             model_path=str(model_dir),
             kv_cache_memory=kv_memory,
+            prompt_cache_memory=prompt_cache,
             max_model_len=args.max_model_len or canvas,
             max_num_tokens=max(base.max_num_tokens, settings.batch_size * canvas),
             max_queue=max(base.max_queue, settings.batch_size),
         )
         engine = build_engine(config)
-        model = engine.loaded.model
-        param = next(model.parameters())
+        if not isinstance(engine, Engine):  # --trust-remote-code is refused above
+            raise BenchError("bench engine measures the native engine")
+        param = next(engine.runner.model.parameters())
         if args.peak_flops and args.peak_bandwidth:
             rates = PeakRates(
                 device_name(param.device),
@@ -547,45 +197,17 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
         results = run_engine_bench(engine, settings, rates)
         shape = shape_from_config(engine.loaded.config)
 
-    return {
-        "benchmark": "engine",
-        "command": _command_line(),
-        "commit": _git_commit(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "device": rates.device,
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda,
-        },
-        "model": {
-            "path": args.model_path,
-            "family": engine.loaded.family,
-            "dtype": str(param.dtype).removeprefix("torch."),
-            "load_format": args.load_format,
-            "config_overrides": config_overrides,
-            "shape": shape.to_dict(),
-            "mask_token_id": model.roles.mask_token_id,
-        },
-        "workload": {
-            "batch_size": settings.batch_size,
-            "prompt_len": settings.prompt_len,
-            "gen_length": settings.gen_length,
-            "fixed_tokens_per_step": settings.fixed_tokens_per_step,
-            "warmup_steps": settings.warmup_steps,
-            "seed": settings.seed,
-            "cuda_graphs": config.cuda_graphs,
-        },
-        "hardware": rates.to_dict(),
-        "kv_cache": {
-            "bytes_per_token": engine.runner.pool.bytes_per_token,
-            "budget_bytes": engine.runner.kv_plan.budget_bytes,
-            "budget_source": engine.runner.kv_plan.source,
-            "tokens_that_fit": engine.runner.pool.capacity,
-            "peak_used_tokens": engine.runner.pool.peak_used,
-        },
-        "results": results,
-    }
+    return build_report(
+        model_path=args.model_path,
+        load_format=args.load_format,
+        config_overrides=config_overrides,
+        engine=engine,
+        settings=settings,
+        cuda_graphs=config.cuda_graphs,
+        rates=rates,
+        shape=shape,
+        results=results,
+    )
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -639,6 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dllm_serve.bench.engine_report import format_table
+
     try:
         report = bench_engine(args)
     except BenchError as exc:

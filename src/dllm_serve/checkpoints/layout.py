@@ -62,11 +62,8 @@ def find_layout(path: str | os.PathLike[str]) -> CheckpointLayout:
         tokenizer = root / "tokenizer"
         return CheckpointLayout(root, tokenizer if _is_tokenizer_dir(tokenizer) else None, "bare")
     if _has_metadata(root / "model"):
-        tokenizer = next(
-            (t for t in (root / "tokenizer", root) if _is_tokenizer_dir(t)),
-            None,
-        )
-        return CheckpointLayout(root / "model", tokenizer, "model-subdir")
+        found = next((t for t in (root / "tokenizer", root) if _is_tokenizer_dir(t)), None)
+        return CheckpointLayout(root / "model", found, "model-subdir")
 
     steps = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     if steps:

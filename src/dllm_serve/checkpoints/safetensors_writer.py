@@ -78,7 +78,8 @@ class StreamingSafetensorsWriter:
             )
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+            # numpy arrays export the buffer protocol; numpy's stubs say so for Python >= 3.12 only.
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))  # type: ignore[arg-type]
         self._next += 1
 
     def close(self) -> None:

@@ -185,7 +185,8 @@ class _Wrapped:
 class ReplicaServer:
     """One replica: the normal app for its device, fed by the front; Serve calls ``check_health``."""
 
-    async def __init__(self, config: ServerConfig, use_gpu: bool, expected: int, hub=None):
+    # Ray Serve awaits an async constructor (to a type checker, __init__ must return None).
+    async def __init__(self, config: ServerConfig, use_gpu: bool, expected: int, hub=None):  # type: ignore[misc]
         from ray import serve
         from uvicorn.config import Config
         from uvicorn.lifespan.on import LifespanOn
@@ -277,11 +278,12 @@ class ReplicaServer:
     async def _running_replicas(self, fallback: int) -> int:
         """How many replicas Serve itself reports RUNNING (its own view; the hub may lag)."""
         from ray import serve
+        from ray.serve.schema import ReplicaState
 
         try:
             status = await asyncio.to_thread(serve.status)
             deployment = status.applications[APP_NAME].deployments[DEPLOYMENT_NAME]
-            return int(deployment.replica_states.get("RUNNING", 0))
+            return int(deployment.replica_states.get(ReplicaState.RUNNING, 0))
         except Exception:
             return fallback
 
@@ -326,7 +328,7 @@ def _init_ray(config: ServerConfig, n: int, use_gpu: bool) -> bool:
     """Join ``--ray-address`` or start a small local Ray; True when we started it (and must stop it)."""
     import ray
 
-    common = {"namespace": NAMESPACE, "log_to_driver": True, "configure_logging": False}
+    common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": True, "configure_logging": False}
     if config.ray_address:
         ray.init(address=config.ray_address, **common)
         return False
@@ -363,7 +365,6 @@ def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: t
     if use_gpu:
         actor_options["num_gpus"] = 1
     replicas = serve.deployment(
-        replica_cls,
         name=DEPLOYMENT_NAME,
         num_replicas=n,
         ray_actor_options=actor_options,
@@ -376,14 +377,13 @@ def _deployment(config: ServerConfig, n: int, use_gpu: bool, hub, replica_cls: t
         # A replica that cannot build its engine (bad path, no memory) rarely succeeds on retry:
         # give up after a few tries so the command fails with the reason instead of looping.
         max_constructor_retry_count=max(3, n),
-    ).bind(config, use_gpu, n, hub)
+    )(replica_cls).bind(config, use_gpu, n, hub)
     return serve.deployment(
-        serve.ingress()(Front),
         name=FRONT_NAME,
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=FRONT_MAX_ONGOING,
-    ).bind(replicas)
+    )(serve.ingress()(Front)).bind(replicas)
 
 
 def _wait_running(deadline: float, stop: threading.Event) -> bool:

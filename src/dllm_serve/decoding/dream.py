@@ -14,20 +14,28 @@ Dream differs from LLaDA's sampler in three places, each reproduced here:
   confidence (all of them at the last step), or, for ``origin``, each masked position independently
   with probability 1 - s / t; float32 arithmetic as in the published code, so the counts match.
 
-Everything here is per row (one request) except the filters, which are vectorised with per-row
-parameters; the engine calls the random draws with each request's own generator.
+``decide_rows`` runs one step for the rows under Dream's rules (``timestep``, ``origin``), each as
+Dream's ``diffusion_generate`` decodes a batch of one: the draws come from the row's own generator in
+the published order and shapes (``origin``: one uniform per masked position, then a categorical draw
+for each position that transfers; the others: a categorical draw for every masked position, then,
+with ``alg_temp``, the committed positions drawn over the whole canvas), so a seeded request gives
+the published tokens and never depends on its batch. The masked positions come from the host; only
+``origin`` at temperature > 0 reads a device value back (which positions transfer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 from dllm_serve.tensors import upload
 
-# Dream's ``alg`` values and the confidence each ranks positions by (engine REMASKING names).
-ALGORITHMS = {"maskgit_plus": "low_confidence", "topk_margin": "margin", "entropy": "entropy"}
+# The commit rules (decoding/registry.py RULES) that are Dream's: they choose the tokens as well.
+DREAM_RULES = ("timestep", "origin")
+# The confidence measures Dream's algorithms rank by (REMASKING names).
+MEASURES = ("low_confidence", "margin", "entropy")
 ENTROPY_EPSILON = 1e-10
 
 
@@ -118,3 +126,61 @@ def sample_transfer(
         weights = torch.softmax(full_confidence[None] / alg_temp, dim=-1)
         return torch.multinomial(weights, num_samples=count, generator=generator)[0]
     return torch.sort(full_confidence, descending=True, stable=True).indices[:count]
+
+
+class DreamRow(Protocol):
+    """What a step of Dream's rules reads of a row (decoding/step.py's RowStep has it)."""
+
+    @property
+    def params(self) -> Any: ...  # temperature, top_p, top_k, remasking, rule, alg_temp, eps
+    @property
+    def masked(self) -> tuple[int, ...]: ...
+    @property
+    def step(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def noise(self) -> Any: ...  # generator, length, offset
+
+
+def decide_rows(
+    logits: torch.Tensor, rows: Sequence[DreamRow], mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, commit mask and confidence [B, P] for rows under Dream's rules; ``logits`` [B, P, V]
+    are each row's active-block logits (already shifted)."""
+    params = [r.params for r in rows]
+    filtered = filter_logits(
+        logits, [p.temperature for p in params], [p.top_p for p in params], [p.top_k for p in params]
+    )
+    probs = filtered.softmax(-1)
+    dev = logits.device
+    shape = logits.shape[:2]
+    tokens = torch.full(shape, mask_id, dtype=torch.long, device=dev)
+    commit = torch.zeros(shape, dtype=torch.bool, device=dev)
+    conf = torch.zeros(shape, dtype=torch.float32, device=dev)
+    for i, (r, p) in enumerate(zip(rows, params, strict=True)):
+        if not r.masked:
+            continue
+        where = upload(list(r.masked), dev, torch.long)
+        row, gen = probs[i, where], r.noise.generator
+        if p.rule == "origin":
+            draws = torch.rand(len(r.masked), generator=gen, device=dev)
+            transfer = draws < origin_probability(r.step, r.steps, p.eps)
+            picked = where[transfer]
+            chosen = choose(row[transfer], p.temperature, gen)
+            tokens[i, picked] = chosen
+            commit[i, picked] = True
+            conf[i, picked] = row[transfer].gather(-1, chosen[:, None])[:, 0]
+            continue
+        chosen = choose(row, p.temperature, gen)
+        scores = confidence(row, chosen, p.remasking)
+        tokens[i, where] = chosen
+        conf[i, where] = scores
+        count = transfer_count(len(r.masked), r.step, r.steps, p.eps)
+        if count == 0:
+            continue
+        # Dream ranks over the whole sequence (the canvas noise span; -inf off the masked positions).
+        full = torch.full((r.noise.length,), -torch.inf, dtype=scores.dtype, device=dev)
+        full[r.noise.offset + where] = scores
+        commit[i, sample_transfer(full, count, p.alg_temp, gen) - r.noise.offset] = True
+    return tokens, commit, conf

@@ -1,5 +1,8 @@
 """Commit rules: which masked positions of the active block receive their token this step.
 
+The rules are named in decoding/registry.py (``RULES``: name, function, parameters, state) and
+combined per row by decoding/step.py's ``select_commits``; this module holds their math.
+
 All functions are vectorised over rows, each row with its own parameters, and know nothing of
 models or engines. Ties in confidence go to the leftmost position, so a row's choice never
 depends on its batch or padding.
@@ -10,13 +13,8 @@ block; 1 when steps = tokens), which also guarantees the most confident position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from dllm_serve.tensors import upload
-
-RULES = ("schedule", "threshold", "factor", "hierarchy", "credit")
 _NEG = float("-inf")
 
 
@@ -104,30 +102,3 @@ def credit_update(
 def credit_logits(logits: torch.Tensor, credit: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Logits enhanced by accumulated credit: logits + alpha * log(1 + credit)."""
     return logits + alpha[:, None, None] * torch.log1p(credit)
-
-
-def select_commits(
-    conf: torch.Tensor,
-    candidates: torch.Tensor,
-    floor: torch.Tensor,
-    rule: Sequence[int],
-    threshold: torch.Tensor,
-    factor: torch.Tensor,
-    low_threshold: torch.Tensor,
-) -> torch.Tensor:
-    """The commit mask [B, P] for rows with different rules.
-
-    ``rule`` indexes RULES per row. It is a host list, so which rules to evaluate is decided
-    without waiting for the device (no synchronisation inside a decoding step).
-    """
-    floor_mask = top_k_mask(conf, candidates, floor)
-    extra = torch.zeros_like(candidates)
-    rows = upload(rule, conf.device, torch.long)[:, None]
-    if 1 in rule or 4 in rule:
-        extra |= threshold_mask(conf, candidates, threshold) & ((rows == 1) | (rows == 4))
-    if 2 in rule:
-        n = factor_count(conf, candidates, factor)
-        extra |= top_k_mask(conf, candidates, n) & (rows == 2)
-    if 3 in rule:
-        extra |= hierarchy_mask(conf, candidates, threshold, low_threshold) & (rows == 3)
-    return floor_mask | extra

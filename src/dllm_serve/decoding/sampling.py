@@ -16,13 +16,13 @@ def top_p_filter(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
     """
     if all(p >= 1.0 for p in top_p):
         return logits
-    top_p = upload(top_p, logits.device, logits.dtype)
+    top_p_row = upload(top_p, logits.device, logits.dtype)
     # Stable: among equal logits the lower token id is kept first, a fixed, documented tie-break.
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
     # Keep a token while the mass before it is below top_p (the top token is always kept).
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None, None]
-    drop_sorted &= (top_p < 1.0)[:, None, None]
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p_row[:, None, None]
+    drop_sorted &= (top_p_row < 1.0)[:, None, None]
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

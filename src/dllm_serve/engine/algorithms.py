@@ -9,16 +9,13 @@ raises ``ParamError`` naming the offending field, which the server turns into a 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, cast
 
+from dllm_serve.decoding.dream import DREAM_RULES
+from dllm_serve.decoding.registry import REMASKING, RULES, Knob, knob, knob_metadata
 from dllm_serve.models import registry
-
-CACHES = ("none", "prefix", "dual", "vicinity", "committed")
-RULES = ("schedule", "threshold", "factor", "hierarchy", "credit", "timestep", "origin")
-# Dream's diffusion_generate rules (decoding/dream.py): they choose tokens Dream's way too.
-DREAM_RULES = ("timestep", "origin")
-REMASKING = ("low_confidence", "random", "margin", "entropy")
 
 
 class ParamError(ValueError):
@@ -31,36 +28,66 @@ class ParamError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeParams:
-    """Everything one sequence's decoding needs; every field has a meaning for every preset."""
+    """Everything one sequence's decoding needs; every field has a meaning for every preset.
+
+    The fields declared with ``knob`` are the decoding parameters a request (and the ``generate`` /
+    ``eval`` flags) may set; their metadata (decoding/registry.py ``Knob``) drives validation, the
+    request schema, the CLI flags and /v1/algorithms. The others are fixed by the preset.
+    """
 
     algorithm: str
     cache: str
-    rule: str
+    rule: str = field(metadata=knob_metadata(help="commit rule (decoding/registry.py RULES)", choices=RULES))
     gen_length: int
-    block_length: int
-    steps: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    remasking: str = "low_confidence"
-    threshold: float = 0.9
-    factor: float = 1.0
-    low_threshold: float = 0.4
-    credit_alpha: float = 0.7
-    credit_gamma: float = 0.2
-    credit_beta: float = 0.8
-    cfg_scale: float = 0.0
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    prefix_look: int = 16
-    after_look: int = 16
-    warmup_steps: int = 4
-    early_stop: bool = True
-    shift_logits: bool = False
-    top_k: int = 0  # Dream's rules: keep the k most probable tokens (0: off)
-    alg_temp: float = 0.0  # Dream's rules: > 0 draws the committed positions from softmax(conf / alg_temp)
-    eps: float = 1e-3  # Dream's rules: the last timestep of linspace(1, eps, steps + 1)
-    seed: int | None = None
-    max_steps_per_block: int | None = None
+    block_length: int = field(
+        metadata=knob_metadata(help="tokens per block; the canvas is rounded up to whole blocks", low=1)
+    )
+    steps: int = field(
+        metadata=knob_metadata(
+            help="forwards of the schedule rule (a multiple of the number of blocks)", low=1
+        )
+    )
+    temperature: float = knob(0.0, help="Gumbel-max sampling temperature (0: argmax)", low=0.0, high=100.0)
+    top_p: float = knob(1.0, help="nucleus filter before sampling (1: off)", low=0.0, high=1.0, low_open=True)
+    remasking: str = knob(
+        "low_confidence", help="confidence measure ranking positions (REMASKING)", choices=REMASKING
+    )
+    threshold: float = knob(0.9, help="commit positions whose confidence reaches it", low=0.0, high=1.0)
+    factor: float = knob(1.0, help="Fast-dLLM's factor rule's f", low=0.0, high=1000.0, low_open=True)
+    low_threshold: float = knob(
+        0.4, help="hierarchy rule: a masked run's best position commits at this confidence", low=0.0, high=1.0
+    )
+    credit_alpha: float = knob(0.7, help="credit rule: weight of log(1 + credit)", low=0.0, high=100.0)
+    credit_gamma: float = knob(
+        0.2, help="credit rule: exponent of the top-1 probability", low=0.0, high=100.0
+    )
+    credit_beta: float = knob(0.8, help="credit rule: decay per step", low=0.0, high=1.0)
+    cfg_scale: float = knob(
+        0.0, help="classifier-free guidance scale (the full-canvas 'llada' algorithm)", low=0.0, high=100.0
+    )
+    logits_eos_inf: bool = knob(False, help="never choose EOS")
+    confidence_eos_eot_inf: bool = knob(False, help="EOS/EOT confidence 0, as ML-GSAI's generate does")
+    prefix_look: int = knob(16, help="vicinity cache: tokens before the block refreshed", low=0)
+    after_look: int = knob(16, help="vicinity cache: tokens after the block refreshed", low=0)
+    warmup_steps: int = knob(4, help="vicinity cache: full forwards at each block start", low=0)
+    early_stop: bool = knob(True, help="finish at a stop token without decoding the rest of the canvas")
+    shift_logits: bool = knob(False, help="position i is predicted by the logits at i - 1")
+    top_k: int = knob(0, help="Dream's rules: keep the k most probable tokens (0: off)", low=0)
+    alg_temp: float = knob(
+        0.0, help="Dream's rules: > 0 draws the committed positions from softmax(confidence / alg_temp)",
+        low=0.0, high=100.0,
+    )  # fmt: skip
+    eps: float = knob(
+        1e-3, help="Dream's rules: the last timestep of linspace(1, eps, steps + 1), below 1",
+        low=0.0, high=1.0, low_open=True,
+    )  # fmt: skip
+    seed: int | None = knob(None, help="the request's random stream (None: a fresh one)", low=0)
+    max_steps_per_block: int | None = knob(
+        None, help="bound on a threshold-style rule's forwards per block (None: unbounded)", low=1
+    )
+    # Fixed by the preset (Preset.canvas_noise): draw each step's noise over the whole canvas, as
+    # LLaDA's reference generate() does, so seeded outputs match it; otherwise over the block.
+    canvas_noise: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -77,7 +104,7 @@ class DecodeParams:
         The schedule rule takes exactly ``steps / num_blocks``. The threshold-style rules ignore
         ``steps``, as Fast-dLLM's and dInfer's decoders do, unless ``max_steps_per_block`` bounds them.
         """
-        return self.steps_per_block if self.rule == "schedule" else self.max_steps_per_block
+        return self.steps_per_block if RULES[self.rule].fixed_steps else self.max_steps_per_block
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,10 +119,13 @@ class Preset:
     rule: str
     aliases: tuple[str, ...] = ()
     description: str = ""
-    defaults: tuple[tuple[str, Any], ...] = ()
     # Threshold-style rules take at most steps / num_blocks forwards per block unless the request
     # sets max_steps_per_block (the nemotron preset's documented bound); otherwise they are unbounded.
     steps_bound_rules: bool = False
+    # Draws each step's noise over the whole canvas (DecodeParams.canvas_noise): the reference sampler.
+    canvas_noise: bool = False
+    # The confidence measure the preset ranks by when the request names none (Dream's alg).
+    remasking: str | None = None
     # One block over the whole canvas unless the request sets block_length (Dream's diffusion_generate).
     whole_canvas: bool = False
 
@@ -111,6 +141,7 @@ PRESETS: dict[str, Preset] = {
             "schedule",
             ("basic", "no_cache"),
             "LLaDA's reference sampler: full canvas every step, linear schedule",
+            canvas_noise=True,
         ),
         Preset(
             "prefix_cache",
@@ -166,7 +197,8 @@ PRESETS: dict[str, Preset] = {
                 "origin" if alg == "origin" else "timestep",
                 (alg,),
                 f"Dream's diffusion_generate, alg={alg!r}: whole canvas every step, {what}",
-                () if alg == "origin" else (("remasking", measure),),
+                canvas_noise=True,
+                remasking=measure,
                 whole_canvas=True,
             )
             for alg, measure, what in (
@@ -197,10 +229,9 @@ ENGINE_DEFAULT_PRESET = {
 }
 DEFAULT_BLOCK_LENGTH = 32
 
-# Request fields that override DecodeParams fields of the same name.
-OVERRIDABLE = tuple(
-    f.name for f in fields(DecodeParams) if f.name not in {"algorithm", "cache", "gen_length"}
-)
+# Request fields that override DecodeParams fields of the same name: the knobs.
+KNOBS: dict[str, Knob] = {f.name: f.metadata["knob"] for f in fields(DecodeParams) if "knob" in f.metadata}
+OVERRIDABLE = tuple(KNOBS)
 
 
 def presets_for(family: str) -> list[Preset]:
@@ -269,7 +300,7 @@ def resolve_params(
             rule = "factor"
         elif "threshold" in given and preset.rule == "schedule":
             rule = "threshold"
-    values: dict[str, Any] = dict(preset.defaults)
+    values: dict[str, Any] = {"remasking": preset.remasking} if preset.remasking else {}
     values.update({k: v for k, v in (model_defaults or {}).items() if v is not None})
     values.update(given)
     threshold = values.get("threshold")
@@ -277,9 +308,8 @@ def resolve_params(
         # A threshold below the default low_threshold must not fail on a field nobody set. Capping
         # it at the threshold commits exactly the same positions: with low_threshold >= threshold
         # the hierarchy rule's per-run pick only finds positions the threshold already commits.
-        values["low_threshold"] = min(DecodeParams.low_threshold, threshold)
-    default_block = max_new_tokens if preset.whole_canvas else DEFAULT_BLOCK_LENGTH
-    block_length = values.pop("block_length", default_block)
+        values["low_threshold"] = min(DecodeParams.low_threshold, cast(float, threshold))
+    block_length = values.pop("block_length", max_new_tokens if preset.whole_canvas else DEFAULT_BLOCK_LENGTH)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length
     steps = values.pop("steps", None)
@@ -299,9 +329,11 @@ def resolve_params(
         gen_length=gen_length,
         block_length=block_length,
         steps=steps,
+        canvas_noise=preset.canvas_noise,
     )
     params = replace(params, **values)
-    if params.rule != "schedule" and params.max_steps_per_block is None and preset.steps_bound_rules:
+    bounded = params.rule in RULES and not RULES[params.rule].fixed_steps
+    if bounded and params.max_steps_per_block is None and preset.steps_bound_rules:
         params = replace(params, max_steps_per_block=params.steps_per_block)
     _validate(params)
     return params
@@ -320,52 +352,88 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
         raise ParamError(name, f"{name} must be in {bracket}{low}, {high}], got {value!r}")
 
 
+def _check_knob(name: str, kind: Any, spec: Knob, value: Any) -> None:
+    """One knob's value against its annotation and its range or choices."""
+    if value is None and type(None) in typing.get_args(kind):
+        return
+    if spec.choices:
+        if not isinstance(value, str) or value not in spec.choices:
+            raise ParamError(name, f"{name} must be one of {', '.join(spec.choices)}, got {value!r}")
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ParamError(name, f"{name} must be a boolean")
+    elif kind is float:
+        low = -math.inf if spec.low is None else spec.low
+        high = math.inf if spec.high is None else spec.high
+        _check_range(name, value, low, high, low_open=spec.low_open)
+    else:  # int, or int | None
+        _check_int(name, value, int(spec.low or 0))
+
+
 def _validate(p: DecodeParams) -> None:
-    if p.rule not in RULES:
-        raise ParamError("rule", f"rule must be one of {', '.join(RULES)}, got {p.rule!r}")
-    if p.remasking not in REMASKING:
-        raise ParamError("remasking", f"remasking must be one of {', '.join(REMASKING)}, got {p.remasking!r}")
-    if p.remasking == "random" and p.rule != "schedule":
+    hints = typing.get_type_hints(DecodeParams)
+    for name, spec in KNOBS.items():
+        _check_knob(name, hints[name], spec, getattr(p, name))
+    rule = RULES[p.rule]
+    if REMASKING[p.remasking].drawn and p.rule in DREAM_RULES:
         raise ParamError(
-            "remasking", "remasking 'random' only applies to the fixed schedule (rule 'schedule')"
+            "remasking",
+            f"remasking {p.remasking!r} does not apply to rule {p.rule!r}: it ranks by low_confidence, "
+            "margin or entropy",
         )
-    _check_range("temperature", p.temperature, 0.0, 100.0)
-    _check_range("top_p", p.top_p, 0.0, 1.0, low_open=True)
-    _check_range("threshold", p.threshold, 0.0, 1.0)
-    _check_range("factor", p.factor, 0.0, 1000.0, low_open=True)
-    _check_range("low_threshold", p.low_threshold, 0.0, 1.0)
+    if p.eps >= 1.0:
+        raise ParamError("eps", f"eps must be below 1 (the last timestep), got {p.eps!r}")
+    if REMASKING[p.remasking].drawn and not rule.fixed_steps:
+        raise ParamError(
+            "remasking", f"remasking {p.remasking!r} only applies to the fixed schedule (rule 'schedule')"
+        )
     if p.low_threshold > p.threshold:
         raise ParamError(
             "low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})"
         )
-    _check_range("credit_alpha", p.credit_alpha, 0.0, 100.0)
-    _check_range("credit_gamma", p.credit_gamma, 0.0, 100.0)
-    _check_range("credit_beta", p.credit_beta, 0.0, 1.0)
-    _check_range("cfg_scale", p.cfg_scale, 0.0, 100.0)
     if p.cfg_scale > 0 and p.cache != "none":
         raise ParamError("cfg_scale", "cfg_scale needs the full-canvas 'llada' algorithm (no KV cache)")
-    for name in ("prefix_look", "after_look", "warmup_steps"):
-        _check_int(name, getattr(p, name), 0)
-    for name in ("logits_eos_inf", "confidence_eos_eot_inf", "early_stop", "shift_logits"):
-        if not isinstance(getattr(p, name), bool):
-            raise ParamError(name, f"{name} must be a boolean")
-    if p.max_steps_per_block is not None:
-        _check_int("max_steps_per_block", p.max_steps_per_block, 1)
-        if p.rule == "schedule" or p.rule in DREAM_RULES:
-            raise ParamError(
-                "max_steps_per_block",
-                f"max_steps_per_block bounds the threshold-style rules; the {p.rule} rule takes exactly "
-                "steps / num_blocks steps per block (set steps instead)",
-            )
-    _check_int("top_k", p.top_k, 0)
-    _check_range("alg_temp", p.alg_temp, 0.0, 100.0)
-    _check_range("eps", p.eps, 0.0, 1.0, low_open=True)
-    if p.eps >= 1.0:
-        raise ParamError("eps", f"eps must be below 1 (the last timestep), got {p.eps!r}")
-    if p.rule in DREAM_RULES and p.remasking not in ("low_confidence", "margin", "entropy"):
-        raise ParamError("remasking", f"rule {p.rule!r} ranks by low_confidence, margin or entropy")
-    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int) or p.seed < 0):
-        raise ParamError("seed", f"seed must be a non-negative integer, got {p.seed!r}")
+    if p.max_steps_per_block is not None and rule.fixed_steps:
+        raise ParamError(
+            "max_steps_per_block",
+            f"max_steps_per_block bounds the threshold-style rules; the {p.rule} rule takes exactly "
+            "steps / num_blocks steps per block (set steps instead)",
+        )
+
+
+def describe_parameters() -> list[dict[str, Any]]:
+    """Every decoding parameter a request may set: type, range or choices, and what it does."""
+    hints = typing.get_type_hints(DecodeParams)
+    out = []
+    for name, spec in KNOBS.items():
+        entry: dict[str, Any] = {"name": name, "type": _type_name(hints[name]), "description": spec.help}
+        if spec.choices:
+            entry["choices"] = list(spec.choices)
+        if spec.low is not None:
+            entry["min"] = spec.low
+        if spec.high is not None:
+            entry["max"] = spec.high
+        out.append(entry)
+    return out
+
+
+def _type_name(kind: Any) -> str:
+    names = [t.__name__ for t in typing.get_args(kind) or (kind,) if t is not type(None)]
+    return names[0] + (" | null" if type(None) in typing.get_args(kind) else "")
+
+
+def describe_rules() -> list[dict[str, Any]]:
+    """The rules as listed by `dllm-serve models` and GET /v1/algorithms."""
+    return [
+        {
+            "name": r.name,
+            "description": r.description,
+            "parameters": list(r.parameters),
+            "keeps_state": r.stateful,
+            "fixed_steps": r.fixed_steps,
+        }
+        for r in RULES.values()
+    ]
 
 
 def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
@@ -381,10 +449,12 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
             block_length=DEFAULT_BLOCK_LENGTH,
             steps=0,
         )
-        defaults = {
+        if p.remasking:
+            base = replace(base, remasking=p.remasking)
+        defaults: dict[str, Any] = {
             k: v
-            for k, v in replace(base, **dict(p.defaults)).to_dict().items()
-            if k not in {"algorithm", "gen_length", "steps", "seed"}
+            for k, v in base.to_dict().items()
+            if k not in {"algorithm", "gen_length", "steps", "seed", "canvas_noise"}
         }
         if p.whole_canvas:
             defaults["block_length"] = None  # one block: the whole max_tokens canvas
@@ -398,6 +468,7 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
                 "model_family": family or (families[0] if families else None),
                 "model_families": families,
                 "description": p.description,
+                "noise": "canvas" if p.canvas_noise else "block",
                 "defaults": defaults,
             }
         )

@@ -13,14 +13,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
+from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.tensors import upload
 
-if TYPE_CHECKING:
-    from dllm_serve.engine.sequence import Sequence
+
+class Traced(Protocol):
+    """What a trace reads of a sequence (engine/sequence.py's ``Sequence``, which holds the trace)."""
+
+    canvas: torch.Tensor
+    mask_id: int
+    block: int
+    trace: DenoiseTrace | None
+
+    @property
+    def params(self) -> DecodeParams: ...
+
+    @property
+    def prompt_len(self) -> int: ...
+
+    @property
+    def block_start(self) -> int: ...
+
 
 CONF_DIGITS = 3  # a masked position's confidence is resent once it moves at this precision
 
@@ -52,7 +69,7 @@ class DenoiseTrace:
     _sent: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def observe(
-        self, seq: Sequence, new_block: torch.Tensor, provisional: torch.Tensor, refresh: bool
+        self, seq: Traced, new_block: torch.Tensor, provisional: torch.Tensor, refresh: bool
     ) -> DenoiseStep:
         """Compare the block before (``seq.canvas``, not yet updated) with ``new_block`` (host).
 
@@ -96,7 +113,7 @@ def _rounded(conf: float) -> float:
     return round(conf, CONF_DIGITS) if math.isfinite(conf) else 0.0
 
 
-def read_back(seqs: list[Sequence], tokens: torch.Tensor, conf: torch.Tensor) -> dict[int, torch.Tensor]:
+def read_back(seqs: list[Traced], tokens: torch.Tensor, conf: torch.Tensor) -> dict[int, torch.Tensor]:
     """Rows (by index) that trace their denoising -> [2, width] float64 host tensor (ids, confidence).
 
     Empty, with no device work at all, when no row asks; otherwise one transfer for all of them.

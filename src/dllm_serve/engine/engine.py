@@ -10,19 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.engine.algorithms import DecodeParams, canonical_name, default_preset, resolve_params
-from dllm_serve.engine.runner import Runner, StepInfo
+from dllm_serve.engine.base import EngineBase, EngineStats, RequestResult
+from dllm_serve.engine.runner import Runner
 from dllm_serve.engine.scheduler import LOOP_ERROR, QueueFullError, Scheduler
-from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
+from dllm_serve.engine.scoring import AnyRequest as AnyScoringRequest
+from dllm_serve.engine.scoring import ScoringEvent
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models import registry
 from dllm_serve.models.loader import LoadedModel, load_model, resolve_model_path
 from dllm_serve.models.registry import has_remote_code
 from dllm_serve.threads import apply_threads
@@ -42,105 +39,6 @@ __all__ = [
 ]
 
 
-@dataclass
-class EngineStats:
-    waiting: int
-    running: int
-    finished: int
-    forwards: int
-    steps: int
-    # KV cache, in arena tokens (0 where the engine has none, e.g. remote code)
-    kv_capacity_tokens: int = 0
-    kv_used_tokens: int = 0
-    kv_peak_used_tokens: int = 0
-    kv_bytes_per_token: int = 0
-
-
-@dataclass
-class RequestResult:
-    """A finished request's tokens, collected from its events (offline use)."""
-
-    token_ids: list[int]
-    finish_reason: str
-    stopped_on_token: bool
-    forwards: int
-    error: str | None = None
-
-    def add(self, event: SequenceEvent) -> None:
-        """Fold one of the request's events in (tokens extend; the final event sets the rest)."""
-        self.token_ids.extend(event.token_ids)
-        if event.finished:
-            self.finish_reason = event.finish_reason or ""
-            self.stopped_on_token = event.stopped_on_token
-            self.forwards = event.forwards
-            self.error = event.error
-
-
-class EngineBase:
-    """What the server, the CLI and the benchmarks rely on, shared by the native ``Engine`` and the
-    remote-code ``RemoteEngine``: the loaded model, the default preset, per-request parameter
-    resolution, step observers, counters and the worker thread. Each implements ``_loop`` (the
-    thread's body, which returns once ``_stop`` is set), ``add_request``, ``abort``, ``stats``,
-    ``shutdown`` and ``run_to_completion``."""
-
-    thread_name = "dllm-engine"
-    traces_denoise = False  # can stream each step's provisional state (stream_mode "denoise")
-    # Likelihood scoring and token log-probabilities (the native engine; remote code has neither).
-    supports_logprobs = False
-
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
-        self.loaded = loaded
-        family = loaded.family
-        self.default_algorithm = (
-            canonical_name(self.config.algorithm, family)
-            if self.config.algorithm
-            else default_preset(self.config.engine, family)
-        )
-        # Block-causal attention (models/family.py): likelihoods use the block-diffusion estimator.
-        self.block_diffusion = registry.get(family).attention == "block_causal"
-        # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).
-        self.model_defaults: dict[str, Any] = dict(loaded.decode_defaults)
-        self.step_observers: list[Callable[[StepInfo], None]] = []
-        self.forwards = 0
-        self.steps = 0
-        self.finished = 0
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._draining = False
-        self.failure: str | None = None  # why the engine stopped for good (/health says "failed")
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.is_running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        raise NotImplementedError
-
-    def resolve_params(
-        self, max_new_tokens: int, overrides: dict[str, Any] | None = None, algorithm: str | None = None
-    ) -> DecodeParams:
-        """A request's decoding parameters for the loaded model (raises ``ParamError``).
-
-        Precedence: request overrides > the checkpoint's defaults > the preset's defaults;
-        ``algorithm`` None means the engine's default preset.
-        """
-        return resolve_params(
-            algorithm or self.default_algorithm,
-            self.loaded.family,
-            max_new_tokens,
-            overrides,
-            model_defaults=self.model_defaults,
-        )
-
-
 class Engine(EngineBase):
     traces_denoise = True
     supports_logprobs = True
@@ -149,6 +47,7 @@ class Engine(EngineBase):
         super().__init__(loaded, config)
         self.runner = Runner(loaded, self.config)
         self.scheduler = Scheduler(self.runner, self.config)
+        self.stop_ids = self.runner.stop_ids
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -161,7 +60,7 @@ class Engine(EngineBase):
             raise QueueFullError("the server is shutting down")
         self.scheduler.submit(request, on_event)
 
-    def add_scoring(self, request: ScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
+    def add_scoring(self, request: AnyScoringRequest, on_event: Callable[[ScoringEvent], None]) -> None:
         """Queue a likelihood scoring request (engine/scoring.py); ``on_event`` gets its one event.
 
         Raises QueueFullError like ``add_request``: scoring and generation share ``max_queue``.
@@ -190,6 +89,7 @@ class Engine(EngineBase):
             pool.used,
             pool.peak_used,
             pool.bytes_per_token,
+            self.runner.prompt_cache.stats(),
         )
 
     def shutdown(self, drain_timeout: float = 30.0) -> None:
@@ -257,8 +157,12 @@ class Engine(EngineBase):
 
     # -- offline ------------------------------------------------------------------------------
 
-    def run_to_completion(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestResult]:
-        """Run requests on the caller's thread until all finish (CLI generate/eval, tests)."""
+    def run_to_completion(
+        self, requests: Iterable[GenerationRequest], step: Callable[[], bool] | None = None
+    ) -> dict[str, RequestResult]:
+        """Run requests on the caller's thread until all finish (CLI generate/eval, tests); each
+        request's events folded into its ``RequestResult``. ``step`` (default ``self.step``) runs one
+        iteration and says whether there was work: ``bench engine`` passes one that times it."""
         if self.is_running:
             raise RuntimeError("run_to_completion needs the engine thread to be stopped")
         results: dict[str, RequestResult] = {}
@@ -270,7 +174,8 @@ class Engine(EngineBase):
         ids = [r.request_id for r in pending]
         for request in pending:
             self.scheduler.submit(request, collect, ignore_queue_limit=True)
-        while self.step():
+        iterate = step or self.step
+        while iterate():
             pass
         return {rid: results[rid] for rid in ids}
 

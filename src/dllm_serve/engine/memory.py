@@ -5,12 +5,16 @@ memory, vLLM's convention) after the weights, a profiling forward at the largest
 is the activations' need) and memory outside PyTorch (CUDA context, other processes). On the CPU,
 where a process's share of memory cannot be measured that way, it gets ``--kv-cache-memory``
 bytes; an explicit ``--kv-cache-memory`` also overrides the measurement on CUDA.
+
+For block-causal models the prompt cache (``engine/prompt_cache.py``) is carved out of that budget:
+``--prompt-cache-memory`` bytes, by default a tenth of it (docs/memory.md has the arithmetic), and
+the arena gets the rest, so the total memory the KV cache takes is the same with or without it.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +22,7 @@ from dllm_serve.engine.kv_cache import EXTENT_ALIGN, extent_tokens, kv_bytes_per
 
 DEFAULT_CPU_KV_MEMORY = 2 * 1024**3
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+DEFAULT_PROMPT_CACHE_SHARE = 0.1  # of the KV budget, for block-causal models
 PROFILE_BLOCK = 128  # logits positions per row in the profiling forward (a block of up to 128)
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -57,11 +62,12 @@ class KVPlan:
     budget_bytes: int
     source: str
     bytes_per_token: int
+    prompt_cache_bytes: int = 0  # carved out of the budget for the prompt cache
 
     @property
     def capacity(self) -> int:
         """Tokens the arena holds (a multiple of the extent alignment)."""
-        tokens = max(0, self.budget_bytes) // self.bytes_per_token
+        tokens = max(0, self.budget_bytes - self.prompt_cache_bytes) // self.bytes_per_token
         return tokens // EXTENT_ALIGN * EXTENT_ALIGN
 
     def check_fits(self, max_len: int) -> None:
@@ -70,11 +76,17 @@ class KVPlan:
         if need > self.capacity:
             needed = human_bytes(need * self.bytes_per_token)
             budget = human_bytes(max(0, self.budget_bytes))
+            carved = (
+                f", less {human_bytes(self.prompt_cache_bytes)} for --prompt-cache-memory,"
+                if self.prompt_cache_bytes
+                else ""
+            )
             raise KVBudgetError(
                 f"the KV cache cannot hold one sequence of the longest allowed length: {max_len} tokens "
                 f"need {need} x {self.bytes_per_token} B = {needed}, the budget ({self.source}) is "
-                f"{budget} = {self.capacity} tokens; raise --kv-cache-memory or "
+                f"{budget}{carved} = {self.capacity} tokens; raise --kv-cache-memory or "
                 "--gpu-memory-utilization, or lower --max-model-len"
+                + (" or --prompt-cache-memory" if self.prompt_cache_bytes else "")
             )
 
 
@@ -97,8 +109,11 @@ def profile_forward(model, batch: int, length: int, width: int, device: torch.de
         logits.softmax(-1)
 
 
-def plan_kv_cache(model, config, device: torch.device, dtype: torch.dtype, max_len: int) -> KVPlan:
-    """The KV budget for ``model`` under ``config`` (EngineConfig), checked against ``max_len``."""
+def plan_kv_cache(
+    model, config, device: torch.device, dtype: torch.dtype, max_len: int, block_causal: bool = False
+) -> KVPlan:
+    """The KV budget for ``model`` under ``config`` (EngineConfig), checked against ``max_len``;
+    ``block_causal`` models get a prompt cache carved out of it."""
     per_token = kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
     if not 0 < config.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {config.gpu_memory_utilization}")
@@ -110,8 +125,19 @@ def plan_kv_cache(model, config, device: torch.device, dtype: torch.dtype, max_l
         plan = KVPlan(*_cuda_budget(model, config, device, max_len), per_token)
     else:
         plan = KVPlan(DEFAULT_CPU_KV_MEMORY, "the CPU default --kv-cache-memory 2GiB", per_token)
+    plan = replace(plan, prompt_cache_bytes=prompt_cache_bytes(plan.budget_bytes, config, block_causal))
     plan.check_fits(max_len)
     return plan
+
+
+def prompt_cache_bytes(kv_budget: int, config, block_causal: bool) -> int:
+    """``--prompt-cache-memory`` (default: a tenth of the KV budget) for block-causal models; 0 for
+    full attention, whose prompt K/V cannot be reused across requests."""
+    if not block_causal:
+        return 0
+    if config.prompt_cache_memory is not None:
+        return parse_bytes(config.prompt_cache_memory)
+    return int(max(0, kv_budget) * DEFAULT_PROMPT_CACHE_SHARE)
 
 
 def _cuda_budget(model, config, device: torch.device, max_len: int) -> tuple[int, str]:

@@ -9,33 +9,41 @@ be interrupted, so an aborted one's result is dropped when it returns.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.engine.engine import EngineBase, EngineStats, RequestResult
+from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.base import EngineBase, EngineStats, RequestResult
 from dllm_serve.engine.runner import StepInfo
 from dllm_serve.engine.scheduler import QueueFullError
 from dllm_serve.engine.sequence import GenerationRequest, SequenceEvent
-from dllm_serve.models import remote_code
-from dllm_serve.models.loader import LoadedModel
+from dllm_serve.models.loader import LoadedModel, RemoteModel
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[SequenceEvent], None]
+# DecodeParams fields offered to a remote generate() under these names (filtered by its signature).
+CORE_KWARGS = ("max_new_tokens", "steps", "block_length", "threshold", "shift_logits", "temperature")
 
 
 class RemoteEngine(EngineBase):
     thread_name = "dllm-remote-engine"
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
-        if not isinstance(loaded.model, remote_code.RemoteModel):
+        if not isinstance(loaded.model, RemoteModel):
             raise TypeError("RemoteEngine serves models loaded by remote_code.load_remote_model")
         super().__init__(loaded, config)
-        self.model: remote_code.RemoteModel = loaded.model
+        self.model: RemoteModel = loaded.model
+        self.stop_ids = self.model.stop_ids
         self._cond = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, OnEvent]] = deque()
         self._aborted: set[str] = set()
@@ -114,9 +122,7 @@ class RemoteEngine(EngineBase):
             return SequenceEvent(rid, [], "abort", prompt_tokens=prompt_tokens)
         start = time.perf_counter()
         try:
-            ids, nfe = remote_code.generate(
-                self.model, request.prompt_ids, request.params, request.max_new_tokens
-            )
+            ids, nfe = generate_remote(self.model, request.prompt_ids, request.params, request.max_new_tokens)
         except Exception:
             log.exception("the checkpoint's generate() failed on request %s", rid)
             return SequenceEvent(rid, [], "error", error="the model's own generate() failed")
@@ -145,3 +151,89 @@ class RemoteEngine(EngineBase):
             result = results[request.request_id] = RequestResult([], "", False, 0)
             result.add(self._run(request))
         return results
+
+
+# -- the call of a checkpoint's own generate() --------------------------------------------------
+
+
+def generate_kwargs(
+    fn: Callable[..., Any], params: DecodeParams, max_new_tokens: int, eos_token_id: int | None = None
+) -> dict[str, Any]:
+    """The decoding arguments ``fn`` accepts, by name; a ``**kwargs`` generate gets the core set only."""
+    offered: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "gen_length": params.gen_length,
+        "steps": params.steps,
+        "block_length": params.block_length,
+        "block_size": params.block_length,
+        "threshold": params.threshold,
+        "shift_logits": params.shift_logits,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "remasking": params.remasking,
+        "factor": params.factor,
+        "cfg_scale": params.cfg_scale,
+    }
+    if eos_token_id is not None:
+        offered["eos_token_id"] = eos_token_id
+    sig = inspect.signature(fn)
+    named = {
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    return {k: v for k, v in offered.items() if k in named or (takes_any and k in CORE_KWARGS)}
+
+
+def _count_forwards(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """Count forwards by the input embedding's calls (one per forward however generate calls it)."""
+    counter = [0]
+    get_embeddings = getattr(module, "get_input_embeddings", None)
+    embed = get_embeddings() if callable(get_embeddings) else None
+    target = embed if isinstance(embed, nn.Module) else module
+
+    def hook(*_: Any) -> None:
+        counter[0] += 1
+
+    handle = target.register_forward_pre_hook(hook)
+    return counter, handle.remove
+
+
+@torch.inference_mode()
+def generate_remote(
+    model: RemoteModel, prompt_ids: Sequence[int], params: DecodeParams, max_new_tokens: int
+) -> tuple[list[int], int]:
+    """One request through the model's own ``generate``: (new token ids, forwards used).
+
+    The tokens are cut after the first stop token (kept, so the caller can tell a stop from a
+    length finish) and at ``max_new_tokens``. The forward count is what ``generate`` reports as
+    its nfe, or else the forwards counted while it ran.
+    """
+    module = model.module
+    device = next(module.parameters()).device
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    kwargs = generate_kwargs(module.generate, params, max_new_tokens, model.eos_token_id)
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    counter, remove = _count_forwards(module)
+    try:
+        out = module.generate(prompt, **kwargs)
+    finally:
+        remove()
+    nfe = counter[0]
+    if isinstance(out, tuple):
+        out, reported = out[0], out[1]
+        nfe = int(reported) if reported is not None else nfe
+    if isinstance(out, torch.Tensor):
+        ids = (out[0] if out.dim() == 2 else out).tolist()
+    else:
+        ids = list(out[0]) if out and isinstance(out[0], (list, tuple)) else list(out)
+    if ids[: len(prompt_ids)] == list(prompt_ids):
+        ids = ids[len(prompt_ids) :]
+    ids = ids[:max_new_tokens]
+    stops = set(model.stop_ids)
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    if cut is not None:
+        ids = ids[: cut + 1]
+    return ids, nfe

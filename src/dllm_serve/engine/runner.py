@@ -23,22 +23,20 @@ from dataclasses import dataclass
 import torch
 
 from dllm_serve.config import EngineConfig
-from dllm_serve.decoding import rules
-from dllm_serve.decoding.confidence import MEASURES, confidence
-from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
-from dllm_serve.engine import denoise, dream_step, token_logprobs
-from dllm_serve.engine.algorithms import DREAM_RULES, DecodeParams
+from dllm_serve.decoding.dream import DREAM_RULES
+from dllm_serve.decoding.step import NoiseSpan, RowStep, decide
+from dllm_serve.engine import denoise, token_logprobs
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
+from dllm_serve.engine.prompt_cache import PromptCache
 from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.models import registry
+from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
 from dllm_serve.tensors import upload
 
 log = logging.getLogger(__name__)
-
-RULE_INDEX = {name: i for i, name in enumerate(rules.RULES)}
-MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
 
 
 @dataclass
@@ -72,9 +70,11 @@ class _Row:
 
 class Runner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.model = loaded.model
+        if not isinstance(loaded.model, DiffusionLM):
+            raise TypeError("the native runner needs a native model (remote code runs in RemoteEngine)")
+        self.model: DiffusionLM = loaded.model
         self.config = config
-        self.roles = loaded.model.roles
+        self.roles = self.model.roles
         self.stop_ids = loaded.tokenizer.stop_ids(self.roles.eos_token_id)
         self.eot_id = loaded.tokenizer.end_of_turn_id
         self.device = next(self.model.parameters()).device
@@ -83,10 +83,18 @@ class Runner:
         # The KV cache, sized by the memory budget and allocated now (start-up fails with the
         # numbers if one sequence of max_len tokens cannot fit).
         m = self.model
-        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len)
+        # Block-causal models get a prompt cache, carved out of the KV budget; under full
+        # attention a prompt's K/V depend on the canvas.
+        block_causal = registry.get(loaded.family).attention == "block_causal"
+        self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
         )
+        self.prompt_cache = PromptCache(self.kv_plan.prompt_cache_bytes, self.pool.bytes_per_token)
+        if block_causal:
+            budget = self.prompt_cache.budget_bytes
+            shown = f"{human_bytes(budget)} for reused prompt blocks" if budget else "off"
+            log.info("prompt cache: %s", shown)
         log.info(
             "KV cache: %d tokens x %d B = %s (%s); %d sequences of --max-model-len %d fit",
             self.pool.capacity,
@@ -135,6 +143,10 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
+        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+            seq.committed_context = self.prompt_cache.reuse(
+                request.prompt_ids, params.block_length, self.pool, seq.extent
+            )
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -187,7 +199,20 @@ class Runner:
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
-        tokens, commit, conf = self._decide(rows, logits, candidates, masked, host_block)
+        step = decide(
+            logits,
+            block=block,
+            rows=[
+                self._row_step(r, m, host_block[i]) for i, (r, m) in enumerate(zip(rows, masked, strict=True))
+            ],
+            mask_id=self.roles.mask_token_id,
+            eos_id=self.roles.eos_token_id,
+            eot_id=self.eot_id,
+        )
+        tokens, commit, conf = step.tokens, step.commit, step.conf
+        for row, state in zip(rows, step.states, strict=True):
+            if state is not None:
+                row.seq.rule_state = state
         new_block = torch.where(commit, tokens, block)
         # The step's one device-to-host transfer: new blocks, commit counts, NaN flags.
         host = torch.cat([new_block, commit.sum(-1, keepdim=True), bad[:, None]], dim=1).cpu()
@@ -241,10 +266,10 @@ class Runner:
             first_logit[i] = plan.logits_start - r.q_start - int(seq.params.shift_logits)
         positions = starts[:, None] + torch.arange(q_len)
         index = (first_logit[:, None] + torch.arange(width)).clamp(0, q_len - 1)
+        extents = [r.seq.extent for r in rows] if cached else []
+        write = positions
         if cached:  # each query's arena token; padding queries write to the arena's sink
-            write = write_index([r.seq.kv for r in rows], positions, self.pool.sink, valid_q)
-        else:
-            write = positions
+            write = write_index(extents, positions, self.pool.sink, valid_q)
         # One upload: token ids, positions, key limits, cache write positions, logits index.
         packed = upload(torch.cat([ids, positions, limits, write, index], dim=1), dev)
         ids, positions, limits, write, index = packed.split([q_len, q_len, q_len, q_len, width], dim=1)
@@ -257,13 +282,14 @@ class Runner:
         if not cached:
             hidden = self.model.hidden_states(ids, positions, mask, None, index)
         else:
-            extents = [r.seq.kv for r in rows]
-            hidden = None
+            replayed = None
             if self.graphs is not None and not rows[0].plan.refresh and not cfg_rows:
-                hidden = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
-            if hidden is None:
+                replayed = self.graphs.hidden_states(ids, positions, mask, write, extents, index)
+            if replayed is None:
                 kv = self.pool.view(extents, write, key_len)
                 hidden = self.model.hidden_states(ids, positions, mask, kv, index)
+            else:
+                hidden = replayed
         logits = self.model.logits(hidden).float()
         if cfg_rows:
             cond = logits[cfg_rows]
@@ -283,154 +309,25 @@ class Runner:
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
         return block
 
-    def _decide(
-        self,
-        rows: list[_Row],
-        logits: torch.Tensor,
-        candidates: torch.Tensor,
-        masked: list[int],
-        blocks: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen tokens, commit mask and confidence: rows under Dream's own rules through
-        ``dream_step`` (its token choice and counts), the others through ``_decide_rows``."""
-        dream_rows = [i for i, r in enumerate(rows) if r.seq.params.rule in DREAM_RULES]
-        if not dream_rows:
-            return self._decide_rows(rows, logits, candidates, masked)
-        others = [i for i in range(len(rows)) if i not in dream_rows]
-        index = upload(dream_rows, self.device, torch.long)
-        parts = [
-            (
-                index,
-                dream_step.decide(
-                    [rows[i].seq for i in dream_rows],
-                    logits[index],
-                    blocks[dream_rows],
-                    self.roles.mask_token_id,
-                ),
-            )
-        ]
-        if others:
-            rest = upload(others, self.device, torch.long)
-            sub = [rows[i] for i in others]
-            parts.append(
-                (rest, self._decide_rows(sub, logits[rest], candidates[rest], [masked[i] for i in others]))
-            )
-        tokens = torch.empty(candidates.shape, dtype=torch.long, device=self.device)
-        commit = torch.empty_like(candidates)
-        conf = torch.empty(candidates.shape, dtype=torch.float32, device=self.device)
-        for where, (t, c, f) in parts:
-            tokens[where], commit[where], conf[where] = t, c, f.float()
-        return tokens, commit, conf
-
-    def _decide_rows(
-        self, rows: list[_Row], logits: torch.Tensor, candidates: torch.Tensor, masked: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Chosen tokens, the commit mask and the confidence ranked for each row, each with its own
-        parameters.
-
-        ``masked`` is each row's count of masked block positions, known on the host. Every branch
-        here is decided from host values, so nothing waits for the device. ``logits`` (the step's
-        own tensor) is edited in place: copying [B, P, vocab] costs as much as the edits.
-        """
-        dev = self.device
-        params = [r.seq.params for r in rows]
-
-        def per_row(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return upload(values, dev, dtype)
-
-        logits = self._forbid(logits, [p.logits_eos_inf for p in params], self.roles.eos_token_id)
-        logits = top_p_filter(logits, [p.top_p for p in params])
-
-        credit_rows = [i for i, p in enumerate(params) if p.rule == "credit"]
-        if credit_rows:
-            logits = self._apply_credit(rows, credit_rows, logits, candidates)
-
-        tokens = logits.argmax(dim=-1)
-        vocab = logits.shape[-1]
-        random_conf: dict[int, torch.Tensor] = {}
-        for i, (r, p) in enumerate(zip(rows, params, strict=True)):
-            seq, bl = r.seq, p.block_length
-            # The reference sampler draws noise for the whole canvas; mirror its stream exactly.
-            full = p.algorithm == "llada"
-            offset = seq.block_start if full else 0
-            if p.temperature > 0:
-                shape = (seq.length if full else bl, vocab)
-                noise = uniform(seq.generator, shape, dev)[offset : offset + bl]
-                tokens[i, :bl] = gumbel_argmax(logits[i, :bl], p.temperature, noise)
-            if p.remasking == "random":
-                draws = torch.rand((seq.length if full else bl,), generator=seq.generator, device=dev)
-                random_conf[i] = draws[offset : offset + bl]
-
-        # Tokens are chosen; from here on logits only rank confidence.
-        conf_logits = self._forbid_in_confidence(logits, params)
-        measure = [MEASURE_INDEX.get(p.remasking, 0) for p in params]
-        conf = confidence(conf_logits.softmax(-1), tokens, measure)
-        for i, draws in random_conf.items():
-            conf[i, : draws.shape[0]] = draws.to(conf.dtype)
-
-        floor = per_row([r.seq.floor_commits(m) for r, m in zip(rows, masked, strict=True)], torch.long)
-        commit = rules.select_commits(
-            conf,
-            candidates,
-            floor,
-            [RULE_INDEX[p.rule] for p in params],
-            per_row([p.threshold for p in params]),
-            per_row([p.factor for p in params]),
-            per_row([p.low_threshold for p in params]),
+    def _row_step(self, row: _Row, masked: int, block: torch.Tensor) -> RowStep:
+        """One row's inputs to the decoding step: its parameters, floor, noise span and rule state
+        (and, for Dream's rules, which draw per masked position, those positions, from the host)."""
+        seq, p = row.seq, row.seq.params
+        where = block[: p.block_length] == seq.mask_id
+        positions = tuple(where.nonzero()[:, 0].tolist()) if p.rule in DREAM_RULES else ()
+        # The reference sampler draws its noise over the whole canvas; mirror its stream exactly.
+        length, offset = (seq.length, seq.block_start) if p.canvas_noise else (p.block_length, 0)
+        return RowStep(
+            params=p,
+            width=p.block_length,
+            floor=seq.floor_commits(masked),
+            noise=NoiseSpan(seq.generator, length, offset),
+            state=seq.rule_state,
+            constraint=seq.constraint,
+            step=seq.step_in_block,
+            steps=p.steps_per_block,
+            masked=positions,
         )
-        return tokens, commit, conf
-
-    def _forbid(self, logits: torch.Tensor, rows: list[bool], token: int | None) -> torch.Tensor:
-        """Set ``token``'s logit to -inf, in place, in the flagged rows; returns ``logits``."""
-        if token is not None and any(rows):
-            flagged = upload(rows, logits.device, torch.bool)[:, None]
-            logits[..., token].masked_fill_(flagged, float("-inf"))
-        return logits
-
-    def _forbid_in_confidence(self, logits: torch.Tensor, params: list[DecodeParams]) -> torch.Tensor:
-        """``confidence_eos_eot_inf`` with the effect of ML-GSAI's published ``generate``.
-
-        There one chained assignment sets EOS to -inf in the noisy logits and EOT in the raw
-        logits, after the tokens are chosen; the confidence is the softmax of the raw logits. At
-        temperature 0 the noisy logits are the raw logits (the same tensor), so both EOS and EOT
-        leave the confidence; at temperature > 0 the noisy tensor is a float64 copy that nothing
-        reads afterwards, so only EOT does. Either way a position whose chosen token is banned
-        gets confidence 0, and the others are renormalised without the banned tokens.
-        """
-        flags = [p.confidence_eos_eot_inf for p in params]
-        logits = self._forbid(logits, flags, self.eot_id)
-        at_zero = [f and p.temperature == 0 for f, p in zip(flags, params, strict=True)]
-        return self._forbid(logits, at_zero, self.roles.eos_token_id)
-
-    def _apply_credit(
-        self, rows: list[_Row], credit_rows: list[int], logits: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        """Update credit rows' accumulated credit and add it to their logits (in place)."""
-        sub = logits[credit_rows]
-        width, vocab = sub.shape[1], sub.shape[2]
-        state = torch.stack(
-            [
-                rows[i].seq.credit
-                if rows[i].seq.credit is not None
-                else torch.zeros((width, vocab), device=self.device)
-                for i in credit_rows
-            ]
-        )[:, :width]
-        ps = [rows[i].seq.params for i in credit_rows]
-        dev = self.device
-        state = rules.credit_update(
-            state,
-            sub.softmax(-1),
-            candidates[credit_rows],
-            upload([p.credit_beta for p in ps], dev, torch.float32),
-            upload([p.credit_gamma for p in ps], dev, torch.float32),
-        )
-        for k, i in enumerate(credit_rows):
-            rows[i].seq.credit = state[k]
-        logits[credit_rows] = rules.credit_logits(
-            sub, state, upload([p.credit_alpha for p in ps], dev, torch.float32)
-        )
-        return logits
 
     # -- state updates ------------------------------------------------------------------------
 
@@ -445,14 +342,15 @@ class Runner:
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
-        seq.refresh_forwards += int(row.plan.refresh)
         seq.step_in_block += 1
         if seq.params.cache == "committed":
+            if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
+                self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
         if not bool((block[:bl] == seq.mask_id).any()):
             seq.block += 1
             seq.step_in_block = 0
-            seq.credit = None
+            seq.rule_state = None
         self._emit(seq)
         return n_committed
 

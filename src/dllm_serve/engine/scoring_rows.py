@@ -9,9 +9,11 @@ Two layouts:
 
 * full attention (LLaDA): ``[context | noisy continuation]``, every token sees every token;
 * block diffusion (Nemotron, as trained): ``[context | clean continuation blocks 0..n-2 | noisy
-  continuation]`` with repeated position ids; the context sees itself; a clean block sees the
-  context and the clean blocks up to itself; a noisy block sees the context, the clean blocks
-  before it and itself, as in training and in the ``nemotron`` preset's committed-context decoding.
+  continuation]`` with repeated position ids; the context is cut into blocks of ``block_length``
+  from its first token, each seeing the context up to its own end (the last, partial one the
+  whole context); a clean block sees the context and the clean blocks up to itself; a noisy block
+  sees the context, the clean blocks before it and itself, as in the ``nemotron`` preset's
+  committed-context decoding (``Sequence.committed_plan``).
 
 With ``cfg_scale`` > 0 a row is forwarded twice, the second time with the context replaced by mask
 tokens, and the logits are guided as in generation: uncond + (scale + 1) * (cond - uncond).
@@ -70,7 +72,8 @@ def row_layout(
     block_of = torch.zeros(n, dtype=torch.long)
     for b, (s, e) in enumerate(spans):
         block_of[s:e] = b
-    blocks = torch.cat([torch.full((c,), -1), block_of[:clean], block_of])
+    context_blocks = torch.full((c,), -1) if block_length is None else torch.arange(c) // block_length
+    blocks = torch.cat([context_blocks, block_of[:clean], block_of])
     noisy = c + clean
     predict = torch.arange(noisy, noisy + n)
     if shift_logits:  # position i is predicted by the logits at i - 1
@@ -85,7 +88,7 @@ def attention_masks(kinds: torch.Tensor, blocks: torch.Tensor, full: torch.Tenso
     kq, kk = kinds[:, :, None], kinds[:, None, :]
     bq, bk = blocks[:, :, None], blocks[:, None, :]
     real_q, real_k = kq != PAD, kk != PAD
-    see_context = real_q & (kk == CONTEXT)
+    see_context = real_q & (kk == CONTEXT) & ((kq != CONTEXT) | (bk <= bq))  # context blocks: causal
     clean_q = (kq == CLEAN) & (kk == CLEAN) & (bk <= bq)
     noisy_q = (kq == NOISY) & (((kk == CLEAN) & (bk < bq)) | ((kk == NOISY) & (bk == bq)))
     block_rule = see_context | clean_q | noisy_q

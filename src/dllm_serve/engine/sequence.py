@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllm_serve.decoding.step import Constraint
 from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
@@ -100,18 +101,25 @@ class Sequence:
     step_in_block: int = 0
     emitted: int = 0  # generated tokens already sent
     forwards: int = 0
-    refresh_forwards: int = 0
     kv: Extent | None = None  # the sequence's KV-cache extent, when the policy caches
     finish_reason: str | None = None
     pending_finish: str | None = None  # output is final; set before the canvas finishes (no early stop)
     stopped_on_token: bool = False
     cancelled: bool = False
     error: str | None = None
-    credit: torch.Tensor | None = None  # [block_length, vocab] for the credit rule
+    rule_state: torch.Tensor | None = None  # a stateful rule's state (credit), reset at each block
+    constraint: Constraint | None = None  # edits the row's logits before a token is chosen
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)
+
+    @property
+    def extent(self) -> Extent:
+        """The KV-cache extent of a sequence whose policy caches (admission gave it one)."""
+        if self.kv is None:
+            raise RuntimeError(f"{self.request.request_id} has no KV extent")
+        return self.kv
 
     @property
     def params(self) -> DecodeParams:
@@ -177,7 +185,12 @@ class Sequence:
 
         Context not yet cached (the prompt, then each block once it completes) is forwarded
         together with the next block; each query sees keys up to the end of its own block, so
-        the context's K/V are exactly those of a block-causal pass.
+        the context's K/V are exactly those of a block-causal pass. The prompt is cut into blocks
+        of ``block_length`` from position 0, as the published checkpoints are trained (block index
+        = position // block size), its last, partial block seeing the whole prompt; generation
+        blocks follow from the prompt's end. A full prompt block's K/V thus depend only on the
+        tokens up to its end, which lets later requests with the same prefix reuse them
+        (``engine/prompt_cache.py``; ``committed_context`` then starts past the reused blocks).
         """
         bs, be = self.block_start, self.block_end
         start = self.committed_context
@@ -185,10 +198,11 @@ class Sequence:
         if start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
+            bl = self.params.block_length
             block_of = torch.where(
                 pos < prompt,
-                torch.full_like(pos, prompt),
-                prompt + ((pos - prompt) // self.params.block_length + 1) * self.params.block_length,
+                ((pos // bl + 1) * bl).clamp(max=prompt),
+                prompt + ((pos - prompt) // bl + 1) * bl,
             )
             limits[: bs - start] = block_of
         return ForwardPlan(start, be, limits, bs, be, refresh=start < bs)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from lm_eval.api.model import LM
@@ -181,6 +181,7 @@ class DllmServeLM(LM):
     ) -> str:
         if self.tokenizer is None:
             raise ValueError("--apply_chat_template needs the model arg tokenizer=<path or name>")
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        return cast(str, text)  # tokenize=False: the rendered text

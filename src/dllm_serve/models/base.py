@@ -201,6 +201,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """NeoX rotate-half RoPE with angles computed in float32 from explicit position ids."""
 
+    inv_freq: torch.Tensor  # a non-persistent buffer
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -323,7 +325,7 @@ class DecoderLayer(nn.Module):
         q, k, v = self.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(b, q_len, nh, hd)
         k = k.view(b, q_len, nkv, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither
             q = rms_norm(q, self.q_norm, self.eps)
             k = rms_norm(k, self.k_norm, self.eps)
         q = apply_partial_rope(q.transpose(1, 2), cos, sin)

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -21,9 +21,6 @@ from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.registry import detect_family
 from dllm_serve.models.tokenizer import ChatTokenizer
-
-if TYPE_CHECKING:
-    from dllm_serve.models.remote_code import RemoteModel
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +51,16 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointLoadError(f"{path / 'config.json'} is not a JSON object")
     return config
+
+
+@dataclass
+class RemoteModel:
+    """The checkpoint's own model, with what the server needs to know of any model."""
+
+    module: Any  # the checkpoint's own nn.Module; its generate() and extras come with its code
+    max_length: int
+    eos_token_id: int | None
+    stop_ids: tuple[int, ...]
 
 
 @dataclass

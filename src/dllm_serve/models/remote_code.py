@@ -6,8 +6,9 @@ code from the checkpoint directory, so it happens only when the operator passes
 ``--trust-remote-code``; without it :func:`load_remote_model` refuses.
 
 A remote ``generate`` decides everything itself (caching, batching, its own forward count), so a
-request runs alone, start to finish, in one call (``dllm_serve.engine.remote.RemoteEngine``). Its
-keyword arguments are filtered by the function's signature: a revision that lacks ``shift_logits``
+request runs alone, start to finish, in one call (``dllm_serve.engine.remote.RemoteEngine``, which
+also builds the call's arguments from the request's parameters). Its keyword arguments are filtered
+by the function's signature: a revision that lacks ``shift_logits``
 or names ``block_length`` differently is not handed arguments it would reject. Requests take the
 presets of the registry's remote-code family (``FamilySpec.remote_code``: the checkpoint's own
 family when it declares it, else Nemotron, whose knobs - steps, block_length, threshold,
@@ -16,21 +17,17 @@ shift_logits, temperature - are those of Nemotron's own ``generate``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from dllm_serve.engine.algorithms import DecodeParams
 from dllm_serve.models.loader import (
     DTYPES,
     CheckpointLoadError,
     LoadedModel,
+    RemoteModel,
     load_tokenizer,
     one_line,
     read_config,
@@ -41,22 +38,10 @@ from dllm_serve.models.registry import REMOTE_AUTO_CLASSES, has_remote_code, rem
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 4096  # context limit when config.json names none
-# DecodeParams fields offered to a remote generate() under these names (filtered by its signature).
-CORE_KWARGS = ("max_new_tokens", "steps", "block_length", "threshold", "shift_logits", "temperature")
 
 
 class RemoteCodeRefusedError(PermissionError):
     """The checkpoint needs its own code and --trust-remote-code was not given."""
-
-
-@dataclass
-class RemoteModel:
-    """The checkpoint's own model, with what the server needs to know of any model."""
-
-    module: nn.Module
-    max_length: int
-    eos_token_id: int | None
-    stop_ids: tuple[int, ...]
 
 
 def load_remote_model(
@@ -119,85 +104,3 @@ def load_remote_model(
         config=config,
         decode_defaults=defaults,
     )
-
-
-def generate_kwargs(
-    fn: Callable[..., Any], params: DecodeParams, max_new_tokens: int, eos_token_id: int | None = None
-) -> dict[str, Any]:
-    """The decoding arguments ``fn`` accepts, by name; a ``**kwargs`` generate gets the core set only."""
-    offered: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "gen_length": params.gen_length,
-        "steps": params.steps,
-        "block_length": params.block_length,
-        "block_size": params.block_length,
-        "threshold": params.threshold,
-        "shift_logits": params.shift_logits,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "remasking": params.remasking,
-        "factor": params.factor,
-        "cfg_scale": params.cfg_scale,
-    }
-    if eos_token_id is not None:
-        offered["eos_token_id"] = eos_token_id
-    sig = inspect.signature(fn)
-    named = {
-        n
-        for n, p in sig.parameters.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    return {k: v for k, v in offered.items() if k in named or (takes_any and k in CORE_KWARGS)}
-
-
-def _count_forwards(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
-    """Count forwards by the input embedding's calls (one per forward however generate calls it)."""
-    counter = [0]
-    embed = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
-    target = embed if isinstance(embed, nn.Module) else module
-
-    def hook(*_: Any) -> None:
-        counter[0] += 1
-
-    handle = target.register_forward_pre_hook(hook)
-    return counter, handle.remove
-
-
-@torch.inference_mode()
-def generate(
-    model: RemoteModel, prompt_ids: Sequence[int], params: DecodeParams, max_new_tokens: int
-) -> tuple[list[int], int]:
-    """One request through the model's own ``generate``: (new token ids, forwards used).
-
-    The tokens are cut after the first stop token (kept, so the caller can tell a stop from a
-    length finish) and at ``max_new_tokens``. The forward count is what ``generate`` reports as
-    its nfe, or else the forwards counted while it ran.
-    """
-    module = model.module
-    device = next(module.parameters()).device
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    kwargs = generate_kwargs(module.generate, params, max_new_tokens, model.eos_token_id)
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    counter, remove = _count_forwards(module)
-    try:
-        out = module.generate(prompt, **kwargs)
-    finally:
-        remove()
-    nfe = counter[0]
-    if isinstance(out, tuple):
-        out, reported = out[0], out[1]
-        nfe = int(reported) if reported is not None else nfe
-    if isinstance(out, torch.Tensor):
-        ids = (out[0] if out.dim() == 2 else out).tolist()
-    else:
-        ids = list(out[0]) if out and isinstance(out[0], (list, tuple)) else list(out)
-    if ids[: len(prompt_ids)] == list(prompt_ids):
-        ids = ids[len(prompt_ids) :]
-    ids = ids[:max_new_tokens]
-    stops = set(model.stop_ids)
-    cut = next((i for i, t in enumerate(ids) if t in stops), None)
-    if cut is not None:
-        ids = ids[: cut + 1]
-    return ids, nfe

@@ -15,7 +15,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Tokenizer
@@ -110,7 +110,8 @@ class ChatTokenizer:
                 return key
 
             messages = [{**m, "content": self._special_strings.sub(mark, m["content"])} for m in messages]
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # tokenize=False: the rendered text (transformers' annotation covers every mode).
+        text = cast(str, self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         return RenderedChat(text, literals, marker if literals else None)
 
     def encode_chat(self, rendered: RenderedChat) -> list[int]:
@@ -154,7 +155,8 @@ class ChatTokenizer:
         return -(-chars // limit)
 
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return cast(str, text)  # one sequence of ids: one string
 
     def stop_ids(self, eos_token_id: int) -> tuple[int, ...]:
         """eos plus end-of-turn and a diffusion padding token, when the vocabulary has them."""

@@ -7,6 +7,7 @@ A token's text is the token decoded alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dllm_serve.engine.sequence import TokenLogprob
@@ -30,7 +31,7 @@ def chat_logprobs(tok, entries: list[TokenLogprob]) -> dict[str, Any]:
 
 
 def completion_logprobs(
-    tok, entries: list[TokenLogprob | None], tokens: list[int], top: int, offset: int = 0
+    tok, entries: Sequence[TokenLogprob | None], tokens: list[int], top: int, offset: int = 0
 ) -> dict[str, Any]:
     """``entries`` parallel to ``tokens`` (None: no log-probability, e.g. a prompt's first token);
     ``top`` alternatives per token (0: none); ``offset``: characters before the first token."""

@@ -70,6 +70,27 @@ class ServerMetrics:
         self.kv_peak = Gauge(
             f"{PREFIX}_kv_cache_peak_used_bytes", "Most KV-cache bytes held at once so far.", registry=r
         )
+        # Prompt-cache reuse (block-causal models): counters mirrored from the engine's totals.
+        self.prompt_cache_lookups = Counter(
+            f"{PREFIX}_prompt_cache_lookups", "Requests that looked up the prompt cache.", registry=r
+        )
+        self.prompt_cache_hits = Counter(
+            f"{PREFIX}_prompt_cache_hits",
+            "Requests that reused at least one cached prompt block.",
+            registry=r,
+        )
+        self.prompt_cache_reused_tokens = Counter(
+            f"{PREFIX}_prompt_cache_reused_tokens",
+            "Prompt tokens whose K/V came from the prompt cache instead of a forward.",
+            registry=r,
+        )
+        self.prompt_cache_used = Gauge(
+            f"{PREFIX}_prompt_cache_used_bytes", "Bytes held by cached prompt blocks.", registry=r
+        )
+        self.prompt_cache_capacity = Gauge(
+            f"{PREFIX}_prompt_cache_capacity_bytes", "The prompt cache's budget.", registry=r
+        )
+        self._mirrored = {"lookups": 0, "hits": 0, "reused_tokens": 0}
         self.http_errors = Counter(
             f"{PREFIX}_request_errors", "Requests answered with an error, by status.", ["status"], registry=r
         )
@@ -96,4 +117,21 @@ class ServerMetrics:
             self.kv_capacity.set(stats.kv_capacity_tokens * stats.kv_bytes_per_token)
             self.kv_used.set(stats.kv_used_tokens * stats.kv_bytes_per_token)
             self.kv_peak.set(stats.kv_peak_used_tokens * stats.kv_bytes_per_token)
+            self._mirror_prompt_cache(stats.prompt_cache)
         return generate_latest(self.registry)
+
+    def _mirror_prompt_cache(self, pc) -> None:
+        """Advance the counters to the engine's totals (renders run on the event loop, one at a time)."""
+        counters = {
+            "lookups": self.prompt_cache_lookups,
+            "hits": self.prompt_cache_hits,
+            "reused_tokens": self.prompt_cache_reused_tokens,
+        }
+        for name, counter in counters.items():
+            total = getattr(pc, name)
+            delta = total - self._mirrored[name]
+            if delta > 0:
+                self._mirrored[name] = total
+                counter.inc(delta)
+        self.prompt_cache_used.set(pc.used_bytes)
+        self.prompt_cache_capacity.set(pc.budget_bytes)

@@ -31,16 +31,15 @@ from pydantic import field_validator
 from dllm_serve.protocol import ChatMessage, DiffusionFields, one_algorithm
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import APIError, internal_error
-from dllm_serve.server.routes import (
-    _check_ready_and_tokenize_chat,
-    _complete,
-    _failure,
-    _parse,
-    _prepare,
-    _Run,
-    _timeout_error,
+from dllm_serve.server.lifecycle import (
+    ChoiceOutcome,
+    EngineFailure,
+    GenerationRun,
+    complete,
+    failure_error,
 )
-from dllm_serve.server.streaming import ChoiceOutcome, EngineFailure, EventStreamResponse
+from dllm_serve.server.preparation import accept, chat_prompt, prepare_generation
+from dllm_serve.server.streaming import EventStreamResponse
 
 responses = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -83,7 +82,7 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
         return None
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:  # type: ignore[override]
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:
         """Fields of the Responses API this server cannot honour are a 400 naming them, first."""
         return super().model_validate(_refuse_unsupported(obj), **kwargs)
 
@@ -105,7 +104,7 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
 
     _one_algorithm = field_validator("generation_algorithm")(one_algorithm)
 
-    # What the chat path (_prepare, _check_ready_and_tokenize_chat) reads from a request.
+    # What the chat path (preparation.chat_prompt, prepare_generation) reads from a request.
     n: ClassVar[int] = 1
     stop: ClassVar[list[str]] = []
 
@@ -150,7 +149,7 @@ def _message(index: int, item: Any) -> ChatMessage:
     if not isinstance(content, str):
         raise ValueError(f"{where}.content must be a string or a list of text parts")
     try:
-        return ChatMessage(role=item.get("role"), content=content)
+        return ChatMessage.model_validate({"role": item.get("role"), "content": content})
     except ValueError:
         raise ValueError(f"{where}.role must be one of system, developer, user, assistant") from None
 
@@ -177,22 +176,20 @@ def _new_id(prefix: str) -> str:
 
 @responses.post("/v1/responses")
 async def create_response(request: Request) -> Response:
-    state = request.app.state.server
-    engine = state.ready_engine()
-    req = await _parse(request, ResponsesRequest)
+    state, engine, req = await accept(request, ResponsesRequest)
     try:
-        prompt = await state.offload(_check_ready_and_tokenize_chat, state, req)
-        prepared = _prepare(state, req, [prompt], "input", "resp")
+        prompt = await state.offload(chat_prompt, state, engine, req)
+        prepared = prepare_generation(state, engine, req, [prompt], "input", "resp")
     except APIError as exc:
         raise _renamed(exc) from None
-    run = _Run(state, prepared, engine.loaded.tokenizer)
+    run = GenerationRun(state, engine, prepared)
     shape = _Shape(req, state.model_id)
     if req.stream:
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         tasks = run.choice_tasks(lambda _, d, _logprobs: queue.put_nowait(d))
         tasks[0].add_done_callback(lambda _: queue.put_nowait(None))
         return EventStreamResponse(_events(run, tasks[0], queue, shape), on_close=lambda: run.close(tasks))
-    (outcome,) = await _complete(request, run)
+    (outcome,) = await complete(request, run)
     return JSONResponse(shape.response(outcome.finish_reason, outcome.text, run))
 
 
@@ -220,7 +217,9 @@ class _Shape:
     def part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
-    def response(self, finish: str | None, text: str | None, run: _Run | None = None) -> dict[str, Any]:
+    def response(
+        self, finish: str | None, text: str | None, run: GenerationRun | None = None
+    ) -> dict[str, Any]:
         """``finish`` None: still running; "length": incomplete; else completed."""
         status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
         req = self.req
@@ -279,7 +278,7 @@ def _event(kind: str, seq: int, **fields: Any) -> bytes:
 
 
 async def _events(
-    run: _Run, task: asyncio.Task[ChoiceOutcome], queue: asyncio.Queue[str | None], shape: _Shape
+    run: GenerationRun, task: asyncio.Task[ChoiceOutcome], queue: asyncio.Queue[str | None], shape: _Shape
 ) -> AsyncIterator[bytes]:
     seq = iter(range(1 << 62))
     where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
@@ -304,7 +303,7 @@ async def _events(
                 delta = await asyncio.wait_for(queue.get(), left)
             except asyncio.TimeoutError:
                 run.end_reason = "timeout"
-                yield _error_event(next(seq), _timeout_error(run.state.config.request_timeout))
+                yield _error_event(next(seq), run.timeout_error())
                 return
             if delta is not None:
                 yield _event("response.output_text.delta", next(seq), **where, delta=delta, logprobs=[])
@@ -313,7 +312,8 @@ async def _events(
             if failed is not None:
                 run.end_reason = "error"
                 yield _error_event(
-                    next(seq), _failure(failed) if isinstance(failed, EngineFailure) else internal_error()
+                    next(seq),
+                    failure_error(failed) if isinstance(failed, EngineFailure) else internal_error(),
                 )
                 return
             outcome = task.result()

@@ -12,36 +12,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import field_validator, model_validator
 
-from dllm_serve.engine.scheduler import QueueFullError
-from dllm_serve.engine.scoring import (
-    MAX_MC_NUM,
-    AnyRequest,
-    ScoringEvent,
-    ScoringRequest,
-    TokenLogprobRequest,
-)
-from dllm_serve.protocol import ChatMessage, CompletionRequest, _Strict, new_id, now, usage_dict
+from dllm_serve.engine.engine import EngineBase
+from dllm_serve.engine.scoring import MAX_MC_NUM, ScoringEvent, ScoringRequest, TokenLogprobRequest
+from dllm_serve.protocol import ChatMessage, CompletionRequest, _Strict
+from dllm_serve.protocol_responses import completion_body, completion_choice, new_id, usage_dict
 from dllm_serve.server.auth import require_api_key
-from dllm_serve.server.errors import SERVER_ERROR, APIError, bad_request
+from dllm_serve.server.errors import bad_request
+from dllm_serve.server.lifecycle import score
 from dllm_serve.server.logprobs import completion_logprobs
-from dllm_serve.server.routes import (
-    _failure,
-    _model_not_found,
-    _parse,
-    _state,
-    _timeout_error,
-    _watch_disconnect,
-)
-from dllm_serve.server.streaming import EngineFailure
+from dllm_serve.server.preparation import accept
+
+if TYPE_CHECKING:
+    from dllm_serve.server.state import ServerState
 
 scoring_api = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -129,8 +118,8 @@ def split_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], l
     return ctx, tokenizer.encode(continuation)
 
 
-def _tokens(state, item: ScoringItem, index: int) -> tuple[list[int], list[int]]:
-    tok = state.engine.loaded.tokenizer
+def _tokens(engine: EngineBase, item: ScoringItem, index: int) -> tuple[list[int], list[int]]:
+    tok = engine.loaded.tokenizer
     vocab = len(tok.hf)
     where = f"requests[{index}]"
     for name, value in (("context", item.context), ("continuation", item.continuation)):
@@ -157,9 +146,10 @@ def _tokens(state, item: ScoringItem, index: int) -> tuple[list[int], list[int]]
     return context, cont
 
 
-def scoring_requests(state, req: LoglikelihoodRequest) -> list[ScoringRequest]:
+def scoring_requests(
+    state: ServerState, engine: EngineBase, req: LoglikelihoodRequest
+) -> list[ScoringRequest]:
     """Validated engine requests for every item (a bad item is a 400 naming it)."""
-    engine = state.engine
     defaults = engine.model_defaults
     block = engine.block_diffusion  # the estimator matching its training
     if req.block_length is not None and not block:
@@ -170,7 +160,7 @@ def scoring_requests(state, req: LoglikelihoodRequest) -> list[ScoringRequest]:
     rid = new_id("ll")
     out = []
     for i, item in enumerate(req.requests):
-        context, cont = _tokens(state, item, i)
+        context, cont = _tokens(engine, item, i)
         total = len(context) + len(cont)
         if total > state.max_model_len:
             raise bad_request(
@@ -201,79 +191,13 @@ def scoring_requests(state, req: LoglikelihoodRequest) -> list[ScoringRequest]:
     return out
 
 
-class ScoringCall:
-    """Engine scoring requests of one HTTP call, bridged to asyncio futures."""
-
-    def __init__(self, engine, requests: list[AnyRequest]) -> None:
-        self.engine = engine
-        self.ids = [r.request_id for r in requests]
-        loop = asyncio.get_running_loop()
-        self.futures: list[asyncio.Future[ScoringEvent]] = [loop.create_future() for _ in requests]
-        try:
-            for r, fut in zip(requests, self.futures, strict=True):
-                engine.add_scoring(r, lambda e, f=fut: loop.call_soon_threadsafe(_resolve, f, e))
-        except QueueFullError:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        for rid, fut in zip(self.ids, self.futures, strict=True):
-            if not fut.done():
-                self.engine.abort(rid)
-
-
-def _resolve(fut: asyncio.Future[ScoringEvent], event: ScoringEvent) -> None:
-    if not fut.done():
-        fut.set_result(event)
-
-
-async def score(request: Request, state, requests: list[AnyRequest]) -> list[ScoringEvent]:
-    """Run the scoring requests; 429 when the queue is full, 499/504/500 as for generation."""
-    try:
-        call = ScoringCall(state.engine, requests)
-    except QueueFullError:
-        if state.status == "draining":
-            raise APIError(
-                503, "The server is shutting down.", type=SERVER_ERROR, code="service_unavailable"
-            ) from None
-        raise APIError(
-            429,
-            f"The server's queue is full ({state.config.engine.max_queue} waiting requests); retry later.",
-            type="rate_limit_error",
-            code="rate_limit_exceeded",
-        ) from None
-    watcher = asyncio.create_task(_watch_disconnect(request))
-    timeout = state.config.request_timeout
-    deadline = None if not timeout else time.perf_counter() + timeout
-    try:
-        pending: set[asyncio.Future[Any]] = {*call.futures, watcher}
-        while any(not f.done() for f in call.futures):
-            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise _timeout_error(timeout)
-            if watcher in done:
-                raise APIError(499, "client disconnected")
-        events = [f.result() for f in call.futures]
-    finally:
-        watcher.cancel()
-        call.abort()
-    for event in events:
-        if event.finish_reason != "stop":
-            raise _failure(EngineFailure(event.finish_reason, event.error or ""))
-    return events
-
-
 @scoring_api.post("/v1/loglikelihood")
 async def loglikelihood(request: Request) -> JSONResponse:
-    state = _state(request)
-    engine = state.ready_engine()
-    req = await _parse(request, LoglikelihoodRequest)
-    if req.model and req.model != state.model_id:
-        raise _model_not_found(req.model)
+    state, engine, req = await accept(request, LoglikelihoodRequest)
     _check_native(engine)
-    requests = await state.offload(scoring_requests, state, req)  # templating and tokenizing: off the loop
-    events = await score(request, state, requests)
+    # templating and tokenizing: off the loop
+    requests = await state.offload(scoring_requests, state, engine, req)
+    events = await score(request, state, engine, requests)
     prompt = sum(len(r.context_ids) + len(r.continuation_ids) for r in requests)
     return JSONResponse(
         {
@@ -295,12 +219,12 @@ async def loglikelihood(request: Request) -> JSONResponse:
     )
 
 
-def _check_native(engine) -> None:
+def _check_native(engine: EngineBase) -> None:
     if not engine.supports_logprobs:
         raise bad_request("Likelihood scoring needs the native engine (not --trust-remote-code).")
 
 
-def _family_settings(engine) -> tuple[int | None, bool]:
+def _family_settings(engine: EngineBase) -> tuple[int | None, bool]:
     """(block length of the block-diffusion estimator or None, shift_logits) for the loaded model."""
     defaults = engine.model_defaults
     block = int(defaults.get("block_length", 32)) if engine.block_diffusion else None
@@ -308,11 +232,10 @@ def _family_settings(engine) -> tuple[int | None, bool]:
 
 
 async def echo_completion(
-    request: Request, state, req: CompletionRequest, prompts: list[list[int]]
+    request: Request, state: ServerState, engine: EngineBase, req: CompletionRequest, prompts: list[list[int]]
 ) -> JSONResponse:
     """``/v1/completions`` with ``echo``: the prompt (and at most one token), with log-probabilities
     when ``logprobs`` is set."""
-    engine = state.engine
     _check_native(engine)
     max_tokens = req.requested_max_tokens if req.requested_max_tokens is not None else 0
     if max_tokens > 1:
@@ -321,8 +244,6 @@ async def echo_completion(
         raise bad_request("echo is not available with stream.", "stream")
     if req.n != 1:
         raise bad_request("echo supports n = 1 only.", "n")
-    if req.model and req.model != state.model_id:
-        raise _model_not_found(req.model)
     for ids in prompts:
         if len(ids) + max_tokens > state.max_model_len:
             raise bad_request(
@@ -349,11 +270,11 @@ async def echo_completion(
         for i, ids in enumerate(prompts)
     ]
     events = (
-        await score(request, state, requests)
+        await score(request, state, engine, requests)
         if wanted
         else [ScoringEvent(r.request_id, "stop") for r in requests]
     )
-    stops = set(tok.stop_ids(engine.loaded.model.roles.eos_token_id))
+    stops = set(engine.stop_ids)
     choices = []
     completion_tokens = 0
     for i, (ids, event) in enumerate(zip(prompts, events, strict=True)):
@@ -365,26 +286,10 @@ async def echo_completion(
         )
         entries = [*event.tokens[: len(ids)], *generated]
         tokens = [*ids, *(g.token for g in generated)]
-        choices.append(
-            {
-                "index": i,
-                "text": text,
-                "logprobs": completion_logprobs(tok, entries, tokens, top_k)
-                if req.logprobs is not None
-                else None,
-                "finish_reason": "stop" if stopped else "length",
-            }
-        )
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": now(),
-            "model": state.model_id,
-            "choices": choices,
-            "usage": usage_dict(sum(len(p) for p in prompts), completion_tokens),
-        }
-    )
+        logprobs = completion_logprobs(tok, entries, tokens, top_k) if req.logprobs is not None else None
+        choices.append(completion_choice(i, text, "stop" if stopped else "length", logprobs))
+    usage = usage_dict(sum(len(p) for p in prompts), completion_tokens)
+    return JSONResponse(completion_body("text_completion", rid, state.model_id, choices, usage))
 
 
 def _prompt_text(prompt: str | list[int], tok) -> str:
