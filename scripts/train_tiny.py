@@ -32,6 +32,11 @@ in model/format and objective:
   itself, as the active block does at inference. Inside each noisy block the masking ratio is
   p = (1 - eps) * t + eps with t ~ U(0, 1) per block; the loss is the mean cross-entropy on masked
   tokens. Block sizes are drawn per row from BLOCK_SIZES so each of them decodes well.
+- ``nemotron_labs`` (NemotronLabsDiffusionModel): the published model is trained on both objectives
+  at once (its modeling code sums a diffusion loss on the noisy copy and a next-token loss on the
+  clean copy), and so is the tiny one: the same two-copy rows, but the clean copy attends *causally*
+  (the K/V the ``nemotron_labs`` presets cache), and the loss is the mean cross-entropy on the masked
+  tokens of the noisy copy plus the mean next-token cross-entropy of the response on the clean copy.
 - ``dream`` (DreamModel, Qwen ChatML): LLaDA's objective with the logits right-shifted as Dream
   trains and samples (the output at position i - 1 scores token i). The bundled tiny-dream started
   from tiny-nemotron's weights and tokenizer (``--init models/tiny-nemotron``: names mapped, q/k
@@ -86,6 +91,8 @@ TRAINABLE = {spec.name: spec for spec in registry.FAMILIES if spec.tiny is not N
 OBJECTIVES = {
     "masked_diffusion": "masked diffusion SFT (1/p-weighted, response masked)",
     "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
+    "joint_ar_block_diffusion": "joint AR + block diffusion, two-copy (clean causal copy: next-token CE; "
+    "noisy block over the clean context before it: CE on masked tokens), the two means summed",
 }
 
 
@@ -190,10 +197,12 @@ def block_diffusion_batch(
     pad_id: int,
     gen: torch.Generator,
     eps: float = 1e-3,
+    causal_context: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Inputs, positions, [B, W, W] attention mask, noisy-copy indices, targets and mask ratios.
 
     All responses have the same length; a block size need not divide it (the last block is short).
+    ``causal_context``: the clean copy attends causally (Nemotron-Labs) instead of block-causally.
     """
     b, rl = len(prompts), len(responses[0])
     plen = torch.tensor([len(p) for p in prompts])
@@ -207,7 +216,8 @@ def block_diffusion_batch(
     # Prompt blocks get negative ids (in order) so that every response block comes after them.
     block = torch.where(idx < plen[:, None], idx // bs - (width + 1), offset // bs)
     blk_q, blk_k = block[:, :, None], block[:, None, :]
-    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    order = idx[:, None, :] <= idx[:, :, None] if causal_context else blk_k <= blk_q
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & order
     noisy_q = is_noisy[:, :, None] & (
         (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
     )
@@ -237,6 +247,7 @@ def block_diffusion_batch(
         "positions": positions,
         "mask": mask,
         "noisy_index": noisy_index,
+        "clean_index": plen[:, None] + torch.arange(rl)[None, :],
         "targets": targets,
         "masked": masked,
         "p_mask": p_mask,
@@ -259,6 +270,30 @@ def block_diffusion_loss(
     logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
     masked = batch["masked"]
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
+def joint_ar_diffusion_loss(
+    model: DiffusionLM,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Nemotron-Labs' two objectives on one forward of ``[prompt | clean response | noisy response]``:
+    CE on the masked tokens of the noisy blocks plus next-token CE on the causal clean copy (the
+    logits at position i - 1 predict response token i); see the module docstring."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    sizes = rng.choices(BLOCK_SIZES, weights=BLOCK_WEIGHTS, k=len(examples))
+    batch = block_diffusion_batch(prompts, responses, sizes, ids_.mask, ids_.eos, gen, causal_context=True)
+    rl = batch["targets"].shape[1]
+    index = torch.cat([batch["noisy_index"], batch["clean_index"] - 1], dim=1)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, index)
+    masked, targets = batch["masked"], batch["targets"]
+    diffusion = F.cross_entropy(logits[:, :rl][masked].float(), targets[masked])
+    ar = F.cross_entropy(logits[:, rl:].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    return diffusion + ar
 
 
 # -- models and checkpoints ---------------------------------------------------------------------
@@ -351,7 +386,7 @@ def save_checkpoint(
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if fmt.objective == "block_diffusion":
+    if fmt.objective != "masked_diffusion":
         record["block_sizes"] = list(BLOCK_SIZES)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
@@ -449,7 +484,10 @@ def main(argv: list[str] | None = None) -> None:
     model = spec.build(config, tok)
     init_weights(model, args.layers)
     if args.init is not None:
-        model.load_official(init_tensors(spec.name, args.init))
+        tensors = init_tensors(spec.name, args.init)
+        if model.layers[0].q_norm is None:  # e.g. tiny-nemotron's q/k norms into a Nemotron-Labs model
+            tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+        model.load_official(tensors)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -465,6 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if fmt.objective == "masked_diffusion":
             loss = llada_loss(model, tok, examples, canvas, ids, gen, shift=spec.shift_logits)
+        elif fmt.objective == "joint_ar_block_diffusion":
+            loss = joint_ar_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ class EngineConfig:
     model_path: str = str(DEFAULT_MODEL)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if present, else cpu
-    engine: str = "auto"  # auto | fast-dllm | dinfer | nemotron
+    engine: str = "auto"  # auto | fast-dllm | dinfer | nemotron | nemotron-labs
     algorithm: str | None = None  # default preset; None: the engine's default
     load_format: str = "safetensors"  # safetensors | dummy
     max_batch_size: int = 32
@@ -98,7 +98,7 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "fast-dllm", "dinfer", "nemotron", "dream"],
+        choices=["auto", "fast-dllm", "dinfer", "nemotron", "nemotron-labs", "dream"],
         help="engine whose default preset is used (auto: by model family)",
     )
     g.add_argument(

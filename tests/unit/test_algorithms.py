@@ -321,8 +321,9 @@ def test_resolved_params_are_frozen() -> None:
 
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
-    assert set(listing) == {*FULL_NAMES, "nemotron"}
-    aliases = {a: name for name, p in listing.items() for a in p["aliases"]}
+    labs = {"nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"}
+    assert set(listing) == {*FULL_NAMES, "nemotron", *labs}
+    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in FULL_NAMES}
     assert aliases == LLADA_ALIASES
     for name, (cache, rule) in FULL_NAMES.items():
         entry = listing[name]
@@ -340,11 +341,13 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
     assert {p["name"] for p in describe_presets("llada")} == set(FULL_NAMES)
     assert {p["name"] for p in describe_presets("dream")} == set(FULL_NAMES)
+    assert {p["name"] for p in describe_presets("nemotron-labs")} == labs
 
 
 def test_default_preset_per_engine() -> None:
     assert default_preset("auto", "llada") == "dinfer_blockwise"
     assert default_preset("auto", "nemotron") == "nemotron"
+    assert default_preset("auto", "nemotron-labs") == "nemotron_labs"
     assert default_preset("fast-dllm", "llada") == "dual_cache"
     assert default_preset("dinfer", "llada") == "dinfer_blockwise"
     assert default_preset("nemotron", "nemotron") == "nemotron"

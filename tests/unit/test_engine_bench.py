@@ -308,3 +308,35 @@ def test_nemotron_config_runs_or_says_why(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["family"] == "nemotron"
     assert report["results"]["totals"]["committed_tokens"] == 32
+
+
+# Published totals with embeddings (bf16 bytes / 2 match the hub's 15.95 GiB and 25.33 GiB for 8B and
+# 14B; docs/nemotron-labs.md) and (layers, hidden, MLP) of each shipped Nemotron-Labs config.
+LABS_SHAPES = {
+    "nemotron-labs-diffusion-3b": (3.8e9, (26, 3072, 9216)),
+    "nemotron-labs-diffusion-8b": (8.5e9, (34, 4096, 14336)),
+    "nemotron-labs-diffusion-14b": (13.5e9, (40, 5120, 16384)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LABS_SHAPES))
+def test_nemotron_labs_configs_have_the_published_shapes_and_run(capsys, name):
+    """Each shipped Nemotron-Labs config: the published shape, and `bench engine` with dummy weights
+    (narrowed by overrides) runs its default preset, the causal-context diffusion."""
+    raw = json.loads((engine_bench.SHIPPED_CONFIGS / name / "config.json").read_text())
+    total, dims = LABS_SHAPES[name]
+    shape = shape_from_config(raw)
+    assert (shape.n_layers, shape.d_model, shape.mlp_hidden) == dims
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.vocab_size) == (32, 8, 128, 131072)
+    assert abs(shape.streamed_params + shape.d_model * shape.vocab_size - total) < 0.05 * total
+    assert (raw["mask_token_id"], raw["block_size"]) == (100, 32)
+    args = ["bench", "engine", "--model-path", name, "--load-format", "dummy"]
+    args += ["--config-override", "num_hidden_layers=1", "--config-override", "hidden_size=256"]
+    args += ["--config-override", "intermediate_size=512", "--config-override", "head_dim=32"]
+    args += ["--batch-size", "2", "--prompt-len", "8", "--gen-length", "64", "--fixed-tokens-per-step", "8"]
+    args += ["--peak-flops", "1e10", "--peak-bandwidth", "1e10", "--no-progress", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["family"] == "nemotron-labs"
+    assert report["model"]["mask_token_id"] == 100
+    assert report["results"]["totals"]["committed_tokens"] == 2 * 64

@@ -236,3 +236,20 @@ def test_unknown_fault_points_are_refused(monkeypatch):
     monkeypatch.setenv(faults.ENV, "engine-step,typo")
     with pytest.raises(ValueError, match="typo"):
         faults.enabled()
+
+
+@pytest.mark.parametrize(
+    "name, per_token",
+    [
+        ("nemotron-labs-diffusion-3b", 106496),  # 26 layers x 8 KV heads x 128 x (K, V) x 2 bytes
+        ("nemotron-labs-diffusion-8b", 139264),  # 34 layers
+        ("nemotron-labs-diffusion-14b", 163840),  # 40 layers
+    ],
+)
+def test_models_command_on_the_nemotron_labs_configs(capsys, name, per_token):
+    assert main(["models", "--model-path", str(SHIPPED_CONFIGS / name), "--kv-cache-memory", "50GiB"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "nemotron-labs"
+    assert report["kv_cache"]["bytes_per_token"] == per_token
+    names = [a["name"] for a in report["algorithms"]]
+    assert names == ["nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"]

@@ -17,6 +17,9 @@ from dllm_serve.decoding.dream import DREAM_RULES
 from dllm_serve.decoding.registry import REMASKING, RULES, Knob, knob, knob_metadata
 from dllm_serve.models import registry
 
+# Policies whose committed context is causal (engine/causal_modes.py: Nemotron-Labs' modes).
+CAUSAL_CACHES = ("causal", "ar", "speculative")
+
 
 class ParamError(ValueError):
     """A request parameter that cannot be served; ``param`` names the request field."""
@@ -114,7 +117,7 @@ class DecodeParams:
 class Preset:
     name: str
     engine: str
-    attention: str  # the attention the model must have: "full" or "block_causal" (models/family.py)
+    attention: str  # the attention the model must have: "full", "block_causal" or "causal" (models/family.py)
     cache: str
     rule: str
     aliases: tuple[str, ...] = ()
@@ -124,8 +127,8 @@ class Preset:
     steps_bound_rules: bool = False
     # Draws each step's noise over the whole canvas (DecodeParams.canvas_noise): the reference sampler.
     canvas_noise: bool = False
-    # The confidence measure the preset ranks by when the request names none (Dream's alg).
-    remasking: str | None = None
+    # Knob values this preset sets unlike DecodeParams' defaults (request and checkpoint values win).
+    defaults: tuple[tuple[str, Any], ...] = ()
     # One block over the whole canvas unless the request sets block_length (Dream's diffusion_generate).
     whole_canvas: bool = False
 
@@ -197,8 +200,8 @@ PRESETS: dict[str, Preset] = {
                 "origin" if alg == "origin" else "timestep",
                 (alg,),
                 f"Dream's diffusion_generate, alg={alg!r}: whole canvas every step, {what}",
+                defaults=(("remasking", measure),) if measure else (),
                 canvas_noise=True,
-                remasking=measure,
                 whole_canvas=True,
             )
             for alg, measure, what in (
@@ -218,6 +221,37 @@ PRESETS: dict[str, Preset] = {
             "Nemotron block diffusion: committed-context KV cache, threshold decoding",
             steps_bound_rules=True,
         ),
+        Preset(
+            "nemotron_labs",
+            "nemotron-labs",
+            "causal",
+            "causal",
+            "threshold",
+            ("dlm", "labs_diffusion"),
+            "Nemotron-Labs diffusion: causal committed context, each block opened by the causal "
+            "next-token prediction, threshold decoding",
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "nemotron_labs_ar",
+            "nemotron-labs",
+            "causal",
+            "ar",
+            "threshold",
+            ("ar", "autoregressive"),
+            "Nemotron-Labs autoregressive decoding: causal attention, one token per forward, KV cache",
+        ),
+        Preset(
+            "nemotron_labs_spec",
+            "nemotron-labs",
+            "causal",
+            "speculative",
+            "threshold",
+            ("linear_spec", "self_speculative"),
+            "Nemotron-Labs self-speculation: draft a block by diffusion, verify it causally, accept "
+            "the agreeing prefix plus one token",
+            defaults=(("threshold", 0.0),),
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
@@ -225,6 +259,7 @@ ENGINE_DEFAULT_PRESET = {
     "fast-dllm": "dual_cache",
     "dinfer": "dinfer_blockwise",
     "nemotron": "nemotron",
+    "nemotron-labs": "nemotron_labs",
     "dream": "dream_entropy",
 }
 DEFAULT_BLOCK_LENGTH = 32
@@ -300,7 +335,7 @@ def resolve_params(
             rule = "factor"
         elif "threshold" in given and preset.rule == "schedule":
             rule = "threshold"
-    values: dict[str, Any] = {"remasking": preset.remasking} if preset.remasking else {}
+    values: dict[str, Any] = dict(preset.defaults)
     values.update({k: v for k, v in (model_defaults or {}).items() if v is not None})
     values.update(given)
     threshold = values.get("threshold")
@@ -391,6 +426,8 @@ def _validate(p: DecodeParams) -> None:
         raise ParamError(
             "low_threshold", f"low_threshold ({p.low_threshold}) must not exceed threshold ({p.threshold})"
         )
+    if p.shift_logits and p.cache in CAUSAL_CACHES:
+        raise ParamError("shift_logits", f"shift_logits does not apply to the {p.algorithm!r} algorithm")
     if p.cfg_scale > 0 and p.cache != "none":
         raise ParamError("cfg_scale", "cfg_scale needs the full-canvas 'llada' algorithm (no KV cache)")
     if p.max_steps_per_block is not None and rule.fixed_steps:
@@ -449,11 +486,9 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
             block_length=DEFAULT_BLOCK_LENGTH,
             steps=0,
         )
-        if p.remasking:
-            base = replace(base, remasking=p.remasking)
         defaults: dict[str, Any] = {
             k: v
-            for k, v in base.to_dict().items()
+            for k, v in replace(base, **dict(p.defaults)).to_dict().items()
             if k not in {"algorithm", "gen_length", "steps", "seed", "canvas_noise"}
         }
         if p.whole_canvas:

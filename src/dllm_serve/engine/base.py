@@ -81,6 +81,8 @@ class EngineBase:
         )
         # Block-causal attention (models/family.py): likelihoods use the block-diffusion estimator.
         self.block_diffusion = registry.get(family).attention == "block_causal"
+        # Causal (Nemotron-Labs, trained autoregressively too): the exact autoregressive likelihood.
+        self.causal_scoring = registry.get(family).attention == "causal"
         # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).
         self.model_defaults: dict[str, Any] = dict(loaded.decode_defaults)
         self.step_observers: list[Callable[[StepInfo], None]] = []

@@ -24,8 +24,9 @@ import torch
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.decoding.dream import DREAM_RULES
+from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.decoding.step import NoiseSpan, RowStep, decide
-from dllm_serve.engine import denoise, token_logprobs
+from dllm_serve.engine import causal_modes, denoise, token_logprobs
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
@@ -66,6 +67,8 @@ class _Row:
     seq: Sequence
     plan: ForwardPlan
     q_start: int
+    ids: torch.Tensor | None = None  # query ids when not the canvas's (a speculative draft)
+    phase: str = ""  # causal_modes' phase for its policies
 
 
 class Runner:
@@ -114,17 +117,21 @@ class Runner:
 
     def can_admit(self, request: GenerationRequest) -> bool:
         """Whether the request's KV memory (its prompt + canvas) is free now."""
-        tokens = len(request.prompt_ids) + request.params.gen_length
-        return request.params.cache == "none" or self.pool.fits(tokens)
+        return request.params.cache == "none" or self.pool.fits(self._tokens(request))
+
+    @staticmethod
+    def _tokens(request: GenerationRequest) -> int:
+        """Canvas length: prompt, gen_length, and the slack a speculative block needs."""
+        p = request.params
+        return len(request.prompt_ids) + p.gen_length + causal_modes.canvas_slack(p.cache, p.block_length)
 
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
         cache (start-up checked that), so a valid request waits at most for memory to free."""
-        total = len(request.prompt_ids) + request.params.gen_length
+        total, prompt = self._tokens(request), len(request.prompt_ids)
         if total > self.max_len:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)}) + canvas ({request.params.gen_length}) tokens exceed "
-                f"the model's {self.max_len}"
+                f"prompt ({prompt}) + canvas ({total - prompt}) tokens exceed the model's {self.max_len}"
             )
         if not request.prompt_ids:
             raise ValueError("the prompt is empty")
@@ -133,9 +140,11 @@ class Runner:
         """Canvas, generator and KV extent for a request (``check`` first; ValueError if invalid)."""
         self.check(request)
         params = request.params
-        total = len(request.prompt_ids) + params.gen_length
+        total = self._tokens(request)
         mask = self.roles.mask_token_id
-        canvas = torch.tensor(request.prompt_ids + [mask] * params.gen_length, dtype=torch.long)
+        canvas = torch.tensor(
+            request.prompt_ids + [mask] * (total - len(request.prompt_ids)), dtype=torch.long
+        )
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         seq = Sequence(request, canvas, mask, self.stop_ids, generator)
@@ -160,7 +169,16 @@ class Runner:
     def step(self, seqs: list[Sequence]) -> StepInfo:
         start = time.perf_counter()
         groups: dict[tuple[bool, bool], list[_Row]] = {}
+        causal_groups: dict[str, list[_Row]] = {}
         for seq in seqs:
+            if seq.params.cache in causal_modes.POLICIES:
+                step = causal_modes.plan(seq)
+                row = _Row(seq, step.plan, step.plan.q_start, step.ids, step.phase)
+                if step.phase == causal_modes.DENOISE:  # an ordinary cached block step
+                    groups.setdefault((True, False), []).append(row)
+                else:
+                    causal_groups.setdefault(step.phase, []).append(row)
+                continue
             plan = seq.plan()
             q_start = plan.q_start
             if seq.params.shift_logits:  # position i is predicted by the logits at i - 1
@@ -173,18 +191,27 @@ class Runner:
                 forwards += done_rows
                 refresh += done_rows if is_refresh else 0
                 committed += n_committed
+        for phase, rows in causal_groups.items():
+            rows.sort(key=lambda r: r.seq.kv.start if r.seq.kv else 0)
+            for done_rows, n_committed in self._run_isolated(rows, self._run_causal_group):
+                forwards += done_rows
+                refresh += done_rows if phase != causal_modes.DRAFT else 0
+                committed += n_committed
         finished = sum(1 for s in seqs if s.finished)
         return StepInfo(len(seqs), forwards, refresh, committed, finished, time.perf_counter() - start)
 
-    def _run_isolated(self, rows: list[_Row]) -> list[tuple[int, int]]:
+    def _run_isolated(
+        self, rows: list[_Row], run: Callable[[list[_Row]], int] | None = None
+    ) -> list[tuple[int, int]]:
+        run = run or self._run_group
         try:
-            return [(len(rows), self._run_group(rows))]
+            return [(len(rows), run(rows))]
         except Exception:
             if len(rows) == 1:
                 log.exception("request %s failed", rows[0].seq.request.request_id)
                 self._fail(rows[0].seq, "internal error while generating")
                 return [(1, 0)]
-        return [r for row in rows for r in self._run_isolated([row])]
+        return [r for row in rows for r in self._run_isolated([row], run)]
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.error = message
@@ -232,6 +259,55 @@ class Runner:
                 committed += self._apply(row, out[:-2], int(out[-2]), provisional.get(i))
         return committed
 
+    def _run_causal_group(self, rows: list[_Row]) -> int:
+        """A commit, draft or verify forward of causal_modes' policies (all rows in one phase):
+        the token each wanted position predicts, then the policy's bookkeeping on the host."""
+        phase = rows[0].phase
+        seqs = [r.seq for r in rows]
+        params = [s.params for s in seqs]
+        logits = self._forward(rows)
+        width = 1 if phase == causal_modes.COMMIT else logits.shape[1]
+        logits = logits[:, :width]
+        bad = ~torch.isfinite(logits).all(-1).all(-1)
+        lp_rows = token_logprobs.wanting(seqs)
+        logp = token_logprobs.before_edits(logits, lp_rows)
+        logits = top_p_filter(logits, [p.top_p for p in params])
+        tokens = logits.argmax(dim=-1)
+        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+            if p.temperature > 0:
+                noise = uniform(seq.generator, tuple(logits[i].shape), self.device)
+                tokens[i] = gumbel_argmax(logits[i], p.temperature, noise)
+        conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        host = torch.cat([tokens.double(), conf.double(), bad[:, None].double()], dim=1).cpu()
+        values = {}
+        if logp is not None:
+            k = max(seqs[i].request.logprobs or 0 for i in lp_rows)
+            values = dict(zip(lp_rows, token_logprobs.chosen_and_top(logp, tokens[lp_rows], k), strict=True))
+        committed = 0
+        for i, (row, out) in enumerate(zip(rows, host, strict=True)):
+            seq = row.seq
+            if out[-1]:
+                self._fail(seq, "numerical error: the model produced NaN or infinite logits")
+                continue
+            picked, confidence = out[:width].long(), out[width : 2 * width].float()
+            seq.forwards += 1
+            if phase == causal_modes.DRAFT:
+                causal_modes.apply_draft(seq, picked, confidence)
+                continue
+            if phase == causal_modes.COMMIT:
+                start, count = row.plan.logits_end, 1
+                causal_modes.apply_commit(seq, start, int(picked[0]))
+            else:
+                start, count = causal_modes.apply_verify(seq, picked)
+            if i in values:
+                token_logprobs.record_span(seq, start, seq.canvas[start : start + count].tolist(), values[i])
+            committed += count
+            self._emit(seq)
+            if seq.params.cache != "causal" and seq.pending_finish and not seq.finished:
+                seq.block = seq.params.num_blocks  # nothing is left to denoise: the output is final
+                self._emit(seq)
+        return committed
+
     def _forward(self, rows: list[_Row]) -> torch.Tensor:
         """One batched forward; returns float32 logits [B, P, V] for each row's active block.
 
@@ -252,7 +328,7 @@ class Runner:
         max_limit = 0
         for i, r in enumerate(rows + [rows[j] for j in cfg_rows]):
             seq, plan, span = r.seq, r.plan, r.plan.q_end - r.q_start
-            ids[i, :span] = seq.canvas[r.q_start : plan.q_end]
+            ids[i, :span] = seq.canvas[r.q_start : plan.q_end] if r.ids is None else r.ids
             if i >= len(rows):  # classifier-free guidance: the prompt replaced by masks
                 ids[i, : max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
             lim = plan.key_limit

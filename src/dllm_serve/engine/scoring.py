@@ -3,6 +3,10 @@
 Two kinds of scoring request, each turned on the engine thread into a job that yields rows
 (``engine/scoring_rows.py``) and folds their log-probabilities back:
 
+A model trained autoregressively too (``causal``: Nemotron-Labs) is scored exactly instead: one
+causal forward gives every continuation token's log-probability given everything before it; its
+greedy check is whether each of them is the argmax there.
+
 * ``ScoringRequest`` (``/v1/loglikelihood``): the Monte-Carlo ELBO of a continuation given a
   context (``decoding/likelihood.py``), plus LLaDA's greedy check when asked: from the fully masked
   continuation (block by block for block diffusion), commit one token per forward, the most
@@ -55,6 +59,7 @@ class ScoringRequest:
     check_greedy: bool = False
     block_length: int | None = None
     shift_logits: bool = False
+    causal: bool = False  # exact autoregressive log-likelihood (one forward; mc_num unused)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TokenLogprobRequest:
     generate: int = 0
     block_length: int | None = None
     shift_logits: bool = False
+    causal: bool = False  # each token's autoregressive log-probability, all from one forward
 
 
 @dataclass
@@ -134,16 +140,25 @@ class ElboJob(_Job):
         self.mask_id = mask_id
         seed = request.seed if request.seed is not None else secrets.randbits(62)
         n = len(request.continuation_ids)
-        samples = draw_masks(n, request.mc_num, request.block_length, torch.Generator().manual_seed(seed))
         self.layout = row_layout(
-            request.context_ids, request.continuation_ids, mask_id, request.block_length, request.shift_logits
+            request.context_ids,
+            request.continuation_ids,
+            mask_id,
+            request.block_length,
+            request.shift_logits,
+            request.causal,
         )
-        self.masks, self.weights = samples.masks, samples.weights
-        self.counts = samples.counts.tolist()
+        if request.causal:  # one exact "sample": every position, weight 1
+            self.masks, self.weights, self.counts = torch.ones(1, n, dtype=torch.bool), torch.ones(1, n), [1]
+        else:
+            samples = draw_masks(n, request.mc_num, request.block_length, torch.Generator().manual_seed(seed))
+            self.masks, self.weights = samples.masks, samples.weights
+            self.counts = samples.counts.tolist()
         self.target = torch.tensor(request.continuation_ids, dtype=torch.long)
         self.values: list[float | None] = [None] * len(self.counts)
         self.next_sample = 0
-        self.greedy = torch.full((n,), mask_id, dtype=torch.long) if request.check_greedy else None
+        greedy_rows = request.check_greedy and not request.causal  # causal: read off the one row
+        self.greedy = torch.full((n,), mask_id, dtype=torch.long) if greedy_rows else None
         self.greedy_in_flight = False
         self.is_greedy: bool | None = None
 
@@ -157,6 +172,8 @@ class ElboJob(_Job):
         if self.next_sample < len(self.values):
             j, self.next_sample = self.next_sample, self.next_sample + 1
             mask = self.masks[j]
+            if self.request.causal:  # nothing is masked: the continuation is part of the layout
+                return self._row(torch.empty(0, dtype=torch.long), mask.nonzero()[:, 0], j)
             return self._row(torch.where(mask, self.mask_id, self.target), mask.nonzero()[:, 0], j)
         return None
 
@@ -166,6 +183,8 @@ class ElboJob(_Job):
                 self.error = NAN_ERROR
                 return
             self.values[row.tag] = sample_value(self.weights[row.tag][row.wanted], out.target_logprob)
+            if self.request.causal and self.request.check_greedy:
+                self.is_greedy = bool((out.top_id[:, 0] == self.target[row.wanted]).all())
             return
         self._greedy_step(out.top_logprob[:, 0], out.top_id[:, 0])
 
@@ -220,19 +239,24 @@ class TokenLogprobJob(_Job):
         # (layout, offset of its continuation in the prompt): one layout for full attention; for
         # block diffusion one per block, its context the prompt before the block.
         self.pieces: list[tuple[RowLayout, int]] = []
-        for s, e in block_spans(len(prompt), request.block_length):
+        self.causal = request.causal
+        if self.causal:  # one row: token i + 1 read at position i
+            self.pieces.append((row_layout(prompt[:1], prompt[1:], mask_id, None, False, True), 1))
+        for s, e in block_spans(len(prompt), request.block_length) if not self.causal else []:
             context, block = (prompt[:s], prompt[s:e]) if request.block_length else ([], prompt)
             self.pieces.append(
                 (row_layout(context, block, mask_id, request.block_length, request.shift_logits), s)
             )
             if not request.block_length:
                 break
-        self.todo = [
+        self.todo: list[tuple[int, int | None]] = [
             (p, i)
             for p, (lay, s) in enumerate(self.pieces)
             for i in range(lay.continuation_len)
             if s + i and request.score_prompt
         ]
+        if self.causal:
+            self.todo = [(0, None)] if request.score_prompt and len(prompt) > 1 else []
         self.tokens: list[TokenLogprob | None] = [None] * len(prompt)
         self.generated: list[TokenLogprob] = []
         self.gen_left = request.generate
@@ -244,13 +268,21 @@ class TokenLogprobJob(_Job):
             piece, i = self.todo.pop()
             layout, start = self.pieces[piece]
             target = torch.tensor(r.prompt_ids[start : start + layout.continuation_len])
+            if i is None:  # causal: every position of the one row
+                self.in_flight += 1
+                wanted = torch.arange(layout.continuation_len)
+                return Row(
+                    layout, torch.empty(0, dtype=torch.long), target, wanted, 0.0, r.top_k, self, start
+                )
             noisy = target.clone()
             noisy[i] = self.mask_id
             self.in_flight += 1
             return Row(layout, noisy, target, torch.tensor([i]), 0.0, r.top_k, self, start + i)
         if self.gen_left:
             self.gen_left -= 1
-            layout = row_layout(r.prompt_ids, [self.mask_id], self.mask_id, r.block_length, r.shift_logits)
+            layout = row_layout(
+                r.prompt_ids, [self.mask_id], self.mask_id, r.block_length, r.shift_logits, self.causal
+            )
             mask = torch.tensor([self.mask_id])
             self.in_flight += 1
             return Row(layout, mask, mask, torch.tensor([0]), 0.0, r.top_k, self, None)
@@ -260,6 +292,12 @@ class TokenLogprobJob(_Job):
         self.in_flight -= 1
         if not bool(torch.isfinite(out.top_logprob).all()):
             self.error = NAN_ERROR
+            return
+        if self.causal and row.tag is not None:  # the one row: every prompt token after the first
+            for j, w in enumerate(row.wanted.tolist()):
+                top_j = list(zip(out.top_id[j].tolist(), out.top_logprob[j].tolist(), strict=True))
+                token = int(row.targets[w])
+                self.tokens[row.tag + w] = TokenLogprob(token, float(out.target_logprob[j]), top_j)
             return
         top = list(zip(out.top_id[0].tolist(), out.top_logprob[0].tolist(), strict=True))
         if row.tag is None:

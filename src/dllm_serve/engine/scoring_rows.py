@@ -5,7 +5,7 @@ continuation positions masked; the caller says which continuation positions' log
 wants. Rows of any requests are right-padded into one forward; padding is masked out of attention,
 so a row's numbers do not depend on its batch (bit for bit on CPU in float32).
 
-Two layouts:
+Three layouts:
 
 * full attention (LLaDA): ``[context | noisy continuation]``, every token sees every token;
 * block diffusion (Nemotron, as trained): ``[context | clean continuation blocks 0..n-2 | noisy
@@ -13,7 +13,10 @@ Two layouts:
   from its first token, each seeing the context up to its own end (the last, partial one the
   whole context); a clean block sees the context and the clean blocks up to itself; a noisy block
   sees the context, the clean blocks before it and itself, as in the ``nemotron`` preset's
-  committed-context decoding (``Sequence.committed_plan``).
+  committed-context decoding (``Sequence.committed_plan``);
+* causal (Nemotron-Labs, trained with a next-token objective too): ``[context | continuation]``, all
+  clean, each token sees the tokens up to itself, and continuation token i is read from the logits
+  at the position before it: the exact autoregressive log-likelihood in one forward.
 
 With ``cfg_scale`` > 0 a row is forwarded twice, the second time with the context replaced by mask
 tokens, and the logits are guided as in generation: uncond + (scale + 1) * (cond - uncond).
@@ -48,6 +51,7 @@ class RowLayout:
     context_len: int
     full: bool
     block_length: int | None
+    causal: bool = False
 
     @property
     def length(self) -> int:
@@ -59,10 +63,24 @@ class RowLayout:
 
 
 def row_layout(
-    context: list[int], continuation: list[int], mask_id: int, block_length: int | None, shift_logits: bool
+    context: list[int],
+    continuation: list[int],
+    mask_id: int,
+    block_length: int | None,
+    shift_logits: bool,
+    causal: bool = False,
 ) -> RowLayout:
-    """The layout of the module docstring; ``block_length`` None: full attention."""
+    """The layout of the module docstring; ``block_length`` None: full attention; ``causal``: the
+    autoregressive one (the context must not be empty)."""
     c, n = len(context), len(continuation)
+    if causal:
+        if not c:
+            raise ValueError("causal scoring needs a non-empty context")
+        ids = torch.tensor(context + continuation, dtype=torch.long)
+        kinds = torch.tensor([CONTEXT] * c + [CLEAN] * n, dtype=torch.long)
+        zeros = torch.zeros(c + n, dtype=torch.long)
+        predict = torch.arange(c - 1, c + n - 1)
+        return RowLayout(ids, torch.arange(c + n), kinds, zeros, predict, c + n, c, False, None, True)
     full = block_length is None
     spans = block_spans(n, block_length)
     clean = 0 if full else spans[-1][0]  # clean copies of every block but the last
@@ -83,8 +101,10 @@ def row_layout(
     return RowLayout(ids, positions, kinds, blocks, predict, noisy, c, full, block_length)
 
 
-def attention_masks(kinds: torch.Tensor, blocks: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """[B, T, T] query-key visibility for rows of the two layouts (see the module docstring)."""
+def attention_masks(
+    kinds: torch.Tensor, blocks: torch.Tensor, full: torch.Tensor, causal: torch.Tensor
+) -> torch.Tensor:
+    """[B, T, T] query-key visibility for rows of the three layouts (see the module docstring)."""
     kq, kk = kinds[:, :, None], kinds[:, None, :]
     bq, bk = blocks[:, :, None], blocks[:, None, :]
     real_q, real_k = kq != PAD, kk != PAD
@@ -92,7 +112,10 @@ def attention_masks(kinds: torch.Tensor, blocks: torch.Tensor, full: torch.Tenso
     clean_q = (kq == CLEAN) & (kk == CLEAN) & (bk <= bq)
     noisy_q = (kq == NOISY) & (((kk == CLEAN) & (bk < bq)) | ((kk == NOISY) & (bk == bq)))
     block_rule = see_context | clean_q | noisy_q
-    return torch.where(full[:, None, None], real_q & real_k, block_rule)
+    index = torch.arange(kinds.shape[1], device=kinds.device)
+    causal_rule = real_q & real_k & (index[None, :] <= index[:, None])[None]
+    out = torch.where(full[:, None, None], real_q & real_k, block_rule)
+    return torch.where(causal[:, None, None], causal_rule, out)
 
 
 @dataclass
@@ -143,6 +166,7 @@ def forward_rows(model: DiffusionLM, rows: list[Row], mask_id: int) -> list[RowO
     predict = torch.zeros((n, width), dtype=torch.long)
     targets = torch.zeros((n, width), dtype=torch.long)
     full = torch.zeros((n, 1), dtype=torch.long)
+    causal = torch.zeros((n, 1), dtype=torch.long)
     for i, r in enumerate(all_rows):
         lay, w = r.layout, r.wanted.shape[0]
         ids[i, : lay.length] = lay.ids
@@ -155,9 +179,12 @@ def forward_rows(model: DiffusionLM, rows: list[Row], mask_id: int) -> list[RowO
         predict[i, :w] = lay.predict[r.wanted]
         targets[i, :w] = r.targets[r.wanted]
         full[i] = int(lay.full)
-    packed = upload(torch.cat([ids, positions, kinds, blocks, predict, targets, full], 1), device)
-    ids, positions, kinds, blocks, predict, targets, full = packed.split([t, t, t, t, width, width, 1], 1)
-    mask = attention_masks(kinds, blocks, full[:, 0].bool())
+        causal[i] = int(lay.causal)
+    packed = upload(torch.cat([ids, positions, kinds, blocks, predict, targets, full, causal], 1), device)
+    ids, positions, kinds, blocks, predict, targets, full, causal = packed.split(
+        [t, t, t, t, width, width, 1, 1], 1
+    )
+    mask = attention_masks(kinds, blocks, full[:, 0].bool(), causal[:, 0].bool())
     logits = model.logits(model.hidden_states(ids, positions, mask, None, predict)).float()
     if cfg:
         uncond = logits[cond:]

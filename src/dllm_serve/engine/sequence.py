@@ -110,6 +110,7 @@ class Sequence:
     rule_state: torch.Tensor | None = None  # a stateful rule's state (credit), reset at each block
     constraint: Constraint | None = None  # edits the row's logits before a token is chosen
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
+    draft: torch.Tensor | None = None  # speculative decoding's drafted block (engine/causal_modes.py)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
     token_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)  # canvas position -> its commit's
     _events: list[SequenceEvent] = field(default_factory=list)

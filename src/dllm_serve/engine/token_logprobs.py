@@ -39,6 +39,17 @@ def record(seq: Sequence, old: torch.Tensor, new: torch.Tensor, values: torch.Te
         seq.token_logprobs[seq.block_start + j] = TokenLogprob(int(new[j]), float(v[0]), top)
 
 
+def record_span(seq: Sequence, start: int, tokens: list[int], values: torch.Tensor) -> None:
+    """Keep the entries of canvas positions [start, start + len(tokens)), committed from the
+    consecutive columns of ``values`` (a causal forward predicts consecutive positions)."""
+    k = seq.request.logprobs or 0
+    width = (values.shape[-1] - 1) // 2
+    for j, token in enumerate(tokens):
+        v = values[j]
+        top = list(zip(v[1 + width : 1 + width + k].long().tolist(), v[1 : 1 + k].tolist(), strict=True))
+        seq.token_logprobs[start + j] = TokenLogprob(token, float(v[0]), top)
+
+
 def take(seq: Sequence, start: int, count: int) -> list[TokenLogprob] | None:
     """The entries of canvas positions [start, start + count), removed from the sequence."""
     if seq.request.logprobs is None:

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 
 # Which keys a query may see. "full": every position of the canvas (LLaDA, Dream): the presets with
 # a full-canvas, prefix, dual or vicinity cache run it. "block_causal": the committed context and its
-# own block (Nemotron, SDAR, LLaDA2): the committed-context presets run it.
-Attention = Literal["full", "block_causal"]
-ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal")
+# own block (Nemotron, SDAR, LLaDA2): the committed-context presets run it. "causal": a causal
+# committed context, and the active block or draft bidirectionally over it; the same weights also
+# decode autoregressively (Nemotron-Labs): engine/causal_modes.py's presets run it.
+Attention = Literal["full", "block_causal", "causal"]
+ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal", "causal")
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,9 @@ class TinyFormat:
     """What scripts/train_tiny.py needs to write a tiny checkpoint in the family's published format.
 
     ``objective`` names the trainer's loss: "masked_diffusion" (LLaDA's SFT: the response masked at
-    one ratio per row, full attention) or "block_diffusion" (two-copy BD3LM layout: clean
-    block-causal context + noisy block).
+    one ratio per row, full attention), "block_diffusion" (two-copy BD3LM layout: clean
+    block-causal context + noisy block) or "joint_ar_block_diffusion" (the same rows with a causal
+    clean copy that also carries a next-token loss).
     """
 
     specials: tuple[str, ...]  # special-token strings, added to the trained BPE at the first ids
@@ -120,7 +123,7 @@ class TinyFormat:
     tokenizer_config: dict[str, Any]  # tokenizer_config.json, chat template included
     special_tokens_map: dict[str, Any]
     config: Callable[[TinyShape], dict[str, Any]]  # config.json in the published format
-    objective: Literal["masked_diffusion", "block_diffusion"]
+    objective: Literal["masked_diffusion", "block_diffusion", "joint_ar_block_diffusion"]
     canvas_lengths: tuple[int, ...]  # response canvases the trainer cycles through
     default_kv_heads: int | None = None  # None: as many as --heads
     generation_eos_both: bool = False  # generation_config.json lists [eos, end-of-turn], not eos alone

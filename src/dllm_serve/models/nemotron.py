@@ -68,8 +68,9 @@ class NemotronConfig:
         archs = " ".join(raw.get("architectures") or []).lower()
         if "ministral" in archs or "labsdiffusion" in archs or raw.get("rope_parameters"):
             raise ValueError(
-                f"{raw.get('architectures')} (Ministral-based Nemotron-Labs diffusion: no q/k norm, YaRN "
-                "RoPE, causal committed context) is not served natively; use --trust-remote-code"
+                f"{raw.get('architectures')} is a Ministral-based Nemotron-Labs config, not a "
+                "DiffEncoderModel: the native model for it is models/nemotron_labs.py (model_type "
+                "nemotron_labs_diffusion); otherwise use --trust-remote-code"
             )
         paradigm = raw.get("dlm_paradigm", "bidirectional")
         if paradigm not in BLOCK_PARADIGMS:

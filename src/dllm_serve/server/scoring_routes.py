@@ -156,6 +156,7 @@ def scoring_requests(
         raise bad_request("block_length applies to block-diffusion models only.", "block_length")
     block_length = (req.block_length or int(defaults.get("block_length", 32))) if block else None
     shift = bool(defaults.get("shift_logits", False))
+    causal = engine.causal_scoring  # exact: each token from the ones before it
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     rid = new_id("ll")
     out = []
@@ -169,10 +170,10 @@ def scoring_requests(
                 f"requests[{i}]",
                 "context_length_exceeded",
             )
-        if shift and not context:
+        if (shift or causal) and not context:
             raise bad_request(
-                "This checkpoint predicts each token from the one before (shift_logits): the context "
-                "must not be empty.",
+                "This checkpoint predicts each token from the one before (shift_logits or causal "
+                "scoring): the context must not be empty.",
                 f"requests[{i}].context",
             )
         out.append(
@@ -186,6 +187,7 @@ def scoring_requests(
                 check_greedy=req.check_greedy,
                 block_length=block_length,
                 shift_logits=shift,
+                causal=causal,
             )
         )
     return out
@@ -266,6 +268,7 @@ async def echo_completion(
             generate=max_tokens,
             block_length=block,
             shift_logits=shift,
+            causal=engine.causal_scoring,
         )
         for i, ids in enumerate(prompts)
     ]
