@@ -9,6 +9,9 @@ The diffusion fields are exactly the request-overridable fields of ``DecodeParam
 (``algorithms.OVERRIDABLE``, its knobs), generated from that dataclass, descriptions included, so
 the two cannot drift apart, plus
 ``algorithm`` and its alias ``generation_algorithm``.
+
+Structured output (``response_format``, the ``guided_*`` extension fields) and tools are parsed
+here and compiled into a grammar by ``server/structured.py`` (docs/structured-output.md).
 """
 
 from __future__ import annotations
@@ -34,12 +37,8 @@ _HARMLESS: dict[str, typing.Callable[[Any], bool]] = {
     "presence_penalty": lambda v: v is None or v == 0,
     "frequency_penalty": lambda v: v is None or v == 0,
     "repetition_penalty": lambda v: v is None or v == 1,
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: v is None,
     "functions": lambda v: v is None or v == [],
     "function_call": lambda v: v is None or v == "none",
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "best_of": lambda v: v is None or v == 1,
     "suffix": lambda v: v is None or v == "",
     "audio": lambda v: v is None,
@@ -109,6 +108,29 @@ def one_algorithm(cls: type, value: str | None, info: ValidationInfo) -> str | N
     return value
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        if info.data.get("type") == "json_schema" and (value is None or value.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema")
+        return value
+
+
 class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     """Fields shared by /v1/chat/completions and /v1/completions.
 
@@ -126,6 +148,18 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     user: str | None = None
     algorithm: str | None = None
     generation_algorithm: str | None = None
+    # Constraints (one at a time): OpenAI's response_format, or vLLM's guided_* extension fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(c == "" for c in value)):
+            raise ValueError("guided_choice must be a non-empty list of non-empty strings")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -195,10 +229,44 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
         return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
 
 
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None
     name: str | None = None  # accepted for compatibility; chat templates here do not use it
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -220,6 +288,13 @@ class ChatMessage(_Strict):
             texts.append(part["text"])
         return "".join(texts)
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _from_assistant(cls, value: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
+
     def template_dict(self) -> dict[str, str]:
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": self.content}
@@ -229,6 +304,19 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _known_tool(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function {value.function.name!r}, which is not in tools")
+        if value == "required" and not tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod

@@ -100,6 +100,27 @@ def test_the_older_nemotron_preset_is_a_400_listing_the_valid_names(server):
     assert body["param"] == "algorithm" and "nemotron_labs_spec" in body["message"], body
 
 
+@pytest.mark.parametrize("algorithm", ["nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"])
+def test_an_output_constraint_is_a_400_naming_the_algorithm_and_the_server_keeps_serving(server, algorithm):
+    """The causal forwards of these presets do not apply a grammar: refused, never unenforced."""
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Copy the list: a b"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny-nemotron-labs",
+            messages=messages,
+            max_tokens=32,
+            response_format={"type": "json_object"},
+            extra_body={"algorithm": algorithm},
+        )
+    body = err.value.response.json()["error"]
+    assert body["param"] == "algorithm" and algorithm in body["message"], body
+    ok = client.chat.completions.create(
+        model="tiny-nemotron-labs", messages=messages, max_tokens=8, extra_body={"algorithm": algorithm}
+    )
+    assert ok.choices[0].finish_reason in {"stop", "length"}
+
+
 def test_likelihood_and_echo_logprobs_are_the_exact_autoregressive_ones(server, loaded):
     tok = loaded.tokenizer
     ex = heldout_examples(1, seed=13)[0]

@@ -44,9 +44,16 @@ CASES = [
     ("unknown-field", chat(foo=1), 400, INV, "foo"),
     ("logprobs-not-bool", chat(logprobs=1), 400, INV, "logprobs"),
     ("top-logprobs", chat(top_logprobs=2), 400, INV, "top_logprobs"),
-    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, INV, "tools"),
-    ("tool-choice", chat(tool_choice="auto"), 400, INV, "tool_choice"),
-    ("response-format", chat(response_format={"type": "json_object"}), 400, INV, "response_format"),
+    (
+        "tool-name",
+        chat(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        400,
+        INV,
+        "tools[0].function.name",
+    ),
+    ("tool-choice-without-tools", chat(tool_choice="required"), 400, INV, "tool_choice"),
+    ("response-format-type", chat(response_format={"type": "xml"}), 400, INV, "response_format.type"),
+    ("legacy-functions", chat(functions=[{"name": "f"}]), 400, INV, "functions"),
     ("presence-penalty", chat(presence_penalty=0.5), 400, INV, "presence_penalty"),
     ("logit-bias", chat(logit_bias={"1": 5}), 400, INV, "logit_bias"),
     ("echo-generating", completion(echo=True), 400, INV, "max_tokens"),
@@ -89,7 +96,7 @@ CASES = [
     ("early-stop-not-bool", chat(early_stop="yes"), 400, INV, "early_stop"),
     ("messages-missing", ("/v1/chat/completions", {"model": MODEL}), 400, INV, "messages"),
     ("messages-empty", chat(messages=[]), 400, INV, "messages"),
-    ("role-tool", chat(messages=[{"role": "tool", "content": "x"}]), 400, INV, "messages[0].role"),
+    ("role-function", chat(messages=[{"role": "function", "content": "x"}]), 400, INV, "messages[0].role"),
     (
         "image-part",
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
@@ -128,7 +135,7 @@ CASES = [
         chat(response_format={"type": "json_schema"}),
         400,
         INV,
-        "response_format",
+        "response_format.json_schema",
     ),
     (
         "audio-part",
@@ -227,9 +234,13 @@ def test_openai_client_sees_typed_errors(server) -> None:
         client.chat.completions.create(
             model=MODEL,
             messages=MSG,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "function", "function": {"name": "f"}}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "strin"}},
+            },
         )
-    assert tools.value.param == "tools"
+    assert tools.value.param == "response_format" and "strin" in tools.value.message
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="other", messages=MSG)
     assert missing.value.code == "model_not_found"

@@ -161,6 +161,11 @@ def _with_dream_rows(
     commit = torch.empty(shape, dtype=torch.bool, device=dev)
     conf = torch.empty(shape, dtype=torch.float32, device=dev)
     states: list[torch.Tensor | None] = [None] * len(rows)
+    for i in own:  # a grammar's mask applies before Dream's token choice too
+        r = rows[i]
+        if r.constraint is not None:
+            n = r.width
+            logits[i, :n] = r.constraint(logits[i, :n], block[i, :n], block[i, :n] == mask_id)
     index = upload(own, dev, torch.long)
     t, c, f = dream.decide_rows(logits[index], [rows[i] for i in own], mask_id)
     tokens[index], commit[index], conf[index] = t, c, f

@@ -25,8 +25,9 @@ import torch
 from dllm_serve.config import EngineConfig
 from dllm_serve.decoding.dream import DREAM_RULES
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
-from dllm_serve.decoding.step import NoiseSpan, RowStep, decide
+from dllm_serve.decoding.step import Constraint, NoiseSpan, RowStep, decide
 from dllm_serve.engine import causal_modes, denoise, token_logprobs
+from dllm_serve.engine.constrained import FrontierGuide
 from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
@@ -156,6 +157,9 @@ class Runner:
             seq.committed_context = self.prompt_cache.reuse(
                 request.prompt_ids, params.block_length, self.pool, seq.extent
             )
+        if request.constraint is not None:  # tokens the grammar forces before any forward
+            request.constraint.start(seq.prompt_len)
+            request.constraint.advance(seq.canvas, mask, seq.block_end, seq.output_end)
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -226,17 +230,24 @@ class Runner:
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
         logp = token_logprobs.before_edits(logits, lp_rows)
+        seqs = [r.seq for r in rows]
+        guide = FrontierGuide.build(
+            [s.request.constraint for s in seqs], [s.block_start for s in seqs], block.shape[1], self.device
+        )
         step = decide(
             logits,
             block=block,
             rows=[
-                self._row_step(r, m, host_block[i]) for i, (r, m) in enumerate(zip(rows, masked, strict=True))
+                self._row_step(r, m, host_block[i], guide.hook(i) if guide is not None else None)
+                for i, (r, m) in enumerate(zip(rows, masked, strict=True))
             ],
             mask_id=self.roles.mask_token_id,
             eos_id=self.roles.eos_token_id,
             eot_id=self.eot_id,
         )
         tokens, commit, conf = step.tokens, step.commit, step.conf
+        if guide is not None:  # constrained rows commit their frontier (engine/constrained.py)
+            commit = guide.force(commit)
         for row, state in zip(rows, step.states, strict=True):
             if state is not None:
                 row.seq.rule_state = state
@@ -385,9 +396,12 @@ class Runner:
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
         return block
 
-    def _row_step(self, row: _Row, masked: int, block: torch.Tensor) -> RowStep:
-        """One row's inputs to the decoding step: its parameters, floor, noise span and rule state
-        (and, for Dream's rules, which draw per masked position, those positions, from the host)."""
+    def _row_step(
+        self, row: _Row, masked: int, block: torch.Tensor, constraint: Constraint | None
+    ) -> RowStep:
+        """One row's inputs to the decoding step: its parameters, floor, noise span, rule state, and
+        its grammar's mask at the frontier (``constraint``, from this step's ``FrontierGuide``); for
+        Dream's rules, which draw per masked position, those positions, from the host ``block``."""
         seq, p = row.seq, row.seq.params
         where = block[: p.block_length] == seq.mask_id
         positions = tuple(where.nonzero()[:, 0].tolist()) if p.rule in DREAM_RULES else ()
@@ -399,7 +413,7 @@ class Runner:
             floor=seq.floor_commits(masked),
             noise=NoiseSpan(seq.generator, length, offset),
             state=seq.rule_state,
-            constraint=seq.constraint,
+            constraint=constraint,
             step=seq.step_in_block,
             steps=p.steps_per_block,
             masked=positions,
@@ -417,13 +431,16 @@ class Runner:
             seq.push(SequenceEvent(seq.request.request_id, [], prompt_tokens=seq.prompt_len, denoise=step))
         bl = seq.params.block_length
         seq.canvas[seq.block_start : seq.block_end] = block[:bl]
+        constraint = seq.request.constraint
+        if constraint is not None:  # grammar-check the new commits left to right (may re-mask)
+            constraint.advance(seq.canvas, seq.mask_id, seq.block_end, seq.output_end)
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.step_in_block += 1
         if seq.params.cache == "committed":
             if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
                 self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
-        if not bool((block[:bl] == seq.mask_id).any()):
+        if not bool(seq.masked_in_block().any()):
             seq.block += 1
             seq.step_in_block = 0
             seq.rule_state = None
@@ -434,6 +451,8 @@ class Runner:
         """Send the newly committed left-to-right prefix; finish when the output is final."""
         p = seq.params
         canvas_done = seq.block >= p.num_blocks
+        grammar_done = seq.request.constraint is not None and seq.request.constraint.done
+        final = p.early_stop or canvas_done or grammar_done  # the output can end as soon as it is final
         if seq.pending_finish is None:
             region = seq.canvas[seq.prompt_len + seq.emitted : seq.prompt_len + seq.request.max_new_tokens]
             masked = (region == seq.mask_id).nonzero()
@@ -447,7 +466,7 @@ class Runner:
                 seq.pending_finish, seq.stopped_on_token = "stop", True
             elif seq.emitted >= seq.request.max_new_tokens:
                 seq.pending_finish = "length"
-            if ready and not (seq.pending_finish and (p.early_stop or canvas_done)):
+            if ready and not (seq.pending_finish and final):
                 seq.push(
                     SequenceEvent(
                         seq.request.request_id, ready, prompt_tokens=seq.prompt_len, logprobs=logprobs
@@ -456,7 +475,7 @@ class Runner:
                 ready, logprobs = [], token_logprobs.none(seq)
         else:
             ready, logprobs = [], token_logprobs.none(seq)
-        if seq.pending_finish and (p.early_stop or canvas_done):
+        if seq.pending_finish and final:
             self._finish(seq, seq.pending_finish, ready, logprobs)
 
     def _finish(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dllm_serve.decoding.step import Constraint
 from dllm_serve.engine.algorithms import DecodeParams
+from dllm_serve.engine.constrained import RowConstraint
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
 
@@ -23,7 +23,8 @@ class GenerationRequest:
     """What the server hands the engine: token ids and fully resolved decoding parameters.
 
     ``logprobs``: None, or how many top alternatives to report with each generated token's
-    log-probability (0: the token's own only).
+    log-probability (0: the token's own only). ``constraint``: the grammar the output must satisfy
+    (engine/constrained.py), one per choice.
     """
 
     request_id: str
@@ -32,6 +33,7 @@ class GenerationRequest:
     max_new_tokens: int
     denoise: bool = False  # stream each step's provisional state (engine/denoise.py)
     logprobs: int | None = None
+    constraint: RowConstraint | None = None
 
 
 @dataclass
@@ -108,7 +110,6 @@ class Sequence:
     cancelled: bool = False
     error: str | None = None
     rule_state: torch.Tensor | None = None  # a stateful rule's state (credit), reset at each block
-    constraint: Constraint | None = None  # edits the row's logits before a token is chosen
     committed_context: int = 0  # canvas positions whose clean K/V is cached (committed cache)
     draft: torch.Tensor | None = None  # speculative decoding's drafted block (engine/causal_modes.py)
     trace: DenoiseTrace | None = None  # set when the request streams its denoising steps
@@ -129,6 +130,11 @@ class Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
+
+    @property
+    def output_end(self) -> int:
+        """Canvas position just past the last token the output may return (``max_tokens``)."""
+        return self.prompt_len + self.request.max_new_tokens
 
     @property
     def length(self) -> int:

@@ -94,8 +94,14 @@ class ChatTokenizer:
         )
         return re.compile("|".join(map(re.escape, specials))) if specials else None
 
-    def render_chat_text(self, messages: list[dict[str, Any]], plain_content: bool = True) -> RenderedChat:
-        """The conversation through the chat template, generation prompt appended, not yet tokenized."""
+    def render_chat_text(
+        self,
+        messages: list[dict[str, Any]],
+        plain_content: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> RenderedChat:
+        """The conversation through the chat template, generation prompt appended, not yet tokenized.
+        ``tools`` goes to a template that has a tool section (server/tools.py)."""
         if not self.has_chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
         literals: dict[str, str] = {}
@@ -111,7 +117,12 @@ class ChatTokenizer:
 
             messages = [{**m, "content": self._special_strings.sub(mark, m["content"])} for m in messages]
         # tokenize=False: the rendered text (transformers' annotation covers every mode).
-        text = cast(str, self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        text = cast(
+            str,
+            self.hf.apply_chat_template(
+                messages, tools=cast(Any, tools or None), tokenize=False, add_generation_prompt=True
+            ),
+        )
         return RenderedChat(text, literals, marker if literals else None)
 
     def encode_chat(self, rendered: RenderedChat) -> list[int]:

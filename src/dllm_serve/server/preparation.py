@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from dllm_serve.engine.algorithms import ParamError
+from dllm_serve.engine.algorithms import CAUSAL_CACHES, ParamError
 from dllm_serve.engine.engine import EngineBase
+from dllm_serve.engine.grammar import Grammar
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.protocol import (
     DEFAULT_MAX_TOKENS,
@@ -32,6 +33,7 @@ from dllm_serve.protocol import (
     strip_unsupported,
 )
 from dllm_serve.protocol_responses import new_id
+from dllm_serve.server import structured, tools
 from dllm_serve.server.errors import APIError, bad_request, from_validation_error
 from dllm_serve.server.prompts import check_fits
 
@@ -116,11 +118,11 @@ def chat_prompt(state: ServerState, engine: EngineBase, req: ChatBody) -> list[i
     """The conversation rendered with the checkpoint's chat template (or joined as plain text when
     it has none or templating is off) and tokenized. Runs on the preparation threads."""
     tok = engine.loaded.tokenizer
-    messages = [m.template_dict() for m in req.messages]
+    messages, tool_specs = tools.template_messages(req, tok)
     plain = not state.config.allow_special_tokens_in_content
     if state.config.use_chat_template and tok.has_chat_template:
         try:
-            rendered = tok.render_chat_text(messages, plain)
+            rendered = tok.render_chat_text(messages, plain, tools=tool_specs)
         except Exception:  # a template that rejects this conversation (e.g. role order)
             raise bad_request("The chat template cannot render these messages.", "messages") from None
         check_fits(state, tok.min_tokens(rendered.plain()), req, "messages")
@@ -152,6 +154,12 @@ def completion_prompts(state: ServerState, engine: EngineBase, req: CompletionRe
 # ------------------------------------------------------------------------------ engine requests
 
 
+def output_constraint(engine: EngineBase, req: GenerationBody) -> Grammar | None:
+    """The request's compiled output constraint (response_format, guided_*, a forced tool call),
+    or None. Runs on the preparation threads (server/structured.py)."""
+    return structured.compile_constraint(engine, req, req.requested_max_tokens or DEFAULT_MAX_TOKENS)
+
+
 @dataclasses.dataclass
 class Prepared:
     """A validated generation: prompts, their per-choice engine requests, the resolved algorithm."""
@@ -171,8 +179,10 @@ def prepare_generation(
     prompts: list[list[int]],
     prompt_param: str,
     prefix: str,
+    constraint: Grammar | None = None,
 ) -> Prepared:
-    """Lengths checked, parameters resolved, one ``GenerationRequest`` per prompt and choice."""
+    """Lengths checked, parameters resolved, one ``GenerationRequest`` per prompt and choice (each
+    with its own matcher of ``constraint``)."""
     if req.requested_logprobs is not None and not engine.supports_logprobs:
         raise bad_request("logprobs need the native engine (not --trust-remote-code).", "logprobs")
     max_tokens = req.requested_max_tokens or DEFAULT_MAX_TOKENS
@@ -199,6 +209,14 @@ def prepare_generation(
                 "max_tokens",
                 "context_length_exceeded",
             )
+    if constraint is not None and params.cache in CAUSAL_CACHES:
+        raise bad_request(
+            f"Structured output and forced tool calls are not supported by the {params.algorithm!r} "
+            "algorithm yet (its causal forwards do not apply the grammar); use a diffusion preset of "
+            "another family, or send the request without the constraint.",
+            "algorithm",
+            "invalid_value",
+        )
     denoise = req.stream_mode == "denoise"
     if denoise and not engine.traces_denoise:
         raise bad_request(
@@ -218,6 +236,7 @@ def prepare_generation(
                     max_tokens,
                     denoise=denoise,
                     logprobs=req.requested_logprobs,
+                    constraint=structured.row(constraint),
                 )
             )
     return Prepared(request_id, prompts, requests, params.algorithm, req.stop, denoise)

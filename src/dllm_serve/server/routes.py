@@ -25,6 +25,7 @@ from dllm_serve.protocol_responses import (
     completion_choice,
     text_delta,
 )
+from dllm_serve.server import tools
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import bad_request
 from dllm_serve.server.lifecycle import GenerationRun, complete
@@ -35,6 +36,7 @@ from dllm_serve.server.preparation import (
     chat_prompt,
     completion_prompts,
     model_not_found,
+    output_constraint,
     prepare_generation,
     server_state,
 )
@@ -130,7 +132,9 @@ async def metrics(request: Request) -> Response:
 async def chat_completions(request: Request) -> Response:
     state, engine, req = await accept(request, ChatCompletionRequest)
     prompt = await state.offload(chat_prompt, state, engine, req)
-    prepared = prepare_generation(state, engine, req, [prompt], "messages", "chatcmpl")
+    constraint = await state.offload(output_constraint, engine, req)
+    prepared = prepare_generation(state, engine, req, [prompt], "messages", "chatcmpl", constraint)
+    with_tools = tools.active(req)
     run = GenerationRun(state, engine, prepared)
     log.debug("%s: %d prompt tokens, n=%d, %s", prepared.request_id, len(prompt), req.n, prepared.algorithm)
     if req.stream:
@@ -138,7 +142,7 @@ async def chat_completions(request: Request) -> Response:
             run,
             "chat.completion.chunk",
             req.include_usage,
-            chat_delta,
+            tools.ChatDeltas() if with_tools else chat_delta,
             lambda e: chat_logprobs(run.tokenizer, e),
         )
     outcomes = await complete(request, run)
@@ -151,6 +155,8 @@ async def chat_completions(request: Request) -> Response:
         )
         for o in outcomes
     ]
+    if with_tools:
+        choices = [tools.with_calls(c) for c in choices]
     return JSONResponse(
         completion_body(
             "chat.completion", prepared.request_id, state.model_id, choices, run.usage(), run.diffusion()
@@ -168,7 +174,8 @@ async def completions(request: Request) -> Response:
         return await echo_completion(request, state, engine, req, prompts)
     if req.requested_max_tokens == 0:
         raise bad_request("max_tokens must be at least 1 (0 is allowed with echo).", "max_tokens")
-    prepared = prepare_generation(state, engine, req, prompts, "prompt", "cmpl")
+    constraint = await state.offload(output_constraint, engine, req)
+    prepared = prepare_generation(state, engine, req, prompts, "prompt", "cmpl", constraint)
     run = GenerationRun(state, engine, prepared)
     log.debug("%s: %d prompts, n=%d, %s", prepared.request_id, len(prompts), req.n, prepared.algorithm)
     top = req.logprobs or 0
