@@ -70,6 +70,7 @@ from dllm_serve.bench.tasks import ALL_TASKS, SUITES, make_example, training_str
 from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.family import TinyFormat, TinyShape
+from dllm_serve.models.loader import load_model, read_config
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
@@ -93,6 +94,8 @@ OBJECTIVES = {
     "block_diffusion": "block diffusion, two-copy (clean block-causal context + noisy block), uniform CE",
     "joint_ar_block_diffusion": "joint AR + block diffusion, two-copy (clean causal copy: next-token CE; "
     "noisy block over the clean context before it: CE on masked tokens), the two means summed",
+    "aligned_block_diffusion": "block diffusion at absolute block positions (prompt block-causal), two-copy, "
+    "uniform CE",
 }
 
 
@@ -129,6 +132,24 @@ def write_tokenizer(out: Path, tok: Tokenizer, fmt: TinyFormat) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
+
+
+def with_specials(tok: Tokenizer, specials: tuple[str, ...]) -> Tokenizer:
+    """``tok`` with its special tokens renamed to ``specials``, id for id (the ids 0.. of both lists).
+
+    Lets a family start from another family's tokenizer and weights when only the special-token
+    strings differ (tiny-sdar's ``<|MASK|>`` is tiny-nemotron's ``<|mask|>``, both id 3).
+    """
+    data = json.loads(tok.to_str())
+    added = sorted(data["added_tokens"], key=lambda t: t["id"])
+    if len(added) != len(specials):
+        raise ValueError(f"the tokenizer has {len(added)} special tokens, the format needs {len(specials)}")
+    vocab = data["model"]["vocab"]
+    for entry, name in zip(added, specials, strict=True):
+        if entry["content"] != name:
+            vocab[name] = vocab.pop(entry["content"])
+            entry["content"] = name
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def encode_rows(
@@ -272,6 +293,87 @@ def block_diffusion_loss(
     return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
 
 
+def aligned_block_diffusion_batch(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    bs: int,
+    mask_id: int,
+    pad_id: int,
+    gen: torch.Generator,
+    eps: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """SDAR's layout: blocks of ``bs`` at absolute positions over prompt + response.
+
+    Each row is ``[clean prompt + response | noisy copy]``; the clean part attends block-causally
+    (the prompt too, as the engine's ``aligned`` cache policy caches it), the noisy copy starts at the
+    first block holding a response token (so it may begin with the prompt's last tokens, never
+    masked) and each of its blocks attends to the clean blocks before it and to itself. Returns what
+    ``block_diffusion_batch`` returns; ``noisy_index`` points at the noisy copy's response positions.
+    """
+    b, rl = len(prompts), len(responses[0])
+    plen = torch.tensor([len(p) for p in prompts])
+    first = plen // bs * bs  # start of the first block with a response token
+    clean_len = plen + rl
+    noisy_len = clean_len - first
+    width = int((clean_len + noisy_len).max())
+    idx = torch.arange(width)[None, :].expand(b, width)
+    is_clean = idx < clean_len[:, None]
+    is_noisy = ~is_clean & (idx < (clean_len + noisy_len)[:, None])
+    pos = torch.where(is_clean, idx, idx - clean_len[:, None] + first[:, None])
+    pos = torch.where(is_clean | is_noisy, pos, torch.zeros_like(pos))
+    block = pos // bs
+    blk_q, blk_k = block[:, :, None], block[:, None, :]
+    clean_q = is_clean[:, :, None] & is_clean[:, None, :] & (blk_k <= blk_q)
+    noisy_q = is_noisy[:, :, None] & (
+        (is_clean[:, None, :] & (blk_k < blk_q)) | (is_noisy[:, None, :] & (blk_k == blk_q))
+    )
+    mask = clean_q | noisy_q
+
+    targets = torch.tensor(responses)
+    # One masking ratio per (row, block), stratified over the batch for each block slot.
+    resp_block = (plen[:, None] + torch.arange(rl)[None, :]) // bs - (first // bs)[:, None]
+    n_blocks = int(resp_block.max()) + 1
+    t = (torch.arange(b)[:, None] + torch.rand(b, n_blocks, generator=gen)) / b
+    t = torch.gather(t, 0, torch.rand(b, n_blocks, generator=gen).argsort(0))
+    p_mask = (1 - eps) * torch.gather(t, 1, resp_block) + eps
+    masked = torch.rand(b, rl, generator=gen) < p_mask
+    noisy = torch.where(masked, torch.full_like(targets, mask_id), targets)
+
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        n, a, c = len(p), int(first[i]), int(clean_len[i])
+        ids[i, :c] = torch.tensor(p + r)
+        ids[i, c : c + n - a] = torch.tensor(p[a:], dtype=torch.long)
+        ids[i, c + n - a : c + n - a + rl] = noisy[i]
+    noisy_index = (clean_len + plen - first)[:, None] + torch.arange(rl)[None, :]
+    return {
+        "ids": ids,
+        "positions": pos,
+        "mask": mask,
+        "noisy_index": noisy_index,
+        "targets": targets,
+        "masked": masked,
+        "p_mask": p_mask,
+    }
+
+
+def aligned_block_diffusion_loss(
+    model: DiffusionLM,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    block_size: int,
+) -> torch.Tensor:
+    """Mean cross-entropy on the masked tokens of SDAR's noisy copy (blocks of ``block_size``)."""
+    prompts, responses = encode_rows(tok, examples, ids_.eos, ids_.eot, canvas)
+    batch = aligned_block_diffusion_batch(prompts, responses, block_size, ids_.mask, ids_.eos, gen)
+    logits = model(batch["ids"], batch["positions"], batch["mask"], None, batch["noisy_index"])
+    masked = batch["masked"]
+    return F.cross_entropy(logits[masked].float(), batch["targets"][masked])
+
+
 def joint_ar_diffusion_loss(
     model: DiffusionLM,
     tok: ChatTokenizer,
@@ -349,6 +451,22 @@ def init_tensors(family: str, init: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def init_weights_from(model: DiffusionLM, path: Path, family: str) -> None:
+    """Start from ``path``'s weights: under its official names when they fit (the same family, or a
+    Nemotron checkpoint's names in a Nemotron-Labs model, whose q/k norms it lacks are dropped);
+    otherwise through the native modules (a Nemotron checkpoint seeds an SDAR model: the same Qwen3
+    stack of ``DecoderLayer``s, only the published names differ)."""
+    tensors = init_tensors(family, path)
+    if model.layers[0].q_norm is None:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
+    try:
+        model.load_official(tensors)
+    except KeyError:
+        if registry.detect_family(read_config(path)) == family:
+            raise
+        model.load_state_dict(load_model(path).model.state_dict())
+
+
 def save_checkpoint(
     model: DiffusionLM,
     config: dict[str, Any],
@@ -386,8 +504,12 @@ def save_checkpoint(
         "train_seconds": round(seconds, 1),
         "final_loss": loss,
     }
-    if fmt.objective != "masked_diffusion":
+    if fmt.objective == "aligned_block_diffusion":
+        record["block_sizes"] = [args.block_size]
+    elif fmt.objective != "masked_diffusion":
         record["block_sizes"] = list(BLOCK_SIZES)
+    if args.init is not None:
+        record["init"] = str(args.init)
     (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2))
 
 
@@ -433,7 +555,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--mlp", type=int, default=384)
     ap.add_argument("--vocab-size", type=int, default=384)
-    ap.add_argument("--block-size", type=int, default=32, help="block diffusion: config.json block_size")
+    ap.add_argument(
+        "--block-size", type=int, default=None, help="config.json block_size (default: the family's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-every", type=int, default=250, help="write the checkpoint every N steps")
@@ -463,6 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = Path(f"models/tiny-{args.family}")
     if args.kv_heads is None:
         args.kv_heads = fmt.default_kv_heads
+    if args.block_size is None:
+        args.block_size = fmt.block_size
     return args
 
 
@@ -476,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.tokenizer_from is None:
         build_tokenizer(args.out, args.vocab_size, args.seed, fmt)
     else:
-        write_tokenizer(args.out, Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json")), fmt)
+        source = Tokenizer.from_file(str(args.tokenizer_from / "tokenizer.json"))
+        write_tokenizer(args.out, with_specials(source, fmt.specials), fmt)
     tok = ChatTokenizer(args.out)
     vocab = tok.hf.get_vocab()
     ids = Ids(eos=vocab[fmt.eos], eot=vocab[fmt.eot], mask=vocab[fmt.mask])
@@ -484,10 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     model = spec.build(config, tok)
     init_weights(model, args.layers)
     if args.init is not None:
-        tensors = init_tensors(spec.name, args.init)
-        if model.layers[0].q_norm is None:  # e.g. tiny-nemotron's q/k norms into a Nemotron-Labs model
-            tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
-        model.load_official(tensors)
+        init_weights_from(model, args.init, args.family)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -505,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
             loss = llada_loss(model, tok, examples, canvas, ids, gen, shift=spec.shift_logits)
         elif fmt.objective == "joint_ar_block_diffusion":
             loss = joint_ar_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
+        elif fmt.objective == "aligned_block_diffusion":
+            loss = aligned_block_diffusion_loss(model, tok, examples, canvas, ids, gen, args.block_size)
         else:
             loss = block_diffusion_loss(model, tok, examples, canvas, ids, gen, rng)
         opt.zero_grad(set_to_none=True)

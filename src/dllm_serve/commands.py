@@ -263,7 +263,7 @@ def kv_cache_figures(
     shape = shape_from_config(config)
     per_token = kv_bytes_per_token(shape.n_layers, shape.n_kv_heads, shape.head_dim, getattr(torch, dtype))
     family = find_family(config)
-    block_causal = family is not None and family.attention == "block_causal"
+    block_causal = family is not None and family.attention in ("block_causal", "aligned_block_causal")
     carved = prompt_cache_bytes(
         parse_bytes(budget), EngineConfig(prompt_cache_memory=prompt_cache), block_causal
     )

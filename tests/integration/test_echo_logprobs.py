@@ -15,8 +15,9 @@ from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import masked_logprobs
 from tests.nemotron_helpers import TINY_NEMOTRON
+from tests.sdar_helpers import TINY_SDAR
 
-MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32)}
+MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "sdar": (TINY_SDAR, 4)}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -18,8 +18,14 @@ from tests.dream_helpers import TINY_DREAM
 from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import exact_expectation
 from tests.nemotron_helpers import TINY_NEMOTRON
+from tests.sdar_helpers import TINY_SDAR
 
-MODELS = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "dream": (TINY_DREAM, None)}
+MODELS = {
+    "llada": (TINY_LLADA, None),
+    "nemotron": (TINY_NEMOTRON, 32),
+    "sdar": (TINY_SDAR, 4),
+    "dream": (TINY_DREAM, None),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -322,9 +322,15 @@ def test_resolved_params_are_frozen() -> None:
 def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None:
     listing = {p["name"]: p for p in describe_presets()}
     labs = {"nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"}
-    assert set(listing) == {*FULL_NAMES, "nemotron", *labs}
+    assert set(listing) == {*FULL_NAMES, "nemotron", *labs, "sdar", "sdar_static"}
     aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in FULL_NAMES}
     assert aliases == LLADA_ALIASES
+    sdar_aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name.startswith("sdar")}
+    assert sdar_aliases == {
+        "low_confidence_dynamic": "sdar",
+        "sdar_dynamic": "sdar",
+        "low_confidence_static": "sdar_static",
+    }
     for name, (cache, rule) in FULL_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"
@@ -339,6 +345,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert not {"algorithm", "gen_length", "steps", "seed"} & set(defaults)
     assert defaults["max_steps_per_block"] is None  # unbounded by default: dInfer never caps
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
+    assert [p["name"] for p in describe_presets("sdar")] == ["sdar", "sdar_static"]
+    assert listing["sdar"]["defaults"]["threshold"] == 0.9 and listing["sdar"]["engine"] == "sdar"
     assert {p["name"] for p in describe_presets("llada")} == set(FULL_NAMES)
     assert {p["name"] for p in describe_presets("dream")} == set(FULL_NAMES)
     assert {p["name"] for p in describe_presets("nemotron-labs")} == labs

@@ -20,15 +20,18 @@ from dllm_serve.models.loader import load_model
 from dllm_serve.server.denoise_stream import DenoiseView
 from tests.helpers import TINY_LLADA
 from tests.nemotron_helpers import TINY_NEMOTRON
+from tests.sdar_helpers import TINY_SDAR
 
-CASES = [(TINY_LLADA, p.name) for p in presets_for("llada")] + [
-    (TINY_NEMOTRON, p.name) for p in presets_for("nemotron")
-]
+CASES = (
+    [(TINY_LLADA, p.name) for p in presets_for("llada")]
+    + [(TINY_NEMOTRON, p.name) for p in presets_for("nemotron")]
+    + [(TINY_SDAR, p.name) for p in presets_for("sdar")]  # the first block starts inside the prompt
+)
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {TINY_LLADA: load_model(TINY_LLADA), TINY_NEMOTRON: load_model(TINY_NEMOTRON)}
+    return {path: load_model(path) for path in (TINY_LLADA, TINY_NEMOTRON, TINY_SDAR)}
 
 
 def _events(loaded, request: GenerationRequest) -> list[SequenceEvent]:

@@ -310,6 +310,28 @@ def test_nemotron_config_runs_or_says_why(capsys):
     assert report["results"]["totals"]["committed_tokens"] == 32
 
 
+@pytest.mark.parametrize(
+    ("name", "low", "high"), [("sdar-4b-chat", 3.7e9, 4.3e9), ("sdar-8b-chat", 7.2e9, 8.0e9)]
+)
+def test_sdar_configs_have_their_shapes_and_run(capsys, name, low, high):
+    """SDAR-4B/8B shapes (Qwen3 base, untied head) with dummy weights, narrowed; block 4 decodes."""
+    raw = json.loads((engine_bench.SHIPPED_CONFIGS / name / "config.json").read_text())
+    shape = shape_from_config(raw)
+    assert low < shape.streamed_params < high and (shape.n_kv_heads, shape.head_dim) == (8, 128)
+    assert (raw["mask_token_id"], raw["block_size"]) == (151669, 4)
+    args = ["bench", "engine", "--model-path", name, "--load-format", "dummy"]
+    args += ["--config-override", "num_hidden_layers=1", "--config-override", "hidden_size=256"]
+    args += ["--config-override", "intermediate_size=512", "--config-override", "head_dim=32"]
+    args += ["--batch-size", "2", "--prompt-len", "9", "--gen-length", "16", "--block-length", "4"]
+    args += ["--fixed-tokens-per-step", "2", "--peak-flops", "1e10", "--peak-bandwidth", "1e10"]
+    assert main([*args, "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["family"] == "sdar"
+    # A 9-token prompt: the first block (positions 8-11) holds 3 masks and the canvas ends on a
+    # block boundary, so each row decodes 16 + 3 positions at 2 per step.
+    assert report["results"]["totals"]["committed_tokens"] == 2 * 19
+
+
 # Published totals with embeddings (bf16 bytes / 2 match the hub's 15.95 GiB and 25.33 GiB for 8B and
 # 14B; docs/nemotron-labs.md) and (layers, hidden, MLP) of each shipped Nemotron-Labs config.
 LABS_SHAPES = {

@@ -25,6 +25,7 @@ from tests.nemotron_helpers import (
     random_nemotron_weights,
     write_nemotron_checkpoint,
 )
+from tests.sdar_helpers import random_sdar_config, random_sdar_weights, write_sdar_checkpoint
 
 BL = 8  # block length of the engine tests: prompts span many blocks
 
@@ -166,7 +167,15 @@ def _tokens(engine, requests) -> dict[str, list[int]]:
     return {rid: r.token_ids for rid, r in out.items()}
 
 
-@pytest.mark.parametrize("model", ["nemotron", "random_nemotron"])
+@pytest.fixture(scope="module")
+def random_sdar(tmp_path_factory):
+    """SDAR's aligned blocks: the first generation block starts inside the prompt's last block."""
+    cfg = random_sdar_config()
+    path = tmp_path_factory.mktemp("sdar") / "m"
+    return load_model(write_sdar_checkpoint(path, cfg, random_sdar_weights(cfg, scale=0.3)))
+
+
+@pytest.mark.parametrize("model", ["nemotron", "random_nemotron", "random_sdar"])
 def test_reused_prompt_blocks_give_the_same_tokens_as_recomputing_them(model, request):
     loaded = request.getfixturevalue(model)
     prompts = _prompts(loaded, 6, shared=8 * BL + 3)

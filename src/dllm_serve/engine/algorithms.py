@@ -117,7 +117,7 @@ class DecodeParams:
 class Preset:
     name: str
     engine: str
-    attention: str  # the attention the model must have: "full", "block_causal" or "causal" (models/family.py)
+    attention: str  # the attention the model must have: ATTENTION_KINDS of models/family.py
     cache: str
     rule: str
     aliases: tuple[str, ...] = ()
@@ -252,6 +252,26 @@ PRESETS: dict[str, Preset] = {
             "the agreeing prefix plus one token",
             defaults=(("threshold", 0.0),),
         ),
+        Preset(
+            "sdar",
+            "sdar",
+            "aligned_block_causal",
+            "aligned",
+            "threshold",
+            ("low_confidence_dynamic", "sdar_dynamic"),
+            "SDAR low_confidence_dynamic: committed-context KV cache with blocks at absolute positions, "
+            "threshold with SDAR's per-step minimum",
+            steps_bound_rules=True,
+        ),
+        Preset(
+            "sdar_static",
+            "sdar",
+            "aligned_block_causal",
+            "aligned",
+            "schedule",
+            ("low_confidence_static",),
+            "SDAR low_confidence_static: the same cache, a fixed number of most confident tokens per step",
+        ),
     )
 }
 ALIASES: dict[str, str] = {a: p.name for p in PRESETS.values() for a in (p.name, *p.aliases)}
@@ -260,6 +280,7 @@ ENGINE_DEFAULT_PRESET = {
     "dinfer": "dinfer_blockwise",
     "nemotron": "nemotron",
     "nemotron-labs": "nemotron_labs",
+    "sdar": "sdar",
     "dream": "dream_entropy",
 }
 DEFAULT_BLOCK_LENGTH = 32

@@ -80,7 +80,7 @@ class EngineBase:
             else default_preset(self.config.engine, family)
         )
         # Block-causal attention (models/family.py): likelihoods use the block-diffusion estimator.
-        self.block_diffusion = registry.get(family).attention == "block_causal"
+        self.block_diffusion = registry.get(family).attention in ("block_causal", "aligned_block_causal")
         # Causal (Nemotron-Labs, trained autoregressively too): the exact autoregressive likelihood.
         self.causal_scoring = registry.get(family).attention == "causal"
         # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).

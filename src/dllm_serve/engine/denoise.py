@@ -38,6 +38,9 @@ class Traced(Protocol):
     @property
     def block_start(self) -> int: ...
 
+    @property
+    def length(self) -> int: ...
+
 
 CONF_DIGITS = 3  # a masked position's confidence is resent once it moves at this precision
 
@@ -96,12 +99,13 @@ class DenoiseTrace:
             if self._sent.get(pos) != guess:
                 self._sent[pos] = guess
                 guesses.append((pos, *guess))
+        first = max(offset, 0)  # an ``aligned`` (SDAR) block may start inside the prompt
         return DenoiseStep(
             step=self.steps,
             block=seq.block,
-            block_start=offset,
-            block_length=bl,
-            canvas_length=seq.params.gen_length,
+            block_start=first,
+            block_length=offset + bl - first,
+            canvas_length=seq.length - seq.prompt_len,
             refresh=refresh,
             committed=committed,
             guesses=guesses,

@@ -32,7 +32,15 @@ from dllm_serve.engine.cuda_graphs import BlockStepGraphs, key_bucket
 from dllm_serve.engine.kv_cache import KVPool, extent_tokens, write_index
 from dllm_serve.engine.memory import human_bytes, plan_kv_cache
 from dllm_serve.engine.prompt_cache import PromptCache
-from dllm_serve.engine.sequence import ForwardPlan, GenerationRequest, Sequence, SequenceEvent, TokenLogprob
+from dllm_serve.engine.sequence import (
+    BLOCK_CACHES,
+    ForwardPlan,
+    GenerationRequest,
+    Sequence,
+    SequenceEvent,
+    TokenLogprob,
+    canvas_length,
+)
 from dllm_serve.models import registry
 from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.loader import LoadedModel
@@ -89,7 +97,7 @@ class Runner:
         m = self.model
         # Block-causal models get a prompt cache, carved out of the KV budget; under full
         # attention a prompt's K/V depend on the canvas.
-        block_causal = registry.get(loaded.family).attention == "block_causal"
+        block_causal = registry.get(loaded.family).attention in ("block_causal", "aligned_block_causal")
         self.kv_plan = plan_kv_cache(m, config, self.device, self.dtype, self.max_len, block_causal)
         self.pool = KVPool(
             m.num_layers, m.num_kv_heads, m.head_dim, self.kv_plan.capacity, self.dtype, self.device
@@ -122,9 +130,10 @@ class Runner:
 
     @staticmethod
     def _tokens(request: GenerationRequest) -> int:
-        """Canvas length: prompt, gen_length, and the slack a speculative block needs."""
+        """Canvas length: prompt, gen_length (to a block boundary under ``aligned``), and the slack
+        a speculative block needs."""
         p = request.params
-        return len(request.prompt_ids) + p.gen_length + causal_modes.canvas_slack(p.cache, p.block_length)
+        return canvas_length(len(request.prompt_ids), p) + causal_modes.canvas_slack(p.cache, p.block_length)
 
     def check(self, request: GenerationRequest) -> None:
         """ValueError if the request can never run. Anything up to max_len fits the empty KV
@@ -153,7 +162,7 @@ class Runner:
             seq.trace = denoise.DenoiseTrace()
         if params.cache != "none":
             seq.kv = self.pool.allocate(total)
-        if params.cache == "committed":  # block-causal: full prompt blocks may come from the cache
+        if params.cache in BLOCK_CACHES:  # block-causal: full prompt blocks may come from the cache
             seq.committed_context = self.prompt_cache.reuse(
                 request.prompt_ids, params.block_length, self.pool, seq.extent
             )
@@ -315,7 +324,7 @@ class Runner:
             committed += count
             self._emit(seq)
             if seq.params.cache != "causal" and seq.pending_finish and not seq.finished:
-                seq.block = seq.params.num_blocks  # nothing is left to denoise: the output is final
+                seq.block = seq.num_blocks  # nothing is left to denoise: the output is final
                 self._emit(seq)
         return committed
 
@@ -344,7 +353,7 @@ class Runner:
                 ids[i, : max(0, seq.prompt_len - r.q_start)] = self.roles.mask_token_id
             lim = plan.key_limit
             if r.q_start < plan.q_start:  # the extra query that shift_logits needs
-                extra = plan.logits_start if seq.params.cache == "committed" else int(lim[0])
+                extra = plan.logits_start if seq.params.cache in BLOCK_CACHES else int(lim[0])
                 lim = torch.cat([lim.new_tensor([extra]), lim])
             limits[i, :span] = lim
             max_limit = max(max_limit, int(lim.max()))
@@ -436,7 +445,7 @@ class Runner:
             constraint.advance(seq.canvas, seq.mask_id, seq.block_end, seq.output_end)
         seq.forwards += 2 if seq.params.cfg_scale > 0 else 1
         seq.step_in_block += 1
-        if seq.params.cache == "committed":
+        if seq.params.cache in BLOCK_CACHES:
             if seq.committed_context < seq.prompt_len:  # this forward wrote the prompt's K/V
                 self.prompt_cache.store(seq.request.prompt_ids, bl, self.pool, seq.extent)
             seq.committed_context = max(seq.committed_context, seq.block_start)
@@ -450,7 +459,7 @@ class Runner:
     def _emit(self, seq: Sequence) -> None:
         """Send the newly committed left-to-right prefix; finish when the output is final."""
         p = seq.params
-        canvas_done = seq.block >= p.num_blocks
+        canvas_done = seq.block >= seq.num_blocks
         grammar_done = seq.request.constraint is not None and seq.request.constraint.done
         final = p.early_stop or canvas_done or grammar_done  # the output can end as soon as it is final
         if seq.pending_finish is None:

@@ -18,7 +18,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine import faults
 from dllm_serve.engine.runner import Runner, StepInfo
 from dllm_serve.engine.scoring import ScoringQueue
-from dllm_serve.engine.sequence import GenerationRequest, Sequence, SequenceEvent
+from dllm_serve.engine.sequence import GenerationRequest, Sequence, SequenceEvent, canvas_length
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Scheduler:
                 head = self._waiting[0]
                 try:
                     self.runner.check(head.request)
-                    need = len(head.request.prompt_ids) + head.request.params.gen_length
+                    need = canvas_length(len(head.request.prompt_ids), head.request.params)
                     if (self._running and need > budget) or not self.runner.can_admit(head.request):
                         return
                     error = None

@@ -17,6 +17,9 @@ from dllm_serve.engine.constrained import RowConstraint
 from dllm_serve.engine.denoise import DenoiseStep, DenoiseTrace
 from dllm_serve.engine.kv_cache import Extent
 
+# Cache policies that decode block by block over a cached committed context.
+BLOCK_CACHES = ("committed", "aligned")
+
 
 @dataclass
 class GenerationRequest:
@@ -141,8 +144,20 @@ class Sequence:
         return self.canvas.shape[0]
 
     @property
+    def origin(self) -> int:
+        """Canvas position where block 0 starts: right after the prompt, or (``aligned``)
+        the start of the block, at absolute positions, that holds the first generated token."""
+        return block_origin(self.prompt_len, self.params)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the canvas: ``params.num_blocks``, one more under ``aligned`` when the first
+        block starts inside the prompt (a speculative canvas's slack is no block)."""
+        return (canvas_length(self.prompt_len, self.params) - self.origin) // self.params.block_length
+
+    @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block * self.params.block_length
+        return self.origin + self.block * self.params.block_length
 
     @property
     def block_end(self) -> int:
@@ -166,6 +181,8 @@ class Sequence:
         budget = self.params.step_budget
         if budget is None:
             return min(masked, 1)
+        if self.params.cache == "aligned":
+            return min(masked, sdar_share(self.params.block_length, budget, self.step_in_block))
         return min(masked, math.ceil(masked / max(1, budget - self.step_in_block)))
 
     def plan(self) -> ForwardPlan:
@@ -183,7 +200,7 @@ class Sequence:
             if self.step_in_block < max(1, p.warmup_steps):
                 return _plan(0, n, n, bs, be, refresh=True)
             return _plan(max(0, bs - p.prefix_look), min(n, be + p.after_look), n, bs, be, refresh=False)
-        if p.cache == "committed":
+        if p.cache in BLOCK_CACHES:
             return self.committed_plan()
         raise ValueError(f"unknown cache policy {p.cache!r}")
 
@@ -192,17 +209,22 @@ class Sequence:
 
         Context not yet cached (the prompt, then each block once it completes) is forwarded
         together with the next block; each query sees keys up to the end of its own block, so
-        the context's K/V are exactly those of a block-causal pass. The prompt is cut into blocks
-        of ``block_length`` from position 0, as the published checkpoints are trained (block index
-        = position // block size), its last, partial block seeing the whole prompt; generation
-        blocks follow from the prompt's end. A full prompt block's K/V thus depend only on the
-        tokens up to its end, which lets later requests with the same prefix reuse them
-        (``engine/prompt_cache.py``; ``committed_context`` then starts past the reused blocks).
+        the context's K/V are exactly those of a block-causal pass. Under ``committed`` the prompt
+        is cut into blocks of ``block_length`` from position 0, as the published checkpoints are
+        trained (block index = position // block size), its last, partial block seeing the whole
+        prompt; generation blocks follow from the prompt's end. A full prompt block's K/V thus
+        depend only on the tokens up to its end, which lets later requests with the same prefix
+        reuse them (``engine/prompt_cache.py``; ``committed_context`` then starts past the reused
+        blocks). Under ``aligned`` (SDAR) every block sits at absolute positions: the prompt's
+        last, partial block is the first generation block, which starts with its last tokens.
         """
         bs, be = self.block_start, self.block_end
         start = self.committed_context
         limits = torch.full((be - start,), be, dtype=torch.long)
-        if start < bs:
+        if start < bs and self.params.cache == "aligned":  # absolute blocks, the prompt's too
+            bl = self.params.block_length
+            limits[: bs - start] = (torch.arange(start, bs) // bl + 1) * bl
+        elif start < bs:
             prompt = self.prompt_len
             pos = torch.arange(start, bs)
             bl = self.params.block_length
@@ -220,6 +242,27 @@ class Sequence:
     def pop_events(self) -> list[SequenceEvent]:
         events, self._events = self._events, []
         return events
+
+
+def block_origin(prompt_len: int, params: DecodeParams) -> int:
+    """Where block 0 starts (see ``Sequence.origin``)."""
+    if params.cache == "aligned":
+        return prompt_len // params.block_length * params.block_length
+    return prompt_len
+
+
+def canvas_length(prompt_len: int, params: DecodeParams) -> int:
+    """Prompt + canvas tokens a request holds: ``gen_length`` masks, and under ``aligned`` as
+    many more as it takes to end on a block boundary (fewer than ``block_length``)."""
+    end = prompt_len + params.gen_length
+    return end + (-(end - block_origin(prompt_len, params)) % params.block_length)
+
+
+def sdar_share(block_length: int, steps: int, step: int) -> int:
+    """SDAR's commits at step ``step`` of a block: ``block_length`` split evenly over ``steps``,
+    the remainder to the first steps; at least one (more steps than tokens commit one per step)."""
+    base, extra = divmod(block_length, steps)
+    return max(1, base + int(step < extra))
 
 
 def _plan(qs: int, qe: int, keys: int, ls: int, le: int, *, refresh: bool) -> ForwardPlan:

@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 # own block (Nemotron, SDAR, LLaDA2): the committed-context presets run it. "causal": a causal
 # committed context, and the active block or draft bidirectionally over it; the same weights also
 # decode autoregressively (Nemotron-Labs): engine/causal_modes.py's presets run it.
-Attention = Literal["full", "block_causal", "causal"]
-ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal", "causal")
+# "aligned_block_causal": block_causal with blocks at absolute positions, the prompt block-causal
+# too (SDAR, as trained): the aligned presets run it.
+Attention = Literal["full", "block_causal", "causal", "aligned_block_causal"]
+ATTENTION_KINDS: tuple[str, ...] = ("full", "block_causal", "causal", "aligned_block_causal")
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,9 @@ class TinyFormat:
 
     ``objective`` names the trainer's loss: "masked_diffusion" (LLaDA's SFT: the response masked at
     one ratio per row, full attention), "block_diffusion" (two-copy BD3LM layout: clean
-    block-causal context + noisy block) or "joint_ar_block_diffusion" (the same rows with a causal
-    clean copy that also carries a next-token loss).
+    block-causal context + noisy block), "joint_ar_block_diffusion" (the same rows with a causal
+    clean copy that also carries a next-token loss) or "aligned_block_diffusion" (two copies with
+    blocks at absolute positions, the prompt block-causal too: SDAR).
     """
 
     specials: tuple[str, ...]  # special-token strings, added to the trained BPE at the first ids
@@ -123,10 +126,13 @@ class TinyFormat:
     tokenizer_config: dict[str, Any]  # tokenizer_config.json, chat template included
     special_tokens_map: dict[str, Any]
     config: Callable[[TinyShape], dict[str, Any]]  # config.json in the published format
-    objective: Literal["masked_diffusion", "block_diffusion", "joint_ar_block_diffusion"]
+    objective: Literal[
+        "masked_diffusion", "block_diffusion", "joint_ar_block_diffusion", "aligned_block_diffusion"
+    ]
     canvas_lengths: tuple[int, ...]  # response canvases the trainer cycles through
     default_kv_heads: int | None = None  # None: as many as --heads
     generation_eos_both: bool = False  # generation_config.json lists [eos, end-of-turn], not eos alone
+    block_size: int = 32  # config.json block_size (block diffusion), unless --block-size says otherwise
 
 
 @dataclass(frozen=True)

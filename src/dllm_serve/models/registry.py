@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dllm_serve.models import dream, llada, nemotron, nemotron_labs
+from dllm_serve.models import dream, llada, nemotron, nemotron_labs, sdar
 from dllm_serve.models.family import FamilySpec
 
 FAMILIES: tuple[FamilySpec, ...] = (
     llada.SPEC,
     nemotron.SPEC,
     nemotron_labs.SPEC,
+    sdar.SPEC,
     dream.SPEC,
 )
 BY_NAME: dict[str, FamilySpec] = {spec.name: spec for spec in FAMILIES}

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from dllm_serve.engine.algorithms import CAUSAL_CACHES, ParamError
 from dllm_serve.engine.engine import EngineBase
 from dllm_serve.engine.grammar import Grammar
-from dllm_serve.engine.sequence import GenerationRequest
+from dllm_serve.engine.sequence import GenerationRequest, canvas_length
 from dllm_serve.protocol import (
     DEFAULT_MAX_TOKENS,
     ChatMessage,
@@ -201,9 +201,10 @@ def prepare_generation(
     except ParamError as exc:
         raise bad_request(str(exc), exc.param, "invalid_value") from None
     for ids in prompts:
-        if len(ids) + params.gen_length > max_len:
+        if canvas_length(len(ids), params) > max_len:
+            canvas = canvas_length(len(ids), params) - len(ids)
             raise bad_request(
-                f"max_tokens {max_tokens} rounds up to a canvas of {params.gen_length} tokens (whole blocks "
+                f"max_tokens {max_tokens} rounds up to a canvas of {canvas} tokens (whole blocks "
                 f"of block_length {params.block_length}); with the {len(ids)}-token prompt that exceeds "
                 f"the model's maximum context length of {max_len} tokens.",
                 "max_tokens",

@@ -1,0 +1,307 @@
+"""Native SDAR block-diffusion LM (JetLM ``SDARForCausalLM``, and Gen-Verse's TraDo) in plain PyTorch.
+
+SDAR is Qwen3 trained to denoise blocks of ``block_size`` (4) tokens: the network, its config keys
+and its tensor names are Qwen3's (``model.embed_tokens``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj``
+without bias, per-head ``q_norm``/``k_norm`` before rotate-half RoPE, SwiGLU ``mlp``, ``model.norm``,
+``lm_head``); what makes it a diffusion model is the attention mask and the mask token
+(``mask_token_id`` in config.json, 151669 = ``<|MASK|>`` in the published checkpoints). Blocks sit
+at absolute positions (0-3, 4-7, ...), the prompt included; each block attends to itself and to every
+block before it. The engine's ``aligned`` cache policy builds exactly that mask, so this module
+is a config class and a weight-name map (docs/sdar.md has the provenance of each fact).
+
+The MoE variant (``SDARMoeForCausalLM``, SDAR-30B-A3B) is recognised and refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
+from dllm_serve.models.tokenizer import ChatTokenizer
+
+MODEL_TYPE = "sdar"
+ARCHITECTURE = "SDARForCausalLM"
+MOE_MODEL_TYPE = "sdar_moe"
+PREFIX = "model."
+HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class SDARConfig:
+    """The subset of SDARConfig (config.json) that defines the network, its blocks and special tokens."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = False
+    block_size: int = 4
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SDARConfig:
+        """Parse config.json; options the native model does not implement are errors, not ignored."""
+        archs = " ".join(raw.get("architectures") or []).lower()
+        if raw.get("model_type") == MOE_MODEL_TYPE or "moe" in archs or raw.get("num_experts"):
+            raise ValueError(
+                f"{raw.get('architectures')} (SDAR mixture-of-experts, e.g. SDAR-30B-A3B) is not served "
+                "natively yet; use --trust-remote-code to run the checkpoint's own code"
+            )
+        problems = []
+        if raw.get("attention_bias"):
+            problems.append("attention_bias=true")
+        if raw.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
+        scaling = raw.get("rope_scaling")
+        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+            problems.append(f"rope_scaling={scaling!r}")
+        if raw.get("use_sliding_window"):
+            problems.append("use_sliding_window=true")
+        if problems:
+            raise ValueError(
+                f"SDAR config options not supported by the native model: {problems}; "
+                "use --trust-remote-code to run the checkpoint's own code"
+            )
+        if raw.get("mask_token_id") is None:
+            raise ValueError(
+                "config.json has no mask_token_id; a diffusion checkpoint must name its mask token"
+            )
+        eos = raw.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is None:
+            raise ValueError("config.json has no eos_token_id")
+        pad = raw.get("pad_token_id")
+        heads = raw["num_attention_heads"]
+        block = raw.get("block_size") or 4
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"config.json block_size must be a positive integer, got {block!r}")
+        return cls(
+            hidden_size=raw["hidden_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            intermediate_size=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            mask_token_id=int(raw["mask_token_id"]),
+            eos_token_id=int(eos),
+            pad_token_id=int(pad) if pad is not None else int(eos),
+            bos_token_id=raw.get("bos_token_id"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            block_size=block,
+        )
+
+
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
+_LAYER = PREFIX + "layers.{i}."
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "embed_tokens.weight",
+        "norm": PREFIX + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
+        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+        "q_norm": _LAYER + "self_attn.q_norm.weight",
+        "k_norm": _LAYER + "self_attn.k_norm.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
+
+
+class SDARModel(DiffusionLM):
+    """Qwen3 stack whose attention pattern (block-causal, blocks of ``block_size``) the engine sets."""
+
+    weight_names = WEIGHT_NAMES
+    title = "SDAR"
+
+    def __init__(self, cfg: SDARConfig, eot_token_id: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
+        self.vocab_size = cfg.vocab_size
+        self.max_length = cfg.max_position_embeddings
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.rms_norm_eps,
+                qk_norm=True,
+            )
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.norm_eps = cfg.rms_norm_eps
+
+
+def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
+    """The loader's entry point: config.json as a dict and the checkpoint's tokenizer."""
+    return SDARModel(SDARConfig.from_dict(config), eot_token_id=tokenizer.end_of_turn_id)
+
+
+def sdar_config_dict(cfg: SDARConfig) -> dict[str, Any]:
+    """config.json content in the published format (SDARConfig keys, SDARForCausalLM).
+
+    The published files also carry ``auto_map`` (their modeling code); a bundled checkpoint ships no
+    code, so it leaves ``auto_map`` out."""
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "block_size": cfg.block_size,
+        "mask_token_id": cfg.mask_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+        "vocab_size": cfg.vocab_size,
+    }
+    if cfg.bos_token_id is not None:
+        out["bos_token_id"] = cfg.bos_token_id
+    return out
+
+
+def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's block size as the requests' default ``block_length``."""
+    return {"block_length": SDARConfig.from_dict(config).block_size}
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by SDARConfig so defaults (KV heads, head_dim) match."""
+    c = SDARConfig.from_dict(config)
+    return ModelShape(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_length=c.max_position_embeddings,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-sdar (scripts/train_tiny.py)."""
+    cfg = SDARConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d_model // shape.heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+        block_size=shape.block_size,
+    )
+    return sdar_config_dict(cfg)
+
+
+# SDAR's Qwen3 tokenizer: Qwen's special tokens plus the added mask token <|MASK|> (151669 published).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")
+# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="sdar",
+    title="SDAR",
+    model_types=(MODEL_TYPE, MOE_MODEL_TYPE),
+    architectures=("sdar",),
+    build=build,
+    attention="aligned_block_causal",
+    default_preset="sdar",
+    cost_shape=cost_shape,
+    decode_defaults=decode_defaults,
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|im_end|>",
+        mask="<|MASK|>",
+        tokenizer_config={
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|MASK|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "add_prefix_space": False,
+            "errors": "replace",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|MASK|>",
+        },
+        config=tiny_config,
+        objective="aligned_block_diffusion",
+        # Block-causal: what follows the answer never reaches it, so short canvases suffice.
+        canvas_lengths=(32, 48, 32, 64),
+        default_kv_heads=2,
+        generation_eos_both=True,
+        block_size=4,
+    ),
+)
