@@ -165,6 +165,33 @@ def test_dreams_own_presets_per_request(client, algorithm):
     assert reply.choices[0].message.content == ex.answer
 
 
+@pytest.mark.parametrize("algorithm", ["dream_entropy", "dream_origin", "dual_cache"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_json_schema_holds_on_dream_presets(client, algorithm, temperature):
+    """The grammar mask at the frontier applies to the shifted logits of Dream's own sampler too."""
+    schema = {
+        "type": "object",
+        "properties": {"letters": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}}},
+        "required": ["letters"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model="tiny-dream",
+        messages=[{"role": "user", "content": "Copy the list: a b c"}],
+        max_tokens=64,
+        temperature=temperature,
+        seed=2,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "letters", "schema": schema, "strict": True},
+        },
+        extra_body={"algorithm": algorithm},
+    )
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"letters"} and set(value["letters"]) <= {"a", "b", "c"}, value
+    assert reply.choices[0].finish_reason == "stop"
+
+
 def test_n_choices_and_stop_strings(client):
     ex = heldout_examples(1, seed=4)[0]
     messages = [{"role": "user", "content": ex.prompt}]
