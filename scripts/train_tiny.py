@@ -37,6 +37,14 @@ in model/format and objective:
   clean copy), and so is the tiny one: the same two-copy rows, but the clean copy attends *causally*
   (the K/V the ``nemotron_labs`` presets cache), and the loss is the mean cross-entropy on the masked
   tokens of the noisy copy plus the mean next-token cross-entropy of the response on the clean copy.
+- ``dream`` (DreamModel, Qwen ChatML): LLaDA's objective with the logits right-shifted as Dream
+  trains and samples (the output at position i - 1 scores token i). The bundled tiny-dream started
+  from tiny-nemotron's weights and tokenizer (``--init models/tiny-nemotron``: names mapped, q/k
+  norms dropped, q/k/v biases at zero; see its TRAINING.json):
+
+    python scripts/train_tiny.py --family dream --init models/tiny-nemotron \
+        --tokenizer-from models/tiny-nemotron --steps 1500 --schedule wsd --lr 2e-3 \
+        --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
 
 Deterministic for a given seed and thread count.
 """
@@ -179,9 +187,16 @@ def encode_batch(
 
 
 def llada_loss(
-    model: DiffusionLM, tok: ChatTokenizer, examples, canvas: int, ids_: Ids, gen: torch.Generator
+    model: DiffusionLM,
+    tok: ChatTokenizer,
+    examples,
+    canvas: int,
+    ids_: Ids,
+    gen: torch.Generator,
+    shift: bool = False,
 ) -> torch.Tensor:
-    """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring)."""
+    """LLaDA's masked-diffusion SFT loss on one batch (see the module docstring). ``shift``: the
+    family's logits are right-shifted (Dream): the output at position i - 1 scores token i."""
     eps = 1e-3
     ids, starts = encode_batch(tok, examples, ids_.eos, ids_.eot, canvas)
     b, width = ids.shape
@@ -193,6 +208,8 @@ def llada_loss(
     noisy = torch.where(masked, torch.full_like(ids, ids_.mask), ids)
     positions = torch.arange(width)[None, :].expand(b, width)
     logits = model(noisy, positions)
+    if shift:  # responses never start at position 0, so the first position's own logits are unused
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none") / p_mask[masked]
     row = torch.arange(b)[:, None].expand(b, width)[masked]
     per_row = torch.zeros(b).index_add_(0, row, ce) / response.sum(1)
@@ -417,12 +434,35 @@ def init_weights(model: torch.nn.Module, n_layers: int) -> None:
             torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layers) if scaled else 0.02)
 
 
+def init_tensors(family: str, init: Path) -> dict[str, torch.Tensor]:
+    """The ``--init`` checkpoint's tensors under ``family``'s names.
+
+    A Dream model may start from the bundled Nemotron checkpoint (the same Qwen-style special tokens
+    and layer shapes): ``encoder.*`` becomes ``model.*``, ``diffusion_head`` the ``lm_head``, the q/k
+    norms Dream lacks are dropped and its q/k/v biases start at zero."""
+    tensors = load_file(str(init / "model.safetensors"))
+    if (
+        family != "dream"
+        or registry.detect_family(json.loads((init / "config.json").read_text())) != "nemotron"
+    ):
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            continue
+        name = name.replace("encoder.", "model.", 1).replace("diffusion_head.", "lm_head.")
+        out[name] = t
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            out[name.replace(".weight", ".bias")] = torch.zeros(t.shape[0])
+    return out
+
+
 def init_weights_from(model: DiffusionLM, path: Path, family: str) -> None:
     """Start from ``path``'s weights: under its official names when they fit (the same family, or a
     Nemotron checkpoint's names in a Nemotron-Labs model, whose q/k norms it lacks are dropped);
     otherwise through the native modules (a Nemotron checkpoint seeds an SDAR model: the same Qwen3
     stack of ``DecoderLayer``s, only the published names differ)."""
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = init_tensors(family, path)
     if model.layers[0].q_norm is None:
         tensors = {k: v for k, v in tensors.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))}
     try:
@@ -456,7 +496,12 @@ def save_checkpoint(
     record = {
         "script": "scripts/train_tiny.py",
         "family": args.family,
-        "objective": OBJECTIVES[fmt.objective],
+        "objective": OBJECTIVES[fmt.objective]
+        + (
+            ", logits right-shifted (position i - 1 scores token i)"
+            if TRAINABLE[args.family].shift_logits
+            else ""
+        ),
         "args": {k: str(v) for k, v in vars(args).items()},
         "suites": {name: list(tasks) for name, tasks in SUITES.items()},
         "canvas_lengths": list(args.canvases),
@@ -604,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         canvas = args.canvases[step % len(args.canvases)]
         examples = [next(stream) for _ in range(rows_for(canvas, args.batch_size))]
         if fmt.objective == "masked_diffusion":
-            loss = llada_loss(model, tok, examples, canvas, ids, gen)
+            loss = llada_loss(model, tok, examples, canvas, ids, gen, shift=spec.shift_logits)
         elif fmt.objective == "moe_aligned_block_diffusion":
             prompts, responses = encode_rows(tok, examples, ids.eos, ids.eot, canvas)
             loss = tiny_llada2.loss(model, prompts, responses, ids.mask, ids.eos, gen)

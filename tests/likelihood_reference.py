@@ -22,10 +22,12 @@ def masked_logprobs(
     subsets: list[tuple[int, ...]],
     block_length: int | None,
     cfg: float,
+    shift: bool = False,
 ) -> list[float]:
     """For each subset S of the block ``span``: sum over i in S of log p(target_i | S masked).
 
-    The row holds the context and target[:end]; positions before the block are clean.
+    The row holds the context and target[:end]; positions before the block are clean. ``shift``:
+    the model predicts position p from the logits at p - 1 (Dream).
     """
     mask_id = model.roles.mask_token_id
     c, (start, end) = len(context), span
@@ -45,7 +47,8 @@ def masked_logprobs(
         un = model(uncond, positions, mask).float()
         logits = un + (cfg + 1) * (logits - un)
     logp = torch.log_softmax(logits, -1)
-    return [sum(float(logp[r, c + i, target[i]]) for i in s) for r, s in enumerate(subsets)]
+    at = c - 1 if shift else c
+    return [sum(float(logp[r, at + i, target[i]]) for i in s) for r, s in enumerate(subsets)]
 
 
 def block_causal(c: int, start: int, end: int, block_length: int) -> torch.Tensor:
@@ -65,7 +68,12 @@ def block_causal(c: int, start: int, end: int, block_length: int) -> torch.Tenso
 
 
 def exact_expectation(
-    model, context: list[int], target: list[int], block_length: int | None = None, cfg: float = 0.0
+    model,
+    context: list[int],
+    target: list[int],
+    block_length: int | None = None,
+    cfg: float = 0.0,
+    shift: bool = False,
 ) -> float:
     """The estimator's exact expectation (see the module docstring)."""
     n = len(target)
@@ -75,6 +83,6 @@ def exact_expectation(
         end = min(start + step, n)
         for m in range(1, end - start + 1):
             subsets = list(combinations(range(start, end), m))
-            values = masked_logprobs(model, context, target, (start, end), subsets, block_length, cfg)
+            values = masked_logprobs(model, context, target, (start, end), subsets, block_length, cfg, shift)
             total += sum(values) / len(values) / m
     return total

@@ -98,7 +98,7 @@ def add_engine_arguments(parser) -> None:
     g.add_argument(
         "--engine",
         default="auto",
-        choices=["auto", "fast-dllm", "dinfer", "nemotron", "nemotron-labs", "sdar", "llada2"],
+        choices=["auto", "fast-dllm", "dinfer", "nemotron", "nemotron-labs", "sdar", "dream", "llada2"],
         help="engine whose default preset is used (auto: by model family)",
     )
     g.add_argument(

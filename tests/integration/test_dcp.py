@@ -358,9 +358,11 @@ def test_tied_head_repeated_by_training_is_dropped(tmp_path: Path) -> None:
     assert load_model(out).model.head is None
 
 
-def test_nemotron_names_are_mapped_the_same_way(tmp_path: Path) -> None:
-    """The mapping is name-generic: a Nemotron-Diffusion checkpoint under NeMo-RL's `model.` wrapper."""
-    base = TINY_LLADA.parent / "tiny-nemotron"
+@pytest.mark.parametrize("family", ["nemotron", "dream"])
+def test_other_families_names_are_mapped_the_same_way(tmp_path: Path, family: str) -> None:
+    """The mapping is name-generic: a Nemotron-Diffusion or Dream checkpoint (whose own names start
+    with `model.`) under NeMo-RL's `model.` wrapper."""
+    base = TINY_LLADA.parent / f"tiny-{family}"
     gen = torch.Generator().manual_seed(5)
     bundled = load_file(str(base / "model.safetensors"))
     weights = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in bundled.items()}
@@ -373,7 +375,7 @@ def test_nemotron_names_are_mapped_the_same_way(tmp_path: Path) -> None:
     assert json.loads((out / MARKER).read_text())["key_prefix"] == "model."
     _assert_same_tensors(load_safetensors(out), weights)
     got, want = load_model(out), load_model(original)
-    assert got.family == "nemotron"
+    assert got.family == family
     ids = torch.tensor([[3, 17, 42, 9]])
     pos = torch.arange(ids.shape[1])[None]
     mask = torch.ones_like(ids, dtype=torch.bool)

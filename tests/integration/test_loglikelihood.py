@@ -14,6 +14,7 @@ import pytest
 
 from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.models.loader import load_model
+from tests.dream_helpers import TINY_DREAM
 from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import exact_expectation
 from tests.llada2_helpers import TINY_LLADA2
@@ -24,6 +25,7 @@ MODELS = {
     "llada": (TINY_LLADA, None),
     "nemotron": (TINY_NEMOTRON, 32),
     "sdar": (TINY_SDAR, 4),
+    "dream": (TINY_DREAM, None),
     "llada2": (TINY_LLADA2, 32),
 }
 
@@ -33,6 +35,11 @@ def served(request, server_factory):
     path, block = MODELS[request.param]
     server = server_factory("--model-path", str(path), "--max-queue", "8")
     return server, load_model(path), block
+
+
+def _shift(loaded) -> bool:
+    """Whether the family predicts position p from the logits at p - 1 (Dream)."""
+    return bool(loaded.decode_defaults.get("shift_logits", False))
 
 
 def _post(server, body: dict, timeout: float = 120) -> httpx.Response:
@@ -60,7 +67,7 @@ def test_endpoint_estimate_lies_within_three_standard_errors_of_the_exact_expect
             assert body["object"] == "loglikelihood" and body["data"][0]["num_tokens"] == n
             assert body["usage"]["prompt_tokens"] == len(context) + n
             rows.append(body["data"][0])
-        want = exact_expectation(loaded.model, context, answer, block)
+        want = exact_expectation(loaded.model, context, answer, block, shift=_shift(loaded))
         pooled = sum(r["logprob"] for r in rows) / len(rows)
         pooled_stderr = sum(r["stderr"] ** 2 for r in rows) ** 0.5 / len(rows)
         assert abs(pooled - want) <= 3 * pooled_stderr, (rows, want)
@@ -73,7 +80,7 @@ def test_one_token_answer_with_mc_num_one_is_exact_for_messages_and_token_ids(se
     answer = tok.encode(ex.answer)[:1]
     messages = [{"role": "user", "content": ex.prompt}]
     context = tok.render_chat(messages)
-    want = exact_expectation(loaded.model, context, answer, block)
+    want = exact_expectation(loaded.model, context, answer, block, shift=_shift(loaded))
     body = _post(
         server,
         {

@@ -25,7 +25,19 @@ LLADA_NAMES = {
     "dinfer_hierarchy": ("vicinity", "hierarchy"),
     "dinfer_credit": ("vicinity", "credit"),
 }
+# Dream's diffusion_generate (full attention: listed for every full-attention family).
+DREAM_NAMES = {
+    "dream_origin": ("none", "origin"),
+    "dream_maskgit_plus": ("none", "timestep"),
+    "dream_topk_margin": ("none", "timestep"),
+    "dream_entropy": ("none", "timestep"),
+}
+FULL_NAMES = {**LLADA_NAMES, **DREAM_NAMES}
 LLADA_ALIASES = {
+    "origin": "dream_origin",
+    "maskgit_plus": "dream_maskgit_plus",
+    "topk_margin": "dream_topk_margin",
+    "entropy": "dream_entropy",
     "basic": "llada",
     "no_cache": "llada",
     "prefix": "prefix_cache",
@@ -50,12 +62,12 @@ def param_error(algorithm: str = "dual_cache", max_new_tokens: int = 64, **overr
 # -- names ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [*LLADA_NAMES, *LLADA_ALIASES])
+@pytest.mark.parametrize("name", [*FULL_NAMES, *LLADA_ALIASES])
 def test_llada_names_and_aliases_resolve(name: str) -> None:
     canonical = LLADA_ALIASES.get(name, name)
     params = resolve(name)
     assert params.algorithm == canonical
-    assert (params.cache, params.rule) == LLADA_NAMES[canonical]
+    assert (params.cache, params.rule) == FULL_NAMES[canonical]
     assert canonical_name(name, "llada") == canonical
 
 
@@ -315,8 +327,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
         "llada2_quality": ["llada2.1", "llada2.1_quality"],
         "llada2_speed": ["llada2.1_speed"],
     }
-    assert set(listing) == {*LLADA_NAMES, "nemotron", *labs, "sdar", "sdar_static", *llada2}
-    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in LLADA_NAMES}
+    assert set(listing) == {*FULL_NAMES, "nemotron", *labs, "sdar", "sdar_static", *llada2}
+    aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name in FULL_NAMES}
     assert aliases == LLADA_ALIASES
     sdar_aliases = {a: name for name, p in listing.items() for a in p["aliases"] if name.startswith("sdar")}
     assert sdar_aliases == {
@@ -328,7 +340,7 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert listing["llada2"]["defaults"]["threshold"] == 0.95  # LLaDA2.0's generate()
     assert listing["llada2_quality"]["defaults"]["editing_threshold"] == 0.5
     assert listing["llada2_speed"]["defaults"]["editing_threshold"] is None
-    for name, (cache, rule) in LLADA_NAMES.items():
+    for name, (cache, rule) in FULL_NAMES.items():
         entry = listing[name]
         assert entry["model_family"] == "llada"
         assert (entry["defaults"]["cache"], entry["defaults"]["rule"]) == (cache, rule)
@@ -344,7 +356,8 @@ def test_describe_presets_lists_every_preset_with_aliases_and_defaults() -> None
     assert [p["name"] for p in describe_presets("nemotron")] == ["nemotron"]
     assert [p["name"] for p in describe_presets("sdar")] == ["sdar", "sdar_static"]
     assert listing["sdar"]["defaults"]["threshold"] == 0.9 and listing["sdar"]["engine"] == "sdar"
-    assert {p["name"] for p in describe_presets("llada")} == set(LLADA_NAMES)
+    assert {p["name"] for p in describe_presets("llada")} == set(FULL_NAMES)
+    assert {p["name"] for p in describe_presets("dream")} == set(FULL_NAMES)
     assert {p["name"] for p in describe_presets("nemotron-labs")} == labs
 
 

@@ -26,6 +26,7 @@ from dllm_serve.cli import main
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.kv_cache import KVPool, write_index
+from dllm_serve.models.dream import DreamConfig, DreamModel
 from dllm_serve.models.llada import LLaDAConfig, LLaDAModel
 from dllm_serve.models.loader import load_model
 from tests.helpers import TINY_LLADA, random_llada_config
@@ -154,6 +155,49 @@ def test_nemotron_config_reads_hugging_face_keys():
     assert (shape.n_heads, shape.n_kv_heads, shape.head_dim) == (32, 8, 128)
     assert shape.head_dim * shape.n_heads != shape.d_model  # head_dim comes from the config, not d / heads
     assert 3.5e9 < shape.streamed_params < 4.5e9
+
+
+def test_shipped_dream_config_has_the_real_shape():
+    """Dream-v0-Instruct-7B (Qwen2.5-7B's stack, q/k/v biases): the streamed weights are the model's
+    matrices; with the embedding it is the published 7.6B."""
+    raw = json.loads((engine_bench.SHIPPED_CONFIGS / "dream-v0-instruct-7b" / "config.json").read_text())
+    shape = shape_from_config(raw)
+    with torch.device("meta"):
+        model = DreamModel(DreamConfig.from_dict(raw))
+    matrices = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith("embed")
+    )
+    assert shape.streamed_params == matrices
+    assert (shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.attention_bias) == (28, 4, 128, True)
+    assert 7.4e9 < shape.streamed_params + shape.d_model * shape.vocab_size < 7.8e9
+    assert (raw["mask_token_id"], raw["eos_token_id"], raw["vocab_size"]) == (151666, 151643, 152064)
+
+
+def test_cli_on_the_shipped_dream_config_reduced(tmp_path):
+    """bench engine on the Dream-7B shape with dummy weights (narrowed), its default preset."""
+    narrow = [
+        "num_hidden_layers=1",
+        "hidden_size=256",
+        "num_attention_heads=2",
+        "num_key_value_heads=1",
+        "intermediate_size=512",
+    ]
+    args = ["--model-path", "dream-v0-instruct-7b", "--load-format", "dummy", "--batch-size", "2"]
+    args += [a for o in narrow for a in ("--config-override", o)]
+    args += ["--prompt-len", "8", "--gen-length", "16", "--block-length", "8", "--fixed-tokens-per-step", "4"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dllm_serve.cli", "bench", "engine", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    model = report["model"]
+    assert model["shape"]["vocab_size"] == 152064 and model["shape"]["attention_bias"] is True
+    assert model["mask_token_id"] == 151666
+    assert report["results"]["totals"]["committed_tokens"] == 2 * 16
 
 
 def test_peak_rates_are_measured_on_the_cpu():

@@ -16,17 +16,23 @@ from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.scoring import ScoringEvent, ScoringRequest
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
+from tests.dream_helpers import TINY_DREAM
 from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import block_causal, exact_expectation
 from tests.nemotron_helpers import TINY_NEMOTRON
 
-FAMILIES = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32)}
+FAMILIES = {"llada": (TINY_LLADA, None), "nemotron": (TINY_NEMOTRON, 32), "dream": (TINY_DREAM, None)}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     path, block = FAMILIES[request.param]
     return load_model(path), block
+
+
+def _shift(loaded) -> bool:
+    """Whether the family predicts position p from the logits at p - 1 (Dream)."""
+    return bool(loaded.decode_defaults.get("shift_logits", False))
 
 
 def _pair(loaded, k: int = 0, n_tokens: int = 3, wrong: bool = False) -> tuple[list[int], list[int]]:
@@ -79,8 +85,17 @@ def test_one_token_with_one_sample_is_the_direct_log_softmax(family, cfg):
     loaded, block = family
     engine = Engine(loaded, EngineConfig())
     context, answer = _pair(loaded, n_tokens=1)
-    got = _score(engine, [ScoringRequest("a", context, answer, mc_num=1, cfg_scale=cfg, block_length=block)])
-    want = exact_expectation(loaded.model, context, answer, block, cfg)  # one subset: the token itself
+    got = _score(
+        engine,
+        [
+            ScoringRequest(
+                "a", context, answer, mc_num=1, cfg_scale=cfg, block_length=block, shift_logits=_shift(loaded)
+            )
+        ],
+    )
+    want = exact_expectation(
+        loaded.model, context, answer, block, cfg, _shift(loaded)
+    )  # one subset: the token itself
     assert got["a"].finish_reason == "stop"
     assert got["a"].logprob == pytest.approx(want, abs=1e-4)
     assert got["a"].stderr == 0.0 and got["a"].forwards == (2 if cfg else 1)
@@ -94,10 +109,14 @@ def test_estimate_matches_the_enumerated_expectation(family, n_tokens):
     for b in blocks:
         for wrong in (False, True):
             context, answer = _pair(loaded, k=n_tokens, n_tokens=n_tokens, wrong=wrong)
-            want = exact_expectation(loaded.model, context, answer, b)
+            want = exact_expectation(loaded.model, context, answer, b, shift=_shift(loaded))
             got = _score(
                 Engine(loaded, EngineConfig()),
-                [ScoringRequest("a", context, answer, mc_num=512, seed=7, block_length=b)],
+                [
+                    ScoringRequest(
+                        "a", context, answer, mc_num=512, seed=7, block_length=b, shift_logits=_shift(loaded)
+                    )
+                ],
             )["a"]
             assert got.stderr > 0
             assert abs(got.logprob - want) <= 3 * got.stderr, (b, wrong, got, want)
@@ -109,7 +128,10 @@ def test_stderr_shrinks_as_one_over_sqrt_mc_num(family):
     errs = {}
     for mc in (32, 512):
         reqs = [
-            ScoringRequest(f"s{s}", context, answer, mc_num=mc, seed=s, block_length=block) for s in range(4)
+            ScoringRequest(
+                f"s{s}", context, answer, mc_num=mc, seed=s, block_length=block, shift_logits=_shift(loaded)
+            )
+            for s in range(4)
         ]
         errs[mc] = sum(e.stderr for e in _score(Engine(loaded, EngineConfig()), reqs).values()) / 4
     assert 2.8 < errs[32] / errs[512] < 5.6  # sqrt(512 / 32) = 4
@@ -119,7 +141,8 @@ def test_samples_of_many_requests_share_forwards_and_results_do_not_depend_on_th
     loaded, block = family
     pairs = [_pair(loaded, k=k, n_tokens=4, wrong=k % 2 == 1) for k in range(4)]
     reqs = [
-        ScoringRequest(f"r{i}", c, a, mc_num=8, seed=11, block_length=block) for i, (c, a) in enumerate(pairs)
+        ScoringRequest(f"r{i}", c, a, mc_num=8, seed=11, block_length=block, shift_logits=_shift(loaded))
+        for i, (c, a) in enumerate(pairs)
     ]
     alone = {}
     for r in reqs:
@@ -149,7 +172,8 @@ def test_scoring_joins_generation_without_changing_its_tokens(family):
     engine = Engine(loaded, EngineConfig())
     scored: dict[str, ScoringEvent] = {}
     engine.add_scoring(
-        ScoringRequest("s", context, answer, mc_num=64, block_length=block), lambda e: scored.update(s=e)
+        ScoringRequest("s", context, answer, mc_num=64, block_length=block, shift_logits=_shift(loaded)),
+        lambda e: scored.update(s=e),
     )
     got = engine.run_to_completion([gen])["g"].token_ids
     assert got == want
@@ -161,7 +185,10 @@ def test_abort_stops_a_scoring_request_within_one_iteration(family):
     context, answer = _pair(loaded, n_tokens=4)
     engine = Engine(loaded, EngineConfig(max_batch_size=2))
     events: list[ScoringEvent] = []
-    engine.add_scoring(ScoringRequest("a", context, answer, mc_num=4096, block_length=block), events.append)
+    engine.add_scoring(
+        ScoringRequest("a", context, answer, mc_num=4096, block_length=block, shift_logits=_shift(loaded)),
+        events.append,
+    )
     engine.step()
     engine.step()
     engine.abort("a")
@@ -183,7 +210,8 @@ def test_greedy_check_commits_the_argmax_and_stops_at_the_first_miss(family):
         mask = None
         if block is not None:  # one block: the context in blocks, the continuation sees all
             mask = block_causal(c, 0, len(ids) - c, block)[None]
-        logp = torch.log_softmax(model(ids[None], torch.arange(len(ids))[None], mask).float()[0, c:], -1)
+        out = model(ids[None], torch.arange(len(ids))[None], mask).float()[0]
+        logp = torch.log_softmax(out[c - 1 : -1] if _shift(loaded) else out[c:], -1)
         top, arg = logp.max(-1)
         top[ids[c:] != model.roles.mask_token_id] = float("-inf")
         pos = int(top.argmax())
@@ -193,8 +221,24 @@ def test_greedy_check_commits_the_argmax_and_stops_at_the_first_miss(family):
     got = _score(
         engine,
         [
-            ScoringRequest("g", context, greedy, mc_num=1, check_greedy=True, block_length=block),
-            ScoringRequest("o", context, other, mc_num=1, check_greedy=True, block_length=block),
+            ScoringRequest(
+                "g",
+                context,
+                greedy,
+                mc_num=1,
+                check_greedy=True,
+                block_length=block,
+                shift_logits=_shift(loaded),
+            ),
+            ScoringRequest(
+                "o",
+                context,
+                other,
+                mc_num=1,
+                check_greedy=True,
+                block_length=block,
+                shift_logits=_shift(loaded),
+            ),
         ],
     )
     assert got["g"].is_greedy is True and got["g"].forwards == 1 + 4

@@ -128,6 +128,21 @@ RULES: dict[str, Rule] = {
             edit_logits=_credit,
             state_params=("credit_alpha", "credit_gamma", "credit_beta"),
         ),
+        # Dream's diffusion_generate (decoding/dream.py): these rules choose the tokens too.
+        Rule(
+            "timestep",
+            "Dream: int(masked * (1 - s/t)) positions by confidence (all at the last step), "
+            "timesteps linspace(1, eps, steps + 1); Dream's token choice",
+            params=("alg_temp", "eps"),
+            fixed_steps=True,
+        ),
+        Rule(
+            "origin",
+            "Dream: each masked position commits with probability 1 - s/t (1 at the last step); "
+            "Dream's token choice",
+            params=("eps",),
+            fixed_steps=True,
+        ),
     )
 }
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from dllm_serve.decoding import rules
+from dllm_serve.decoding import dream, rules
 from dllm_serve.decoding.confidence import confidence
 from dllm_serve.decoding.registry import REMASKING, RULES
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
@@ -45,6 +45,12 @@ class StepParams(Protocol):
     def logits_eos_inf(self) -> bool: ...
     @property
     def confidence_eos_eot_inf(self) -> bool: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def alg_temp(self) -> float: ...
+    @property
+    def eps(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class RowStep:
     noise: NoiseSpan
     state: torch.Tensor | None = None  # a stateful rule's state; None at a block start
     constraint: Constraint | None = None
+    step: int = 0  # the step within the block (Dream's rules: their timestep)
+    steps: int = 1  # the steps per block (Dream's rules)
+    masked: tuple[int, ...] = ()  # Dream's rules: the block's masked positions, from the host
 
 
 @dataclass
@@ -92,6 +101,9 @@ def decide(
     ``logits`` [B, P, vocab] (float32, consumed: edited in place, since copying it costs as much
     as the edits), ``block`` [B, P] the active blocks on the device.
     """
+    own = [i for i, r in enumerate(rows) if r.params.rule in dream.DREAM_RULES]
+    if own:
+        return _with_dream_rows(logits, block, rows, own, mask_id, eos_id, eot_id)
     dev = logits.device
     params = [r.params for r in rows]
     candidates = block == mask_id
@@ -129,6 +141,48 @@ def decide(
     names = [p.rule for p in params]
     floor = upload([r.floor for r in rows], dev, torch.long)
     commit = select_commits(conf, candidates, floor, names, _row_params(names, rows, dev))
+    return StepResult(tokens, commit, conf, states)
+
+
+def _with_dream_rows(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    rows: Sequence[RowStep],
+    own: list[int],
+    mask_id: int,
+    eos_id: int,
+    eot_id: int | None,
+) -> StepResult:
+    """Rows under Dream's rules (their own token choice and counts, decoding/dream.py) beside the
+    others (``decide``), assembled into one result."""
+    dev = logits.device
+    shape = block.shape
+    tokens = torch.empty(shape, dtype=torch.long, device=dev)
+    commit = torch.empty(shape, dtype=torch.bool, device=dev)
+    conf = torch.empty(shape, dtype=torch.float32, device=dev)
+    states: list[torch.Tensor | None] = [None] * len(rows)
+    for i in own:  # a grammar's mask applies before Dream's token choice too
+        r = rows[i]
+        if r.constraint is not None:
+            n = r.width
+            logits[i, :n] = r.constraint(logits[i, :n], block[i, :n], block[i, :n] == mask_id)
+    index = upload(own, dev, torch.long)
+    t, c, f = dream.decide_rows(logits[index], [rows[i] for i in own], mask_id)
+    tokens[index], commit[index], conf[index] = t, c, f
+    others = [i for i in range(len(rows)) if i not in own]
+    if others:
+        rest = upload(others, dev, torch.long)
+        sub = decide(
+            logits[rest],
+            block=block[rest],
+            rows=[rows[i] for i in others],
+            mask_id=mask_id,
+            eos_id=eos_id,
+            eot_id=eot_id,
+        )
+        tokens[rest], commit[rest], conf[rest] = sub.tokens, sub.commit, sub.conf.float()
+        for k, i in enumerate(others):
+            states[i] = sub.states[k]
     return StepResult(tokens, commit, conf, states)
 
 

@@ -13,6 +13,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, cast
 
+from dllm_serve.decoding.dream import DREAM_RULES
 from dllm_serve.decoding.registry import REMASKING, RULES, Knob, knob, knob_metadata
 from dllm_serve.models import registry
 
@@ -74,6 +75,15 @@ class DecodeParams:
     warmup_steps: int = knob(4, help="vicinity cache: full forwards at each block start", low=0)
     early_stop: bool = knob(True, help="finish at a stop token without decoding the rest of the canvas")
     shift_logits: bool = knob(False, help="position i is predicted by the logits at i - 1")
+    top_k: int = knob(0, help="Dream's rules: keep the k most probable tokens (0: off)", low=0)
+    alg_temp: float = knob(
+        0.0, help="Dream's rules: > 0 draws the committed positions from softmax(confidence / alg_temp)",
+        low=0.0, high=100.0,
+    )  # fmt: skip
+    eps: float = knob(
+        1e-3, help="Dream's rules: the last timestep of linspace(1, eps, steps + 1), below 1",
+        low=0.0, high=1.0, low_open=True,
+    )  # fmt: skip
     seed: int | None = knob(None, help="the request's random stream (None: a fresh one)", low=0)
     max_steps_per_block: int | None = knob(
         None, help="bound on a threshold-style rule's forwards per block (None: unbounded)", low=1
@@ -130,6 +140,8 @@ class Preset:
     canvas_noise: bool = False
     # Knob values this preset sets unlike DecodeParams' defaults (request and checkpoint values win).
     defaults: tuple[tuple[str, Any], ...] = ()
+    # One block over the whole canvas unless the request sets block_length (Dream's diffusion_generate).
+    whole_canvas: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -189,6 +201,26 @@ PRESETS: dict[str, Preset] = {
             "credit",
             (),
             "dInfer credit decoding (alpha, gamma, beta) + threshold",
+        ),
+        *(
+            Preset(
+                f"dream_{alg}",
+                "dream",
+                "full",
+                "none",
+                "origin" if alg == "origin" else "timestep",
+                (alg,),
+                f"Dream's diffusion_generate, alg={alg!r}: whole canvas every step, {what}",
+                defaults=(("remasking", measure),) if measure else (),
+                canvas_noise=True,
+                whole_canvas=True,
+            )
+            for alg, measure, what in (
+                ("origin", None, "each masked position commits with probability 1 - s/t"),
+                ("maskgit_plus", "low_confidence", "the int(masked * (1 - s/t)) most probable commit"),
+                ("topk_margin", "margin", "the int(masked * (1 - s/t)) largest top-1 - top-2 margins commit"),
+                ("entropy", "entropy", "the int(masked * (1 - s/t)) lowest-entropy positions commit"),
+            )
         ),
         Preset(
             "nemotron",
@@ -291,6 +323,7 @@ ENGINE_DEFAULT_PRESET = {
     "nemotron": "nemotron",
     "nemotron-labs": "nemotron_labs",
     "sdar": "sdar",
+    "dream": "dream_entropy",
     "llada2": "llada2",
 }
 DEFAULT_BLOCK_LENGTH = 32
@@ -375,7 +408,7 @@ def resolve_params(
         # it at the threshold commits exactly the same positions: with low_threshold >= threshold
         # the hierarchy rule's per-run pick only finds positions the threshold already commits.
         values["low_threshold"] = min(DecodeParams.low_threshold, cast(float, threshold))
-    block_length = values.pop("block_length", DEFAULT_BLOCK_LENGTH)
+    block_length = values.pop("block_length", max_new_tokens if preset.whole_canvas else DEFAULT_BLOCK_LENGTH)
     _check_int("block_length", block_length, 1)
     gen_length = math.ceil(max_new_tokens / block_length) * block_length
     steps = values.pop("steps", None)
@@ -442,6 +475,14 @@ def _validate(p: DecodeParams) -> None:
     for name, spec in KNOBS.items():
         _check_knob(name, hints[name], spec, getattr(p, name))
     rule = RULES[p.rule]
+    if REMASKING[p.remasking].drawn and p.rule in DREAM_RULES:
+        raise ParamError(
+            "remasking",
+            f"remasking {p.remasking!r} does not apply to rule {p.rule!r}: it ranks by low_confidence, "
+            "margin or entropy",
+        )
+    if p.eps >= 1.0:
+        raise ParamError("eps", f"eps must be below 1 (the last timestep), got {p.eps!r}")
     if REMASKING[p.remasking].drawn and not rule.fixed_steps:
         raise ParamError(
             "remasking", f"remasking {p.remasking!r} only applies to the fixed schedule (rule 'schedule')"
@@ -461,7 +502,7 @@ def _validate(p: DecodeParams) -> None:
     if p.max_steps_per_block is not None and rule.fixed_steps:
         raise ParamError(
             "max_steps_per_block",
-            "max_steps_per_block bounds the threshold-style rules; the schedule rule takes exactly "
+            f"max_steps_per_block bounds the threshold-style rules; the {p.rule} rule takes exactly "
             "steps / num_blocks steps per block (set steps instead)",
         )
 
@@ -514,11 +555,13 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
             block_length=DEFAULT_BLOCK_LENGTH,
             steps=0,
         )
-        defaults = {
+        defaults: dict[str, Any] = {
             k: v
             for k, v in replace(base, **dict(p.defaults)).to_dict().items()
             if k not in {"algorithm", "gen_length", "steps", "seed", "canvas_noise"}
         }
+        if p.whole_canvas:
+            defaults["block_length"] = None  # one block: the whole max_tokens canvas
         out.append(
             {
                 "name": p.name,

@@ -203,6 +203,14 @@ def _count_forwards(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
     return counter, handle.remove
 
 
+def sampler_entry(module: Any) -> Callable[..., Any]:
+    """The checkpoint's diffusion sampler: ``diffusion_generate`` where its code has one (Dream's
+    published code names it so; its ``generate`` is transformers' autoregressive loop), else
+    ``generate``."""
+    entry = getattr(module, "diffusion_generate", None)
+    return entry if callable(entry) else module.generate
+
+
 @torch.inference_mode()
 def generate_remote(
     model: RemoteModel, prompt_ids: Sequence[int], params: DecodeParams, max_new_tokens: int
@@ -216,14 +224,16 @@ def generate_remote(
     module = model.module
     device = next(module.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    kwargs = generate_kwargs(module.generate, params, max_new_tokens, model.eos_token_id)
+    entry = sampler_entry(module)
+    kwargs = generate_kwargs(entry, params, max_new_tokens, model.eos_token_id)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     counter, remove = _count_forwards(module)
     try:
-        out = module.generate(prompt, **kwargs)
+        out = entry(prompt, **kwargs)
     finally:
         remove()
+    out = getattr(out, "sequences", out)  # a ModelOutput (Dream's return_dict_in_generate)
     nfe = counter[0]
     if isinstance(out, tuple):
         out, reported = out[0], out[1]

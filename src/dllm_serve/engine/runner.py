@@ -24,6 +24,7 @@ import torch
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import editing
+from dllm_serve.decoding.dream import DREAM_RULES
 from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
 from dllm_serve.decoding.step import Constraint, NoiseSpan, RowStep, decide
 from dllm_serve.engine import causal_modes, denoise, token_logprobs
@@ -238,7 +239,7 @@ class Runner:
         block = self._block_view(rows)
         logits = self._forward(rows)
         masked = (block == self.roles.mask_token_id).sum(-1).tolist()
-        block = upload(block, self.device)
+        host_block, block = block, upload(block, self.device)
         candidates = block == self.roles.mask_token_id
         bad = (~torch.isfinite(logits).all(-1) & candidates).any(-1)  # before decoding edits logits
         lp_rows = token_logprobs.wanting([r.seq for r in rows])
@@ -251,7 +252,7 @@ class Runner:
             logits,
             block=block,
             rows=[
-                self._row_step(r, m, guide.hook(i) if guide is not None else None)
+                self._row_step(r, m, host_block[i], guide.hook(i) if guide is not None else None)
                 for i, (r, m) in enumerate(zip(rows, masked, strict=True))
             ],
             mask_id=self.roles.mask_token_id,
@@ -434,10 +435,15 @@ class Runner:
             block[i, : seq.params.block_length] = seq.canvas[seq.block_start : seq.block_end]
         return block
 
-    def _row_step(self, row: _Row, masked: int, constraint: Constraint | None) -> RowStep:
+    def _row_step(
+        self, row: _Row, masked: int, block: torch.Tensor, constraint: Constraint | None
+    ) -> RowStep:
         """One row's inputs to the decoding step: its parameters, floor, noise span, rule state, and
-        its grammar's mask at the frontier (``constraint``, from this step's ``FrontierGuide``)."""
+        its grammar's mask at the frontier (``constraint``, from this step's ``FrontierGuide``); for
+        Dream's rules, which draw per masked position, those positions, from the host ``block``."""
         seq, p = row.seq, row.seq.params
+        where = block[: p.block_length] == seq.mask_id
+        positions = tuple(where.nonzero()[:, 0].tolist()) if p.rule in DREAM_RULES else ()
         # The reference sampler draws its noise over the whole canvas; mirror its stream exactly.
         length, offset = (seq.length, seq.block_start) if p.canvas_noise else (p.block_length, 0)
         return RowStep(
@@ -447,6 +453,9 @@ class Runner:
             noise=NoiseSpan(seq.generator, length, offset),
             state=seq.rule_state,
             constraint=constraint,
+            step=seq.step_in_block,
+            steps=p.steps_per_block,
+            masked=positions,
         )
 
     # -- state updates ------------------------------------------------------------------------

@@ -9,18 +9,25 @@ tokens. (``plain_content=False`` restores the old behaviour for trusted callers.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from tokenizers.models import BPE
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Tokenizer
 from transformers.utils import logging as hf_logging
 
 # Names of end-of-turn tokens used by the families we serve (LLaDA/Llama-3, Qwen, LLaDA2/Ling).
 END_OF_TURN_NAMES = ("<|eot_id|>", "<|im_end|>", "<|role_end|>")
+# Tokenizer classes a checkpoint ships as remote code that are Qwen2's byte-level BPE (vocab.json +
+# merges.txt, Qwen2's pre-tokenization regex) under another name: Dream's tokenization_dream.py.
+QWEN2_EQUIVALENT_CLASSES = ("DreamTokenizer",)
+# Padding tokens a diffusion model writes after its answer (DiffuCoder's <|dlm_pad|>): they end it too.
+DIFFUSION_PAD_NAMES = ("<|dlm_pad|>",)
 
 
 @dataclass
@@ -39,6 +46,14 @@ class RenderedChat:
         return self.marker.sub(lambda m: self.literals[m.group(0)], self.text)
 
 
+def _tokenizer_class(path: Path) -> str | None:
+    """``tokenizer_class`` from tokenizer_config.json, if the file says."""
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class ChatTokenizer:
     """Wraps a Hugging Face fast tokenizer loaded from local files (no remote code)."""
 
@@ -47,13 +62,16 @@ class ChatTokenizer:
         previous = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-                str(path), trust_remote_code=False
-            )
+            qwen2 = _tokenizer_class(Path(path)) in QWEN2_EQUIVALENT_CLASSES
+            loader = Qwen2Tokenizer if qwen2 else AutoTokenizer
+            with warnings.catch_warnings():  # config.json's rope_scaling key (Dream's) draws a FutureWarning
+                warnings.simplefilter("ignore", FutureWarning)
+                self.hf: PreTrainedTokenizerBase = loader.from_pretrained(str(path), trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(previous)
         vocab = self.hf.get_vocab()
         self.end_of_turn_id: int | None = next((vocab[n] for n in END_OF_TURN_NAMES if n in vocab), None)
+        self.diffusion_pad_ids = tuple(vocab[n] for n in DIFFUSION_PAD_NAMES if n in vocab)
 
     @property
     def has_chat_template(self) -> bool:
@@ -152,8 +170,6 @@ class ChatTokenizer:
         return cast(str, text)  # one sequence of ids: one string
 
     def stop_ids(self, eos_token_id: int) -> tuple[int, ...]:
-        """eos plus end-of-turn, when the vocabulary has one."""
-        ids = [eos_token_id]
-        if self.end_of_turn_id is not None and self.end_of_turn_id != eos_token_id:
-            ids.append(self.end_of_turn_id)
-        return tuple(ids)
+        """eos plus end-of-turn and a diffusion padding token, when the vocabulary has them."""
+        ids = [eos_token_id, self.end_of_turn_id, *self.diffusion_pad_ids]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))

@@ -1,0 +1,286 @@
+"""Native Dream (Dream-org/Dream-v0-Instruct-7B, Dream-Coder, apple/DiffuCoder) in plain PyTorch.
+
+Dream is Qwen2.5's transformer used without a causal mask (``model_type`` ``Dream``,
+``DreamModel``): grouped-query attention whose q/k/v projections carry a bias (o_proj does not),
+rotate-half RoPE, RMSNorm, SwiGLU, an untied ``lm_head``. Its logits are *shifted*: the output at
+position i predicts token i + 1, so the engine reads position p's logits from p - 1
+(the spec's ``shift_logits``). Tensor names are the checkpoint's (``model.layers.N.self_attn.q_proj``
+...); Q/K/V (weights and biases) and gate/up are fused at load, as in the other families.
+
+Facts (config keys and defaults, tensor names, biases, the shift) come from the published
+``configuration_dream.py`` / ``modeling_dream.py`` / ``generation_utils.py``; docs/dream.md says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
+from dllm_serve.models.tokenizer import ChatTokenizer
+
+MODEL_TYPE = "Dream"
+ARCHITECTURE = "DreamModel"
+PREFIX = "model."
+HEAD = "lm_head.weight"
+# DreamConfig's own defaults for the special tokens (configuration_dream.py).
+DEFAULT_MASK_TOKEN_ID = 151666
+DEFAULT_PAD_TOKEN_ID = 151643
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    """The subset of DreamConfig (config.json) that defines the network and its special tokens."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DreamConfig:
+        """Parse config.json; options the native model does not implement are errors, not ignored."""
+        problems = []
+        if raw.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
+        scaling = raw.get("rope_scaling")
+        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+            problems.append(f"rope_scaling={scaling!r}")
+        if raw.get("use_sliding_window"):
+            problems.append("use_sliding_window=true")
+        if problems:
+            raise ValueError(
+                f"Dream config options not supported by the native model: {problems}; "
+                "use --trust-remote-code to run the checkpoint's own code"
+            )
+        eos = raw.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        pad = raw.get("pad_token_id", DEFAULT_PAD_TOKEN_ID)
+        heads = raw["num_attention_heads"]
+        return cls(
+            hidden_size=raw["hidden_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            intermediate_size=raw["intermediate_size"],
+            vocab_size=raw["vocab_size"],
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            mask_token_id=int(raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID)),
+            eos_token_id=int(eos if eos is not None else pad),
+            pad_token_id=int(pad),
+            bos_token_id=raw.get("bos_token_id"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+
+
+_LAYER = PREFIX + "layers.{i}."
+# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
+WEIGHT_NAMES = WeightNames(
+    top={
+        "embed.weight": PREFIX + "embed_tokens.weight",
+        "norm": PREFIX + "norm.weight",
+        "head.weight": HEAD,
+    },
+    layers={
+        "attn_norm": _LAYER + "input_layernorm.weight",
+        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
+        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
+        "qkv.bias": tuple(_LAYER + f"self_attn.{x}_proj.bias" for x in "qkv"),
+        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
+        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "down.weight": _LAYER + "mlp.down_proj.weight",
+    },
+    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
+)
+
+
+class DreamModel(DiffusionLM):
+    """Qwen2 stack without a causal mask; logits from ``lm_head`` (or the tied embedding), shifted."""
+
+    weight_names = WEIGHT_NAMES
+    title = "Dream"
+
+    def __init__(self, cfg: DreamConfig, eot_token_id: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
+        self.vocab_size = cfg.vocab_size
+        self.max_length = cfg.max_position_embeddings
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.rms_norm_eps,
+                qk_norm=False,
+                qkv_bias=True,
+            )
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.norm_eps = cfg.rms_norm_eps
+
+
+def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:
+    """The loader's entry point: config.json as a dict and the checkpoint's tokenizer."""
+    return DreamModel(DreamConfig.from_dict(config), eot_token_id=tokenizer.end_of_turn_id)
+
+
+def dream_config_dict(cfg: DreamConfig) -> dict[str, Any]:
+    """config.json content in the published format (DreamConfig keys, DreamModel)."""
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": cfg.intermediate_size,
+        "mask_token_id": cfg.mask_token_id,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_window_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,
+        "sliding_window": None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": False,
+        "use_sliding_window": False,
+        "vocab_size": cfg.vocab_size,
+    }
+    if cfg.bos_token_id is not None:
+        out["bos_token_id"] = cfg.bos_token_id
+    return out
+
+
+def cost_shape(config: dict[str, Any]) -> ModelShape:
+    """The benchmark's shape, parsed by DreamConfig so defaults (KV heads) match."""
+    c = DreamConfig.from_dict(config)
+    return ModelShape(
+        d_model=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        mlp_hidden=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_length=c.max_position_embeddings,
+        attention_bias=True,
+    )
+
+
+def tiny_config(shape: TinyShape) -> dict[str, Any]:
+    """config.json of the bundled tiny-dream (scripts/train_tiny.py)."""
+    cfg = DreamConfig(
+        hidden_size=shape.d_model,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.mlp,
+        vocab_size=shape.vocab_size,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=shape.max_length,
+        mask_token_id=shape.mask,
+        eos_token_id=shape.eos,
+        pad_token_id=shape.eos,
+    )
+    return dream_config_dict(cfg)
+
+
+# Dream's special tokens by string (151643, 151644, 151645, 151666 in the 7B vocabulary).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
+# Qwen2.5's ChatML as Dream-Instruct uses it: Qwen's default system message when none is given.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
+
+SPEC = FamilySpec(
+    name="dream",
+    title="Dream",
+    model_types=(MODEL_TYPE.lower(),),
+    architectures=("dreammodel",),
+    build=build,
+    attention="full",
+    default_preset="dinfer_blockwise",
+    cost_shape=cost_shape,
+    shift_logits=True,  # generation_utils.py: logits = cat(logits[:, :1], logits[:, :-1])
+    tiny=TinyFormat(
+        specials=SPECIAL_TOKENS,
+        eos="<|endoftext|>",
+        eot="<|im_end|>",
+        mask="<|mask|>",
+        tokenizer_config={
+            # Dream itself ships Qwen2's BPE as remote code ("DreamTokenizer": vocab.json + merges.txt,
+            # read natively as Qwen2's tokenizer). Qwen2's pre-tokenizer splits every digit, which would
+            # push the task suite's longest answers past a 32-token canvas, so the tiny model keeps a
+            # tokenizer.json (docs/dream.md).
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "mask_token": "<|mask|>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "errors": "replace",
+            "model_max_length": TINY_MAX_LENGTH,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        },
+        special_tokens_map={
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "mask_token": "<|mask|>",
+        },
+        config=tiny_config,
+        objective="masked_diffusion",
+        # Full attention over the whole canvas, like LLaDA: every max_tokens a client may ask for.
+        canvas_lengths=(32, 64, 48, 96, 128, 256, 64, 512, 160, 384, 48, 192),
+        default_kv_heads=2,
+    ),
+)
