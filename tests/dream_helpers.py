@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from dllm_serve.models.dream import DreamConfig, DreamModel, dream_config_dict
-from tests.helpers import random_like, write_checkpoint
+from tests.helpers import TOKENIZER_FILES, random_like, small_qwen_shape, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DREAM = REPO / "models" / "tiny-dream"
 # The tokenizer (Qwen-style specials: <|endoftext|>, <|im_start|>, <|im_end|>, <|mask|>) comes from the
 # bundled Nemotron checkpoint, which tiny-dream shares; the chat template is rewritten to Dream's.
 TOKENIZER_FROM = REPO / "models" / "tiny-nemotron"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def special_ids() -> dict[str, int]:
@@ -25,24 +24,9 @@ def special_ids() -> dict[str, int]:
 
 def random_dream_config(**overrides) -> DreamConfig:
     """Tiny Qwen2-shaped config with the bundled tokenizer's special ids (GQA 4:2 by default)."""
-    vocab = json.loads((TOKENIZER_FROM / "tokenizer.json").read_text())
-    ids = special_ids()
-    base = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        vocab_size=len(vocab["model"]["vocab"]),
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=256,
-        mask_token_id=ids["<|mask|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
-    base.update(overrides)
-    return DreamConfig(**base)
+    shape = small_qwen_shape(TOKENIZER_FROM, "<|mask|>", **overrides)
+    shape.pop("head_dim")  # Qwen2 derives it from hidden_size / num_attention_heads
+    return DreamConfig(**shape)
 
 
 def random_dream_weights(cfg: DreamConfig, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:

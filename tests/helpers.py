@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -124,3 +125,27 @@ def write_llada_checkpoint(
     """A checkpoint directory in GSAI-ML/LLaDA's format, with the bundled model's tokenizer."""
     config = llada_config_dict(cfg)
     return write_checkpoint(directory, config, TINY_LLADA, TOKENIZER_FILES, tensors, shards=shards)
+
+
+def small_qwen_shape(tokenizer_dir: Path, mask_token: str, **extra: Any) -> dict[str, Any]:
+    """Config fields of a tiny Qwen-shaped model (2 layers, GQA 4:2) with the special-token ids of
+    the bundled tokenizer in ``tokenizer_dir``; each family's test helper adds its own keys."""
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    shape: dict[str, Any] = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        vocab_size=len(vocab["model"]["vocab"]),
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        mask_token_id=ids[mask_token],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    shape.update(extra)
+    return shape

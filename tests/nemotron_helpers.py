@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from dllm_serve.models.nemotron import NemotronConfig, nemotron_config_dict
-from tests.helpers import TOKENIZER_FILES, random_weights, write_checkpoint
+from tests.helpers import TOKENIZER_FILES, random_weights, small_qwen_shape, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
@@ -16,27 +15,8 @@ TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"
 
 def random_nemotron_config(**overrides) -> NemotronConfig:
     """Tiny Qwen3-shaped config with the bundled tokenizer's special ids (GQA 4:2 by default)."""
-    vocab = json.loads((TINY_NEMOTRON / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
-    base = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        vocab_size=len(vocab["model"]["vocab"]),
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=256,
-        mask_token_id=ids["<|mask|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        dlm_paradigm="block_diff",
-        block_size=8,
-    )
-    base.update(overrides)
-    return NemotronConfig(**base)
+    shape = small_qwen_shape(TINY_NEMOTRON, "<|mask|>", dlm_paradigm="block_diff", block_size=8)
+    return NemotronConfig(**{**shape, **overrides})
 
 
 def random_nemotron_weights(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,12 +12,11 @@ from dllm_serve.models.nemotron_labs import (
     RopeParameters,
     labs_config_dict,
 )
-from tests.helpers import random_like, write_checkpoint
+from tests.helpers import TOKENIZER_FILES, random_like, small_qwen_shape, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LABS = REPO / "models" / "tiny-nemotron-labs"
 TINY_NEMOTRON = REPO / "models" / "tiny-nemotron"  # the tokenizer the tiny labs model keeps
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # YaRN and Llama-4 query scaling both active inside a short test sequence.
 YARN = RopeParameters(
     rope_theta=10000.0,
@@ -35,27 +33,12 @@ YARN = RopeParameters(
 
 def random_labs_config(**overrides) -> NemotronLabsConfig:
     """Tiny Ministral-shaped config with the tokenizer's special ids (GQA 4:2)."""
-    vocab = json.loads((TINY_NEMOTRON / "tokenizer.json").read_text())
-    ids = {t["content"]: t["id"] for t in vocab["added_tokens"]}
-    base = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        vocab_size=len(vocab["model"]["vocab"]),
-        rms_norm_eps=1e-5,
-        max_position_embeddings=256,
-        mask_token_id=ids["<|mask|>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        rope=YARN,
-        dlm_paradigm="block_diff",
-        block_size=8,
+    shape = small_qwen_shape(
+        TINY_NEMOTRON, "<|mask|>", rms_norm_eps=1e-5, rope=YARN, dlm_paradigm="block_diff", block_size=8
     )
-    base.update(overrides)
-    return NemotronLabsConfig(**base)
+    del shape["rope_theta"]  # YaRN's parameters carry it
+    shape.update(overrides)
+    return NemotronLabsConfig(**shape)
 
 
 def random_labs_weights(

@@ -9,6 +9,7 @@ OpenAI's shape, loses none that arrive afterwards, and Ray brings the replica ba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -25,8 +26,11 @@ import pytest
 from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.cluster.front import FAILED_MESSAGE, carries_tokens
 from dllm_serve.cluster.replicas import DEPLOYMENT_NAME, merge_prometheus
+from tests.dream_helpers import TINY_DREAM
 from tests.helpers import TINY_LLADA
 from tests.integration.conftest import free_port
+from tests.nemotron_labs_helpers import TINY_LABS
+from tests.sdar_helpers import TINY_SDAR
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="needs ray[serve] (pip install -e '.[ray]')"
@@ -148,21 +152,22 @@ def wait_replicas_ready(base: str, proc: subprocess.Popen, n: int, timeout: floa
     raise AssertionError(f"{n} replicas not ready in {timeout}s (last {body}):\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serve_replicas(model: Path, log: Path, replicas: int = 2):
+    """``serve --replicas N`` of ``model`` until every replica is ready; stopped with SIGTERM after,
+    checking that it stops in time and leaves no Ray process behind. Yields (process, base URL)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("ray") / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DLLM_SERVE_RAY_OBJECT_STORE_MB": "100"}
     argv = [
-        sys.executable, "-m", "dllm_serve.cli", "serve", "--replicas", "2", "--device", "cpu",
-        "--model-path", str(TINY_LLADA), "--port", str(port), "--max-batch-size", "4",
+        sys.executable, "-m", "dllm_serve.cli", "serve", "--replicas", str(replicas), "--device", "cpu",
+        "--model-path", str(model), "--port", str(port), "--max-batch-size", "4",
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_replicas_ready(base, proc, 2, 300, log)
-        yield proc, base, log
+        wait_replicas_ready(base, proc, replicas, 300, log)
+        yield proc, base
     finally:
         below = _descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
@@ -175,6 +180,13 @@ def server(tmp_path_factory):
         # the ray processes are reaped by the server's shutdown; check they are gone
         alive = [p for p in below if Path(f"/proc/{p}").exists() and "ray::" in below[p]]
         assert not alive, f"ray processes left behind: {alive}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("ray") / "serve.log"
+    with serve_replicas(TINY_LLADA, log) as (proc, base):
+        yield proc, base, log
 
 
 def _client(base: str):
@@ -196,12 +208,12 @@ async def _ask(client, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     return r.choices[0].message.content
 
 
-async def _ask_stream(client, prompt: str) -> str:
+async def _ask_stream(client, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
     models = await client.models.list()
     stream = await client.chat.completions.create(
         model=models.data[0].id,
         messages=[{"role": "user", "content": prompt}],
-        max_tokens=MAX_TOKENS,
+        max_tokens=max_tokens,
         temperature=0,
         seed=7,
         stream=True,
@@ -376,3 +388,23 @@ def test_replicas_get_the_drain_plus_a_margin_before_ray_stops_them():
     replica = app._bound_deployment.init_args[0]._bound_deployment  # the front's one argument
     assert replica.name == "DllmReplica"
     assert replica._deployment_config.graceful_shutdown_timeout_s == 12.0 + REPLICA_SHUTDOWN_MARGIN_S
+
+
+@needs_ray
+@pytest.mark.parametrize("model", [TINY_DREAM, TINY_SDAR, TINY_LABS], ids=lambda m: m.name)
+def test_each_new_family_serves_through_two_replicas(model, tmp_path):
+    """The replica path is the same app for every family: each new family's bundled model, two
+    replicas, concurrent plain and streamed requests, every answer the task's right answer."""
+    with serve_replicas(model, tmp_path / "serve.log") as (_, base):
+
+        async def run():
+            client = _client(base)
+            plain = await asyncio.gather(*(_ask(client, p, 64) for p in PROMPTS))
+            streamed = await asyncio.gather(*(_ask_stream(client, p, 64) for p in PROMPTS))
+            return plain, streamed
+
+        plain, streamed = asyncio.run(run())
+        health = httpx.get(f"{base}/health", timeout=10).json()
+    answers = [e.answer for e in EXAMPLES]
+    assert plain == answers and streamed == answers, (plain, streamed)
+    assert health["replicas_ready"] == 2, health

@@ -72,6 +72,53 @@ def _names(official: OfficialNames) -> tuple[str, ...]:
     return (official,) if isinstance(official, str) else tuple(official)
 
 
+class StackConfig(Protocol):
+    """The config fields ``DiffusionLM.build_stack`` reads (Llama/Qwen-style names; read-only, so
+    frozen config dataclasses fit)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def intermediate_size(self) -> int: ...
+
+    @property
+    def num_hidden_layers(self) -> int: ...
+
+    @property
+    def num_attention_heads(self) -> int: ...
+
+    @property
+    def num_key_value_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def rms_norm_eps(self) -> float: ...
+
+    @property
+    def rope_theta(self) -> float: ...
+
+    @property
+    def max_position_embeddings(self) -> int: ...
+
+    @property
+    def tie_word_embeddings(self) -> bool: ...
+
+    @property
+    def mask_token_id(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int: ...
+
+    @property
+    def pad_token_id(self) -> int: ...
+
+
 class DiffusionLM(nn.Module):
     """Base class: a bidirectional (or block-causal) denoiser returning logits.
 
@@ -97,6 +144,46 @@ class DiffusionLM(nn.Module):
     norm: nn.Parameter
     head: nn.Linear | None
     rotary: RotaryEmbedding
+
+    def build_stack(
+        self,
+        cfg: StackConfig,
+        eot_token_id: int | None,
+        *,
+        layer: type[DecoderLayer] | None = None,
+        rotary: RotaryEmbedding | None = None,
+        **layer_options: Any,
+    ) -> None:
+        """The modules a Llama/Qwen-style family builds alike from its config: token roles and
+        sizes, embedding, ``num_hidden_layers`` decoder layers (``layer``, default ``DecoderLayer``,
+        with ``layer_options`` such as ``qk_norm`` or ``qkv_bias``), final norm, an untied head
+        unless ``tie_word_embeddings``, and RoPE (``rotary``, default plain RoPE at ``rope_theta``)."""
+        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
+        self.vocab_size = cfg.vocab_size
+        self.max_length = cfg.max_position_embeddings
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        make = layer or DecoderLayer
+        self.layers = nn.ModuleList(
+            make(
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.rms_norm_eps,
+                **layer_options,
+            )
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.rotary = rotary or RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.norm_eps = cfg.rms_norm_eps
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Logits at the requested positions; takes ``hidden_states``'s arguments."""

@@ -16,10 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.base import DiffusionLM, WeightNames
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -124,32 +121,7 @@ class DreamModel(DiffusionLM):
     def __init__(self, cfg: DreamConfig, eot_token_id: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
-        self.vocab_size = cfg.vocab_size
-        self.max_length = cfg.max_position_embeddings
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(
-                cfg.hidden_size,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-                cfg.intermediate_size,
-                cfg.rms_norm_eps,
-                qk_norm=False,
-                qkv_bias=True,
-            )
-            for _ in range(cfg.num_hidden_layers)
-        )
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        )
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.norm_eps = cfg.rms_norm_eps
+        self.build_stack(cfg, eot_token_id, qk_norm=False, qkv_bias=True)
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:

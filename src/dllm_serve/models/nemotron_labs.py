@@ -20,14 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dllm_serve.models.base import (
     DecoderLayer,
     DiffusionLM,
     KVView,
     RotaryEmbedding,
-    TokenRoles,
     apply_rope,
     attention_bias,
     gather_positions,
@@ -126,6 +124,11 @@ class NemotronLabsConfig:
     dlm_paradigm: str = "bidirectional"
     block_size: int = 32
     ar_loss_weight: float = 1.0
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE's base (the YaRN parameters carry it)."""
+        return self.rope.rope_theta
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NemotronLabsConfig:
@@ -265,31 +268,13 @@ class NemotronLabsModel(NemotronModel):
     def __init__(self, cfg: NemotronLabsConfig, eot_token_id: int | None = None) -> None:
         DiffusionLM.__init__(self)
         self.cfg = cfg  # type: ignore[assignment]
-        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
-        self.vocab_size = cfg.vocab_size
-        self.max_length = cfg.max_position_embeddings
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            LabsDecoderLayer(
-                cfg.hidden_size,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim,
-                cfg.intermediate_size,
-                cfg.rms_norm_eps,
-                qk_norm=False,
-            )
-            for _ in range(cfg.num_hidden_layers)
+        self.build_stack(
+            cfg,
+            eot_token_id,
+            layer=LabsDecoderLayer,
+            rotary=YarnRotaryEmbedding(cfg.head_dim, cfg.rope),
+            qk_norm=False,
         )
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        )
-        self.rotary = YarnRotaryEmbedding(cfg.head_dim, cfg.rope)
-        self.norm_eps = cfg.rms_norm_eps
 
     def query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         """Llama-4 query scaling [batch, 1, seq, 1], or None when the config has none."""
