@@ -164,18 +164,7 @@ def dream_config_dict(cfg: DreamConfig) -> dict[str, Any]:
 
 def cost_shape(config: dict[str, Any]) -> ModelShape:
     """The benchmark's shape, parsed by DreamConfig so defaults (KV heads) match."""
-    c = DreamConfig.from_dict(config)
-    return ModelShape(
-        d_model=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        mlp_hidden=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_length=c.max_position_embeddings,
-        attention_bias=True,
-    )
+    return ModelShape.of_dense_stack(DreamConfig.from_dict(config), attention_bias=True)
 
 
 def tiny_config(shape: TinyShape) -> dict[str, Any]:

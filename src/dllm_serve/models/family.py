@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from dllm_serve.models.base import DiffusionLM
+    from dllm_serve.models.base import DiffusionLM, StackConfig
     from dllm_serve.models.tokenizer import ChatTokenizer
 
 # Which keys a query may see. "full": every position of the canvas (LLaDA, Dream): the presets with
@@ -54,6 +54,22 @@ class ModelShape:
     experts: int = 1  # MoE: routed experts per layer (1: a dense MLP)
     active_experts: int = 1  # MoE: routed experts each token uses
     shared_mlp_hidden: int = 0  # MoE: width of the always-on shared expert(s), 0 for none
+
+    @classmethod
+    def of_dense_stack(cls, cfg: StackConfig, *, attention_bias: bool = False) -> ModelShape:
+        """The shape of a Llama/Qwen-style dense stack, read from its parsed config (so the config
+        class's defaults, e.g. for KV heads and head_dim, apply)."""
+        return cls(
+            d_model=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            mlp_hidden=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            max_length=cfg.max_position_embeddings,
+            attention_bias=attention_bias,
+        )
 
     @property
     def dense_mlp(self) -> bool:

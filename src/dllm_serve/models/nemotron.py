@@ -205,17 +205,7 @@ def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 def cost_shape(config: dict[str, Any]) -> ModelShape:
     """The benchmark's shape, parsed by NemotronConfig so defaults (KV heads, head_dim) match."""
-    n = NemotronConfig.from_dict(config)
-    return ModelShape(
-        d_model=n.hidden_size,
-        n_layers=n.num_hidden_layers,
-        n_heads=n.num_attention_heads,
-        n_kv_heads=n.num_key_value_heads,
-        head_dim=n.head_dim,
-        mlp_hidden=n.intermediate_size,
-        vocab_size=n.vocab_size,
-        max_length=n.max_position_embeddings,
-    )
+    return ModelShape.of_dense_stack(NemotronConfig.from_dict(config))
 
 
 def tiny_config(shape: TinyShape) -> dict[str, Any]:

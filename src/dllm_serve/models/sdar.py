@@ -189,17 +189,7 @@ def decode_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 def cost_shape(config: dict[str, Any]) -> ModelShape:
     """The benchmark's shape, parsed by SDARConfig so defaults (KV heads, head_dim) match."""
-    c = SDARConfig.from_dict(config)
-    return ModelShape(
-        d_model=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
-        mlp_hidden=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_length=c.max_position_embeddings,
-    )
+    return ModelShape.of_dense_stack(SDARConfig.from_dict(config))
 
 
 def tiny_config(shape: TinyShape) -> dict[str, Any]:
