@@ -142,6 +142,22 @@ class TinyShape:
     mask: int
     block_size: int = 32  # block-diffusion families: config.json's block size
 
+    def qwen_fields(self) -> dict[str, Any]:
+        """Constructor fields a Llama/Qwen-style config class takes alike (the pad token is EOS);
+        each family's ``tiny_config`` adds its own (head_dim, RoPE, norm eps, block size)."""
+        return dict(
+            hidden_size=self.d_model,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.mlp,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_length,
+            mask_token_id=self.mask,
+            eos_token_id=self.eos,
+            pad_token_id=self.eos,
+        )
+
 
 @dataclass(frozen=True)
 class TinyFormat:

@@ -195,19 +195,10 @@ def cost_shape(config: dict[str, Any]) -> ModelShape:
 def tiny_config(shape: TinyShape) -> dict[str, Any]:
     """config.json of the bundled tiny-sdar (scripts/train_tiny.py)."""
     cfg = SDARConfig(
-        hidden_size=shape.d_model,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
+        **shape.qwen_fields(),
         head_dim=shape.d_model // shape.heads,
-        intermediate_size=shape.mlp,
-        vocab_size=shape.vocab_size,
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        max_position_embeddings=shape.max_length,
-        mask_token_id=shape.mask,
-        eos_token_id=shape.eos,
-        pad_token_id=shape.eos,
         block_size=shape.block_size,
     )
     return sdar_config_dict(cfg)
