@@ -101,3 +101,23 @@ def test_family_config_round_trip_and_errors(tmp_path):
     tensors["encoder.layers.0.self_attn.q_norm.weight"] = torch.ones(cfg.head_dim)
     with pytest.raises(CheckpointLoadError, match="q_norm"):
         load_model(write_labs_checkpoint(tmp_path / "extra", cfg, tensors))
+
+
+def test_the_tokenizers_own_eos_stops_generation_too(tmp_path):
+    """The published loops stop at ``tokenizer.eos_token_id``; config.json's eos (11 for the real
+    checkpoints) need not be that token, so both are stop ids."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from dllm_serve.models.tokenizer import ChatTokenizer
+
+    shipped = Path(__file__).parents[2] / "src/dllm_serve/models/configs/nemotron-labs-diffusion-8b"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shipped / name, tmp_path / name)
+    settings = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    settings["eos_token"] = "</s>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    config_eos = json.loads((shipped / "config.json").read_text())["eos_token_id"]
+    assert config_eos == 11
+    assert ChatTokenizer(tmp_path).stop_ids(config_eos) == (11, 2)

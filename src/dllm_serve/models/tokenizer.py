@@ -170,6 +170,8 @@ class ChatTokenizer:
         return cast(str, text)  # one sequence of ids: one string
 
     def stop_ids(self, eos_token_id: int) -> tuple[int, ...]:
-        """eos plus end-of-turn and a diffusion padding token, when the vocabulary has them."""
-        ids = [eos_token_id, self.end_of_turn_id, *self.diffusion_pad_ids]
+        """config.json's eos plus the tokenizer's own eos, end-of-turn and a diffusion padding token,
+        when the vocabulary has them: published loops stop at ``tokenizer.eos_token_id``, which need not
+        be config.json's (Nemotron-Labs-Diffusion: config 11, answers also end at ``</s>``)."""
+        ids = [eos_token_id, self.hf.eos_token_id, self.end_of_turn_id, *self.diffusion_pad_ids]
         return tuple(dict.fromkeys(i for i in ids if i is not None))
