@@ -6,6 +6,7 @@ subset), never hard-coded, so the tests hold for any retrained bundled checkpoin
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -97,6 +98,22 @@ def test_one_token_answer_with_mc_num_one_is_exact_for_messages_and_token_ids(se
         assert row["logprob"] == pytest.approx(want, abs=1e-4)
         assert row["stderr"] == 0.0 and row["forwards"] >= 1
         assert isinstance(row["is_greedy"], bool)
+
+
+def _scoring_metrics(server) -> dict[str, float]:
+    text = httpx.get(server.base_url + "/metrics", timeout=10).text
+    pattern = r'^dllm_serve_scoring_(requests_total\{reason="stop"\}|tokens_total|latency_seconds_count) ([0-9.e+]+)$'
+    return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
+
+
+def test_scoring_is_counted_in_metrics(served):
+    server, loaded, _ = served
+    before = _scoring_metrics(server)
+    items = [_item(0, 2, loaded)[0], _item(1, 3, loaded)[0]]
+    assert _post(server, {"requests": items, "mc_num": 1}).status_code == 200
+    after = _scoring_metrics(server)
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    assert grew == {'requests_total{reason="stop"}': 2, "tokens_total": 5, "latency_seconds_count": 1}
 
 
 def test_text_pairs_move_the_context_s_trailing_spaces_into_the_continuation(served):

@@ -366,6 +366,7 @@ async def score(
     request: Request, state: ServerState, engine: EngineBase, requests: Sequence[AnyRequest]
 ) -> list[ScoringEvent]:
     """Run the scoring requests; 429 when the queue is full, 499/504/500 as for generation."""
+    arrived = time.perf_counter()
     try:
         call = ScoringCall(engine, requests)
     except QueueFullError:
@@ -386,6 +387,7 @@ async def score(
     finally:
         watcher.cancel()
         call.abort()
+    state.metrics.observe_scoring(events, time.perf_counter() - arrived)
     for event in events:
         if event.finish_reason != "stop":
             raise failure_error(EngineFailure(event.finish_reason, event.error or ""))

@@ -91,6 +91,23 @@ class ServerMetrics:
             f"{PREFIX}_prompt_cache_capacity_bytes", "The prompt cache's budget.", registry=r
         )
         self._mirrored = {"lookups": 0, "hits": 0, "reused_tokens": 0}
+        # Likelihood scoring (/v1/loglikelihood, completions echo + logprobs): its rows share the
+        # engine's forwards with generation, so its own volume and latency are counted apart.
+        self.scoring_requests = Counter(
+            f"{PREFIX}_scoring_requests",
+            "Scoring requests (one per context/continuation pair or echoed prompt) by outcome.",
+            ["reason"],
+            registry=r,
+        )
+        self.scoring_tokens = Counter(
+            f"{PREFIX}_scoring_tokens", "Tokens whose log-probability was returned by scoring.", registry=r
+        )
+        self.scoring_latency = Histogram(
+            f"{PREFIX}_scoring_latency_seconds",
+            "From a scoring call's arrival to its last score.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.http_errors = Counter(
             f"{PREFIX}_request_errors", "Requests answered with an error, by status.", ["status"], registry=r
         )
@@ -107,6 +124,13 @@ class ServerMetrics:
         self.generation_tokens.inc(completion_tokens)
         if forwards > 0:
             self.tokens_per_forward.observe(completion_tokens / forwards)
+
+    def observe_scoring(self, events, seconds: float) -> None:
+        """One HTTP scoring call's engine events, once all of them arrived."""
+        for event in events:
+            self.scoring_requests.labels(reason=event.finish_reason).inc()
+            self.scoring_tokens.inc(event.num_tokens or sum(t is not None for t in event.tokens))
+        self.scoring_latency.observe(seconds)
 
     def render(self, engine) -> bytes:
         """The exposition text, with the queue gauges read from the engine now."""
