@@ -102,7 +102,8 @@ def test_one_token_answer_with_mc_num_one_is_exact_for_messages_and_token_ids(se
 
 def _scoring_metrics(server) -> dict[str, float]:
     text = httpx.get(server.base_url + "/metrics", timeout=10).text
-    pattern = r'^dllm_serve_scoring_(requests_total\{reason="stop"\}|tokens_total|latency_seconds_count) ([0-9.e+]+)$'
+    names = r'requests_total\{reason="stop"\}|tokens_total|latency_seconds_count'
+    pattern = rf"^dllm_serve_scoring_({names}) ([0-9.e+]+)$"
     return {name: float(value) for name, value in re.findall(pattern, text, re.M)}
 
 
