@@ -187,6 +187,25 @@ def test_required_tool_call_streams_like_openai(client):
     assert final.choices[0].finish_reason == "tool_calls"
 
 
+def test_a_streamed_tool_call_sends_no_empty_chunks(client):
+    """While a call's text is held back (it goes out whole), no chunk with an empty delta is sent."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=_user("Weather in Rome?"),
+        tools=[openai.pydantic_function_tool(Weather, name="get_weather")],
+        tool_choice=named,
+        temperature=0,
+        stream=True,
+    )
+    choices = [c.choices[0] for c in stream if c.choices]
+    assert choices[0].delta.role == "assistant"
+    later = choices[1:]
+    assert all(c.delta.content or c.delta.tool_calls or c.finish_reason for c in later), later
+    assert sum(len(c.delta.tool_calls or []) for c in later) == 1
+    assert choices[-1].finish_reason == "tool_calls"
+
+
 def test_tool_turns_in_history(client):
     """An assistant turn with tool_calls and a tool turn answering it are accepted."""
     history = [

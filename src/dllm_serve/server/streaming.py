@@ -165,7 +165,9 @@ async def _chunks(
                 out.append(chunk([{**choice(index, None, None), "denoise": text}]))
                 continue
             if text is not None:
-                out.append(chunk([choice(index, text, None, logprobs=logprobs)]))
+                body = choice(index, text, None, logprobs=logprobs)
+                if body.get("delta", True) or body.get("logprobs") is not None:  # held-back tool-call text
+                    out.append(chunk([body]))  # sends nothing until the call is whole
                 continue
             remaining -= 1  # choice ``index`` ended; its deltas were queued before this marker
             task = tasks[index]
