@@ -238,3 +238,10 @@ def test_models_command_lists_the_dream_presets():
     assert {"dream_origin", "dream_maskgit_plus", "dream_topk_margin", "dream_entropy"} <= set(names)
     assert {"dual_cache", "dinfer_blockwise"} <= set(names) and "nemotron" not in names
     assert names["dream_entropy"]["defaults"]["block_length"] is None  # the whole canvas
+
+
+def test_algorithms_listing_shows_the_checkpoints_defaults(server):
+    """GET /v1/algorithms (and so the playground) shows what a request that sets nothing gets: Dream's
+    shifted logits come from the checkpoint, not from any preset."""
+    listing = httpx.get(server.v1 + "/algorithms", timeout=10).json()["data"]
+    assert listing and all(p["defaults"]["shift_logits"] is True for p in listing)

@@ -372,3 +372,12 @@ def test_default_preset_per_engine() -> None:
         default_preset("dinfer", "nemotron")
     with pytest.raises(ValueError, match="unknown engine"):
         default_preset("vllm", "llada")
+
+
+def test_describe_presets_overlays_the_checkpoints_defaults() -> None:
+    """SDAR's block_size 4 (config.json) replaces the presets' block_length, as resolve_params does."""
+    listing = describe_presets("sdar", {"block_length": 4, "unknown_knob": 1, "threshold": None})
+    assert [p["defaults"]["block_length"] for p in listing] == [4, 4]
+    assert all("unknown_knob" not in p["defaults"] for p in listing)
+    resolved = resolve_params("sdar", "sdar", 16, model_defaults={"block_length": 4})
+    assert resolved.block_length == listing[0]["defaults"]["block_length"]

@@ -542,8 +542,12 @@ def describe_rules() -> list[dict[str, Any]]:
     ]
 
 
-def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
-    """Presets, aliases and defaults, as served by GET /v1/algorithms."""
+def describe_presets(
+    family: str | None = None, model_defaults: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Presets, aliases and defaults, as served by GET /v1/algorithms. ``model_defaults`` (the loaded
+    checkpoint's, e.g. SDAR's block_size 4) overlay the presets' as they do when a request is resolved,
+    so the listing shows what a request that sets nothing gets."""
     out = []
     for p in PRESETS.values() if family is None else presets_for(family):
         families = [spec.name for spec in registry.families_with_attention(p.attention)]
@@ -562,6 +566,7 @@ def describe_presets(family: str | None = None) -> list[dict[str, Any]]:
         }
         if p.whole_canvas:
             defaults["block_length"] = None  # one block: the whole max_tokens canvas
+        defaults.update({k: v for k, v in (model_defaults or {}).items() if v is not None and k in defaults})
         out.append(
             {
                 "name": p.name,

@@ -71,7 +71,8 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 @api.get("/v1/algorithms")
 @api.get("/generation/algorithms")
 async def list_algorithms(request: Request) -> dict[str, Any]:
-    """Presets, aliases and defaults for the loaded model (all presets while it loads)."""
+    """Presets, aliases and defaults for the loaded model, its checkpoint's defaults applied (all
+    presets, with their own defaults, while it loads)."""
     state = server_state(request)
     engine = state.engine
     family = engine.loaded.family if engine is not None else None
@@ -79,7 +80,7 @@ async def list_algorithms(request: Request) -> dict[str, Any]:
         "object": "list",
         "model": state.model_id,
         "default": engine.default_algorithm if engine is not None else None,
-        "data": describe_presets(family),
+        "data": describe_presets(family, engine.model_defaults if engine is not None else None),
         "rules": describe_rules(),
     }
 
