@@ -70,7 +70,7 @@ def test_the_engine_scores_aligned_exactly_for_the_registry_s_aligned_attention_
 
 
 @pytest.mark.parametrize("family", ["sdar", "llada2"])
-@pytest.mark.parametrize("c", [5, 6, 7, 8])
+@pytest.mark.parametrize("c", [0, 3, 5, 6, 7, 8])
 @pytest.mark.parametrize("n", [1, 3, 6])
 def test_layout_is_the_training_objective_s_two_copy_layout(trainer, family, c, n):
     """Each engine token is a token of the trainer's row (clean copy at position p, or noisy copy at
