@@ -166,13 +166,16 @@ def test_one_token_is_the_log_softmax_of_a_forward_under_the_absolute_block_mask
 
 
 @pytest.mark.parametrize("c", [5, 6, 7, 8])
-def test_a_fixed_mask_pattern_gives_each_block_s_forward_under_the_absolute_block_mask(sdar, c):
-    """One engine row (two copies) against one hand-masked one-copy forward per absolute block."""
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_fixed_mask_pattern_gives_each_block_s_forward_under_the_absolute_block_mask(sdar, c, shift):
+    """One engine row (two copies) against one hand-masked one-copy forward per absolute block;
+    ``shift``: each token read from the logits one position earlier (the clean copy's at a block's
+    first token), as for a family with shifted logits."""
     context, answer = _pair(c, 7, seed=10 + c)
     target = torch.tensor(answer)
     masked = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
     mask_id = sdar.model.roles.mask_token_id
-    lay = row_layout(context, answer, mask_id, B, False, aligned=True)
+    lay = row_layout(context, answer, mask_id, B, shift, aligned=True)
     row = Row(lay, torch.where(masked, mask_id, target), target, masked.nonzero()[:, 0], 0.0, 1, None, None)
     (out,) = forward_rows(sdar.model, [row], mask_id)
     got = dict(zip(row.wanted.tolist(), out.target_logprob.tolist(), strict=True))
@@ -180,7 +183,7 @@ def test_a_fixed_mask_pattern_gives_each_block_s_forward_under_the_absolute_bloc
         subset = tuple(i for i in range(start, end) if masked[i])
         if subset:
             (want,) = masked_logprobs(
-                sdar.model, context, answer, (start, end), [subset], B, 0.0, aligned=True
+                sdar.model, context, answer, (start, end), [subset], B, 0.0, shift, aligned=True
             )
             assert sum(got[i] for i in subset) == pytest.approx(want, abs=1e-4), (start, end)
 

@@ -253,8 +253,7 @@ class TokenLogprobJob(_Job):
                         mask_id,
                         request.block_length,
                         request.shift_logits,
-                        False,
-                        request.aligned,
+                        aligned=request.aligned,
                     ),
                     s,
                 )
