@@ -7,7 +7,9 @@ samples combine into an estimate and its standard error.
 The estimator (LLaDA's conditional ELBO, applied per block):
 
 * the continuation is cut into blocks (one block for full-attention models; for block-diffusion
-  models blocks of ``block_length`` tokens counted from the end of the context, as in training);
+  models blocks of ``block_length`` tokens, counted from the end of the context, or, for models
+  trained with blocks at absolute positions, a first block that completes the context's last,
+  partial block (``offset`` context tokens already in it) and whole blocks after it);
 * each sample masks, inside every block of length L, exactly m tokens chosen uniformly at random,
   where m is in {1..L}; over the ``mc_num`` samples the counts are spread evenly (a random offset
   k, then m_j = ((k + floor(j * L / mc_num)) mod L) + 1), so each sample's m is uniform on {1..L}
@@ -49,11 +51,15 @@ class MaskSamples:
         return int(self.counts.sum())
 
 
-def block_spans(length: int, block_length: int | None) -> list[tuple[int, int]]:
-    """[start, end) of each block of a ``length``-token continuation (None: one block)."""
-    if block_length is None or block_length >= length:
+def block_spans(length: int, block_length: int | None, offset: int = 0) -> list[tuple[int, int]]:
+    """[start, end) of each block of a ``length``-token continuation (None: one block). ``offset``:
+    how many tokens before the continuation its first block already holds (absolute blocks: the
+    context length modulo the block), so that block has ``block_length - offset`` of its tokens."""
+    if block_length is None:
         return [(0, length)]
-    return [(s, min(s + block_length, length)) for s in range(0, length, block_length)]
+    head = (block_length - offset % block_length) % block_length  # tokens completing a partial block
+    starts = [0, *(s for s in range(head or block_length, length, block_length))]
+    return list(zip(starts, [*starts[1:], length], strict=True))
 
 
 def spread_counts(length: int, mc_num: int, generator: torch.Generator) -> list[int]:
@@ -62,13 +68,16 @@ def spread_counts(length: int, mc_num: int, generator: torch.Generator) -> list[
     return [(offset + (j * length) // mc_num) % length + 1 for j in range(mc_num)]
 
 
-def draw_masks(length: int, mc_num: int, block_length: int | None, generator: torch.Generator) -> MaskSamples:
-    """Draw ``mc_num`` mask patterns over a ``length``-token continuation (see the module doc)."""
+def draw_masks(
+    length: int, mc_num: int, block_length: int | None, generator: torch.Generator, offset: int = 0
+) -> MaskSamples:
+    """Draw ``mc_num`` mask patterns over a ``length``-token continuation (see the module doc);
+    ``offset`` as in ``block_spans``."""
     if length < 1 or mc_num < 1:
         raise ValueError("a continuation of at least one token and mc_num >= 1 are needed")
     masks = torch.zeros((mc_num, length), dtype=torch.bool)
     weights = torch.zeros((mc_num, length), dtype=torch.float64)
-    for start, end in block_spans(length, block_length):
+    for start, end in block_spans(length, block_length, offset):
         size = end - start
         for j, m in enumerate(spread_counts(size, mc_num, generator)):
             chosen = torch.randperm(size, generator=generator)[:m] + start

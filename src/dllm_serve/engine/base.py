@@ -85,6 +85,8 @@ class EngineBase:
             "aligned_block_causal",
             "block_aligned",
         )
+        # Blocks at absolute positions over prompt and answer (SDAR, LLaDA2): the estimator's layout too.
+        self.aligned_scoring = registry.get(family).attention in ("aligned_block_causal", "block_aligned")
         # Causal (Nemotron-Labs, trained autoregressively too): the exact autoregressive likelihood.
         self.causal_scoring = registry.get(family).attention == "causal"
         # Decoding defaults the checkpoint implies (e.g. Nemotron's block_size -> block_length).

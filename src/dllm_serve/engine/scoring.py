@@ -60,13 +60,15 @@ class ScoringRequest:
     block_length: int | None = None
     shift_logits: bool = False
     causal: bool = False  # exact autoregressive log-likelihood (one forward; mc_num unused)
+    aligned: bool = False  # blocks at absolute positions over context and continuation (SDAR, LLaDA2)
 
 
 @dataclass
 class TokenLogprobRequest:
     """Per-token log-probabilities of a prompt (each token alone masked) and ``generate`` (0 or 1)
     greedy tokens after it. Block diffusion: a token sees the clean blocks before its own block
-    (blocks of ``block_length`` from the prompt's start) and its own block."""
+    (blocks of ``block_length`` from the prompt's start) and its own block; with ``aligned`` the
+    generated token shares the prompt's last, partial block."""
 
     request_id: str
     prompt_ids: list[int]
@@ -76,6 +78,7 @@ class TokenLogprobRequest:
     block_length: int | None = None
     shift_logits: bool = False
     causal: bool = False  # each token's autoregressive log-probability, all from one forward
+    aligned: bool = False  # blocks at absolute positions (the prompt's blocks are so already)
 
 
 @dataclass
@@ -147,11 +150,13 @@ class ElboJob(_Job):
             request.block_length,
             request.shift_logits,
             request.causal,
+            request.aligned,
         )
         if request.causal:  # one exact "sample": every position, weight 1
             self.masks, self.weights, self.counts = torch.ones(1, n, dtype=torch.bool), torch.ones(1, n), [1]
         else:
-            samples = draw_masks(n, request.mc_num, request.block_length, torch.Generator().manual_seed(seed))
+            gen = torch.Generator().manual_seed(seed)
+            samples = draw_masks(n, request.mc_num, request.block_length, gen, self.layout.block_offset)
             self.masks, self.weights = samples.masks, samples.weights
             self.counts = samples.counts.tolist()
         self.target = torch.tensor(request.continuation_ids, dtype=torch.long)
@@ -195,11 +200,7 @@ class ElboJob(_Job):
         assert state is not None
         candidates = state == self.mask_id
         if not self.layout.full:  # block diffusion: the first block that still has masks
-            start, end = next(
-                (s, e)
-                for s, e in block_spans(state.shape[0], self.request.block_length)
-                if candidates[s:e].any()
-            )
+            start, end = next((s, e) for s, e in self.layout.spans if candidates[s:e].any())
             candidates[:start] = False
             candidates[end:] = False
         pos = int(torch.where(candidates, top_lp, float("-inf")).argmax())
@@ -245,7 +246,17 @@ class TokenLogprobJob(_Job):
         for s, e in block_spans(len(prompt), request.block_length) if not self.causal else []:
             context, block = (prompt[:s], prompt[s:e]) if request.block_length else ([], prompt)
             self.pieces.append(
-                (row_layout(context, block, mask_id, request.block_length, request.shift_logits), s)
+                (
+                    row_layout(
+                        context,
+                        block,
+                        mask_id,
+                        request.block_length,
+                        request.shift_logits,
+                        aligned=request.aligned,
+                    ),
+                    s,
+                )
             )
             if not request.block_length:
                 break
@@ -281,7 +292,13 @@ class TokenLogprobJob(_Job):
         if self.gen_left:
             self.gen_left -= 1
             layout = row_layout(
-                r.prompt_ids, [self.mask_id], self.mask_id, r.block_length, r.shift_logits, self.causal
+                r.prompt_ids,
+                [self.mask_id],
+                self.mask_id,
+                r.block_length,
+                r.shift_logits,
+                self.causal,
+                r.aligned,
             )
             mask = torch.tensor([self.mask_id])
             self.in_flight += 1

@@ -5,7 +5,7 @@ continuation positions masked; the caller says which continuation positions' log
 wants. Rows of any requests are right-padded into one forward; padding is masked out of attention,
 so a row's numbers do not depend on its batch (bit for bit on CPU in float32).
 
-Three layouts:
+Four layouts:
 
 * full attention (LLaDA): ``[context | noisy continuation]``, every token sees every token;
 * block diffusion (Nemotron, as trained): ``[context | clean continuation blocks 0..n-2 | noisy
@@ -14,6 +14,15 @@ Three layouts:
   whole context); a clean block sees the context and the clean blocks up to itself; a noisy block
   sees the context, the clean blocks before it and itself, as in the ``nemotron`` preset's
   committed-context decoding (``Sequence.committed_plan``);
+* aligned block diffusion (SDAR, LLaDA2, as trained: ``aligned``): blocks of ``block_length`` at
+  absolute positions over context and continuation alike, in the trainers' two-copy layout
+  ``[clean copy of positions 0..s-1 | noisy copy of positions f..c+n-1]``, where f is the start of
+  the block holding the first continuation token and s the start of the last block (the clean copy
+  of the last block is seen by no noisy token, so it is left out). Clean tokens attend
+  block-causally (block <= own); a noisy token sees the clean blocks before its block and its own
+  block's noisy tokens, which include the context's tokens in block f (never masked). When the
+  context length is a multiple of the block this is the block-diffusion layout above, token for
+  token;
 * causal (Nemotron-Labs, trained with a next-token objective too): ``[context | continuation]``, all
   clean, each token sees the tokens up to itself, and continuation token i is read from the logits
   at the position before it: the exact autoregressive log-likelihood in one forward.
@@ -48,10 +57,11 @@ class RowLayout:
     blocks: torch.Tensor
     predict: torch.Tensor
     noisy_start: int
-    context_len: int
+    context: torch.Tensor  # [length] bool: the context's tokens (masked in the unconditional row)
     full: bool
     block_length: int | None
     causal: bool = False
+    block_offset: int = 0  # aligned blocks: context tokens in the continuation's first block
 
     @property
     def length(self) -> int:
@@ -61,6 +71,11 @@ class RowLayout:
     def continuation_len(self) -> int:
         return self.predict.shape[0]
 
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """The continuation's blocks, [start, end) in continuation indices."""
+        return block_spans(self.continuation_len, self.block_length, self.block_offset)
+
 
 def row_layout(
     context: list[int],
@@ -69,9 +84,10 @@ def row_layout(
     block_length: int | None,
     shift_logits: bool,
     causal: bool = False,
+    aligned: bool = False,
 ) -> RowLayout:
     """The layout of the module docstring; ``block_length`` None: full attention; ``causal``: the
-    autoregressive one (the context must not be empty)."""
+    autoregressive one (the context must not be empty); ``aligned``: blocks at absolute positions."""
     c, n = len(context), len(continuation)
     if causal:
         if not c:
@@ -80,7 +96,11 @@ def row_layout(
         kinds = torch.tensor([CONTEXT] * c + [CLEAN] * n, dtype=torch.long)
         zeros = torch.zeros(c + n, dtype=torch.long)
         predict = torch.arange(c - 1, c + n - 1)
-        return RowLayout(ids, torch.arange(c + n), kinds, zeros, predict, c + n, c, False, None, True)
+        return RowLayout(
+            ids, torch.arange(c + n), kinds, zeros, predict, c + n, _first(c, c + n), False, None, True
+        )
+    if aligned and block_length is not None:
+        return _aligned_layout(context, continuation, mask_id, block_length, shift_logits)
     full = block_length is None
     spans = block_spans(n, block_length)
     clean = 0 if full else spans[-1][0]  # clean copies of every block but the last
@@ -98,7 +118,46 @@ def row_layout(
         predict = predict - 1
         for s, _ in spans:  # a block's first token: the clean token before the block
             predict[s] = c + s - 1
-    return RowLayout(ids, positions, kinds, blocks, predict, noisy, c, full, block_length)
+    return RowLayout(ids, positions, kinds, blocks, predict, noisy, _first(c, noisy + n), full, block_length)
+
+
+def _aligned_layout(
+    context: list[int], continuation: list[int], mask_id: int, block_length: int, shift_logits: bool
+) -> RowLayout:
+    """The aligned two-copy layout of the module docstring."""
+    c, n = len(context), len(continuation)
+    first = c // block_length * block_length  # the block holding the first continuation token
+    offset = c - first  # context tokens in that block: in the noisy copy, never masked
+    spans = block_spans(n, block_length, offset)
+    clean = first if len(spans) == 1 else c + spans[-1][0]  # the last block's start
+    seq = context + continuation
+    ids = torch.tensor(seq[:clean] + context[first:] + [mask_id] * n, dtype=torch.long)
+    positions = torch.cat([torch.arange(clean), torch.arange(first, c + n)])
+    kinds = torch.tensor([CLEAN] * clean + [NOISY] * (offset + n), dtype=torch.long)
+    noisy = clean + offset
+    predict = torch.arange(noisy, noisy + n)
+    if shift_logits:  # position p is predicted by the logits at p - 1
+        predict = predict - 1
+        for j in range(n):
+            if (c + j) % block_length == 0:  # a block's first token: the clean token before it
+                predict[j] = c + j - 1
+    return RowLayout(
+        ids,
+        positions,
+        kinds,
+        positions // block_length,
+        predict,
+        noisy,
+        positions < c,  # the context's tokens, in both copies
+        False,
+        block_length,
+        block_offset=offset,
+    )
+
+
+def _first(k: int, length: int) -> torch.Tensor:
+    """[length] bool: the first ``k`` positions."""
+    return torch.arange(length) < k
 
 
 def attention_masks(
@@ -172,7 +231,7 @@ def forward_rows(model: DiffusionLM, rows: list[Row], mask_id: int) -> list[RowO
         ids[i, : lay.length] = lay.ids
         ids[i, lay.noisy_start : lay.length] = r.noisy
         if i >= cond:  # classifier-free guidance: the context replaced by masks
-            ids[i, : lay.context_len] = mask_id
+            ids[i, : lay.length][lay.context] = mask_id
         positions[i, : lay.length] = lay.positions
         kinds[i, : lay.length] = lay.kinds
         blocks[i, : lay.length] = lay.blocks

@@ -188,6 +188,7 @@ def scoring_requests(
                 block_length=block_length,
                 shift_logits=shift,
                 causal=causal,
+                aligned=engine.aligned_scoring,
             )
         )
     return out
@@ -269,6 +270,7 @@ async def echo_completion(
             block_length=block,
             shift_logits=shift,
             causal=engine.causal_scoring,
+            aligned=engine.aligned_scoring,
         )
         for i, ids in enumerate(prompts)
     ]
