@@ -60,7 +60,7 @@ _CHOICES = ("none", "auto", "required")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextFormat(_Body):
