@@ -1,17 +1,39 @@
 """OpenAI conformance: response fields the spec requires, nulls meaning defaults, x-request-id, and
-POST /v1/responses driven by the official client (plain and streamed)."""
+POST /v1/responses driven by the official client (plain and streamed): text, structured output
+(``responses.parse`` / ``.stream`` with ``text_format``), function tools (forced calls, a tool loop)
+and what it still refuses. The server runs random weights: every valid output is the grammar's."""
 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel
 
 MODEL = "tiny-llada"
 MSG = [{"role": "user", "content": "Copy the list: a b"}]
 FAST = {"block_length": 8}
+
+
+class Point(BaseModel):
+    x: int
+    label: Literal["a", "b"]
+
+
+class Weather(BaseModel):
+    """Get the weather for a city."""
+
+    city: str
+    unit: Literal["c", "f"]
+
+
+WEATHER = openai.pydantic_function_tool(Weather, name="get_weather")
+NAMED = {"type": "function", "name": "get_weather"}
+CALL_TOKENS = 96  # room for one call with the tiny vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +146,149 @@ def test_responses_api_with_the_openai_client(client) -> None:
     assert final.response.usage.output_tokens == resp.usage.output_tokens
 
 
+def test_responses_parse_with_a_schema(client) -> None:
+    """``text_format`` maps onto the chat path's json_schema constraint: the output always parses."""
+    common = {"model": MODEL, "input": "A point, please.", "text_format": Point, "max_output_tokens": 32}
+    for seed in range(2):
+        resp = client.responses.parse(**common, temperature=1.0, extra_body={**FAST, "seed": seed})
+        assert resp.status == "completed"
+        assert isinstance(resp.output_parsed, Point), resp.output_text
+        assert [item.type for item in resp.output] == ["message"]
+        fmt = resp.text.format
+        assert fmt.type == "json_schema" and fmt.name == "Point" and fmt.strict is True
+        assert fmt.schema_["required"] == ["x", "label"]
+    with client.responses.stream(**common, extra_body={**FAST, "seed": 5}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert isinstance(final.output_parsed, Point)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert Point.model_validate_json(text) == final.output_parsed
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+    resp = client.responses.create(
+        model=MODEL,
+        input="Any JSON object.",
+        text={"format": {"type": "json_object"}},
+        max_output_tokens=32,
+        extra_body=FAST,
+    )
+    assert isinstance(json.loads(resp.output_text), dict) and resp.text.format.type == "json_object"
+
+
+def test_responses_forced_tool_calls(client) -> None:
+    """A named call: one function_call item (no message), arguments valid for the function;
+    ``required`` over two tools: one or more calls, each valid for the function it names."""
+    resp = client.responses.parse(
+        model=MODEL,
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        tool_choice=NAMED,
+        temperature=1.0,
+        max_output_tokens=CALL_TOKENS,
+        extra_body={**FAST, "seed": 1},
+    )
+    (call,) = resp.output
+    assert call.type == "function_call" and call.status == "completed" and call.name == "get_weather"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    assert isinstance(call.parsed_arguments, Weather), call.arguments
+    assert resp.tool_choice.type == "function" and resp.tool_choice.name == "get_weather"
+    assert [t.name for t in resp.tools] == ["get_weather"] and resp.parallel_tool_calls is True
+
+    address = {
+        "type": "function",
+        "name": "set_zip",
+        "parameters": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}}},
+    }
+    tools = [{"type": "function", **WEATHER["function"]}, address]
+    resp = client.responses.create(
+        model=MODEL,
+        input="Weather in Oslo, and set the zip.",
+        tools=tools,
+        tool_choice="required",
+        max_output_tokens=CALL_TOKENS,
+        extra_body={**FAST, "seed": 2},
+    )
+    assert resp.output and all(item.type == "function_call" for item in resp.output)
+    for call in resp.output:
+        params = next(t["parameters"] for t in tools if t["name"] == call.name)
+        jsonschema.validate(json.loads(call.arguments), params)
+
+
+def test_responses_streamed_tool_call(client) -> None:
+    """OpenAI's events for a function call, with output_index and sequence numbers; the SDK's
+    ``.stream()`` accumulates them into the final response with the parsed arguments."""
+    with client.responses.stream(
+        model=MODEL,
+        input="Weather in Rome?",
+        tools=[WEATHER],
+        tool_choice=NAMED,
+        max_output_tokens=CALL_TOKENS,
+        extra_body={**FAST, "seed": 3},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added, delta, done, item_done = events[2:6]
+    assert added.item.type == "function_call" and added.item.name == "get_weather"
+    assert {added.output_index, delta.output_index, done.output_index, item_done.output_index} == {0}
+    assert delta.item_id == done.item_id == added.item.id == item_done.item.id
+    assert delta.delta == done.arguments == item_done.item.arguments
+    (call,) = final.output
+    assert call.call_id == item_done.item.call_id and isinstance(call.parsed_arguments, Weather)
+    assert final.status == "completed"
+
+
+def test_responses_tool_loop(client) -> None:
+    """call -> function_call_output -> answer: the earlier call and its result are the history."""
+    question = {"role": "user", "content": "Weather in Paris?"}
+    first = client.responses.parse(
+        model=MODEL,
+        input=[question],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=CALL_TOKENS,
+        extra_body=FAST,
+    )
+    (call,) = first.output
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "21 degrees"}
+    common = {"model": MODEL, "max_output_tokens": 8, "extra_body": FAST}
+    answer = client.responses.parse(input=[question, call, result], tools=[WEATHER], **common)
+    assert answer.status in ("completed", "incomplete")
+    assert {item.type for item in answer.output} <= {"message", "function_call"}
+    plain = client.responses.create(input=[question, call, result], tool_choice="none", **common)
+    assert [item.type for item in plain.output] == ["message"]
+    without_call = client.responses.create(input=[question, result], tool_choice="none", **common)
+    # the call is in the prompt: about as many tokens as the model wrote for it
+    added = plain.usage.input_tokens - without_call.usage.input_tokens
+    assert added >= first.usage.output_tokens // 2, (added, first.usage.output_tokens)
+
+
 def test_responses_api_refuses_what_it_cannot_do(client) -> None:
     cases = [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tools": [WEATHER]}, "tools"),  # chat's nested shape
+        ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"text": {"format": {"type": "json_object"}}}, "text"),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "strin"}}}},
+            "text.format",
+        ),
+        ({"text": {"format": {"type": "json_object"}}, "max_output_tokens": 2}, "max_output_tokens"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"max_output_tokens": 1100}, "input"),
@@ -143,6 +303,7 @@ def test_responses_api_refuses_what_it_cannot_do(client) -> None:
             },
             "input",
         ),
+        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input"),  # no call_id
     ]
     for fields, param in cases:
         kwargs = {"model": MODEL, "input": "hi", **fields}

@@ -1,18 +1,31 @@
-"""``POST /v1/responses``: OpenAI's Responses API for text in and text out, streamed or not.
+"""``POST /v1/responses``: OpenAI's Responses API, text, structured output and function tools,
+streamed or not.
 
-Newer OpenAI clients default to this API. A request is mapped onto the chat path: ``instructions``
-becomes a system message, ``input`` (a string, or message items whose content is a string or
-``input_text`` / ``output_text`` parts) the conversation, ``max_output_tokens`` the answer's
-length; the diffusion fields work as in chat. What this server cannot do (tools, images and
-files, stored conversations via ``previous_response_id``, structured output, reasoning) is a 400
-naming the field, as everywhere else. Nothing is stored: ``store`` is false in every answer.
+Newer OpenAI clients default to this API. The request is mapped onto the chat path
+(``responses_request.py`` has the table): ``instructions`` becomes a system message, ``input``
+the conversation (message items, and ``function_call`` / ``function_call_output`` items as the
+assistant's tool calls and the tool results), ``max_output_tokens`` the answer's length,
+``text.format`` the ``response_format`` and ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
+chat's tools. So structured output and forced tool calls are grammar-enforced exactly as on
+``/v1/chat/completions`` (``server/structured.py``): the output always parses and validates.
+What this server cannot do (non-function tools, images and files, stored conversations via
+``previous_response_id``, reasoning) is a 400 naming the field. Nothing is stored: ``store`` is
+false in every answer.
+
+The answer's ``output`` holds the items in the order the model wrote them: a ``message`` item for
+its text (none when it wrote only calls) and one ``function_call`` item (``id`` ``fc_...``,
+``call_id`` ``call_...``, ``name``, ``arguments``) per call, parsed from the text as on chat
+(``tools.CallStream``).
 
 A stream is OpenAI's event sequence, each event an SSE ``event:`` line plus its JSON ``data`` with
-a ``sequence_number``: ``response.created``, ``response.in_progress``,
+a ``sequence_number``: ``response.created``, ``response.in_progress``; per message item
 ``response.output_item.added``, ``response.content_part.added``, ``response.output_text.delta``
 (as text commits), ``response.output_text.done``, ``response.content_part.done``,
-``response.output_item.done``, then ``response.completed`` (or ``response.incomplete`` when
-``max_output_tokens`` ended the answer). A failure after the stream started is an ``error`` event.
+``response.output_item.done``; per function call (sent whole once its text has committed)
+``response.output_item.added``, ``response.function_call_arguments.delta``,
+``response.function_call_arguments.done``, ``response.output_item.done``; then
+``response.completed`` (or ``response.incomplete`` when ``max_output_tokens`` ended the answer).
+A failure after the stream started is an ``error`` event.
 """
 
 from __future__ import annotations
@@ -21,14 +34,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar, Literal
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import field_validator
 
-from dllm_serve.protocol import ChatMessage, DiffusionFields, one_algorithm
+from dllm_serve.server import tools
 from dllm_serve.server.auth import require_api_key
 from dllm_serve.server.errors import APIError, internal_error
 from dllm_serve.server.lifecycle import (
@@ -38,135 +50,28 @@ from dllm_serve.server.lifecycle import (
     complete,
     failure_error,
 )
-from dllm_serve.server.preparation import accept, chat_prompt, prepare_generation
+from dllm_serve.server.preparation import accept, chat_prompt, output_constraint, prepare_generation
+from dllm_serve.server.responses_request import ResponsesRequest
 from dllm_serve.server.streaming import EventStreamResponse
 
 responses = APIRouter(dependencies=[Depends(require_api_key)])
 
-# Responses API fields this server does not implement, with the values that ask for nothing (the
-# fields chat shares, such as tools, store or metadata, are refused by ``protocol.strip_unsupported``).
-_NOTHING: dict[str, Callable[[Any], bool]] = {
-    "max_tool_calls": lambda v: v is None,
-    "previous_response_id": lambda v: v is None,
-    "conversation": lambda v: v is None,
-    "prompt": lambda v: v is None,
-    "reasoning": lambda v: v is None or (isinstance(v, dict) and all(x is None for x in v.values())),
-    "text": lambda v: v is None or v == {"format": {"type": "text"}} or v == {},
-    "include": lambda v: v is None or v == [],
-    "background": lambda v: v is None or v is False,
-    "truncation": lambda v: v in (None, "disabled"),
-    "stream_options": lambda v: v is None,
+# Chat-path parameter names, in this API's spelling.
+_PARAMS = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
 }
-_TEXT_PARTS = ("input_text", "output_text", "text")
 
-
-class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
-    """The supported subset of a Responses API request (unsupported fields are refused first)."""
-
-    model: str
-    input: Any
-    instructions: str | None = None
-    max_output_tokens: int | None = None
-    stream: bool | None = None
-    user: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    algorithm: str | None = None
-    generation_algorithm: str | None = None
-    # The denoise view streams chat/completions chunks; Responses events carry committed text only.
-    stream_mode: Literal["committed"] = "committed"
-
-    @property
-    def requested_logprobs(self) -> None:
-        """Token log-probabilities are offered on chat and completions, not here."""
-        return None
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> ResponsesRequest:
-        """Fields of the Responses API this server cannot honour are a 400 naming them, first."""
-        return super().model_validate(_refuse_unsupported(obj), **kwargs)
-
-    @field_validator("input")
-    @classmethod
-    def _input(cls, value: Any) -> list[ChatMessage]:
-        if isinstance(value, str):
-            return [ChatMessage(role="user", content=value)]
-        if not isinstance(value, list) or not value:
-            raise ValueError("input must be a non-empty string or a non-empty list of message items")
-        return [_message(i, item) for i, item in enumerate(value)]
-
-    @field_validator("max_output_tokens")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be a positive integer")
-        return value
-
-    _one_algorithm = field_validator("generation_algorithm")(one_algorithm)
-
-    # What the chat path (preparation.chat_prompt, prepare_generation) reads from a request.
-    n: ClassVar[int] = 1
-    stop: ClassVar[list[str]] = []
-
-    @property
-    def messages(self) -> list[ChatMessage]:
-        system = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
-        return system + self.input
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_output_tokens
-
-    @property
-    def algorithm_name(self) -> str | None:
-        return self.algorithm or self.generation_algorithm
-
-    def decode_overrides(self) -> dict[str, Any]:
-        from dllm_serve.engine.algorithms import OVERRIDABLE
-
-        return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
-
-
-def _message(index: int, item: Any) -> ChatMessage:
-    """One input item: a message whose content is a string or text parts (nothing else)."""
-    where = f"input[{index}]"
-    if not isinstance(item, dict):
-        raise ValueError(f"{where} must be a message object")
-    if item.get("type", "message") != "message":
-        raise ValueError(f"{where}.type {item.get('type')!r} is not supported (only 'message' items)")
-    unknown = set(item) - {"type", "role", "content", "id", "status", "phase"}
-    if unknown:
-        raise ValueError(f"{where} has unsupported fields: {sorted(unknown)}")
-    content = item.get("content")
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
-                raise ValueError(f"{where}.content[{j}]: only text parts are supported, got {kind!r}")
-            texts.append(part["text"])
-        content = "".join(texts)
-    if not isinstance(content, str):
-        raise ValueError(f"{where}.content must be a string or a list of text parts")
-    try:
-        return ChatMessage.model_validate({"role": item.get("role"), "content": content})
-    except ValueError:
-        raise ValueError(f"{where}.role must be one of system, developer, user, assistant") from None
-
-
-def _refuse_unsupported(body: dict[str, Any]) -> dict[str, Any]:
-    for key, asks_nothing in _NOTHING.items():
-        if key in body and not asks_nothing(body[key]):
-            raise APIError(
-                400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter"
-            )
-    return {k: v for k, v in body.items() if k not in _NOTHING}
+Event = tuple[str, dict[str, Any]]
 
 
 def _renamed(exc: APIError) -> APIError:
     """Chat-path errors in this API's field names."""
-    exc.param = {"messages": "input", "max_tokens": "max_output_tokens"}.get(exc.param or "", exc.param)
-    exc.message = exc.message.replace("max_tokens", "max_output_tokens")
+    exc.param = _PARAMS.get(exc.param or "", exc.param)
+    exc.message = exc.message.replace("max_tokens", "max_output_tokens").replace(
+        "response_format", "text.format"
+    )
     return exc
 
 
@@ -179,7 +84,8 @@ async def create_response(request: Request) -> Response:
     state, engine, req = await accept(request, ResponsesRequest)
     try:
         prompt = await state.offload(chat_prompt, state, engine, req)
-        prepared = prepare_generation(state, engine, req, [prompt], "input", "resp")
+        constraint = await state.offload(output_constraint, engine, req)
+        prepared = prepare_generation(state, engine, req, [prompt], "input", "resp", constraint)
     except APIError as exc:
         raise _renamed(exc) from None
     run = GenerationRun(state, engine, prepared)
@@ -190,35 +96,138 @@ async def create_response(request: Request) -> Response:
         tasks[0].add_done_callback(lambda _: queue.put_nowait(None))
         return EventStreamResponse(_events(run, tasks[0], queue, shape), on_close=lambda: run.close(tasks))
     (outcome,) = await complete(request, run)
-    return JSONResponse(shape.response(outcome.finish_reason, outcome.text, run))
+    output = OutputItems(tools.active(req))
+    output.feed(outcome.text)
+    output.finish(outcome.finish_reason)
+    return JSONResponse(shape.response(outcome.finish_reason, output.items, run))
+
+
+class OutputItems:
+    """The response's output items, grown from the committed text, and the stream events that
+    announce them: text goes into a message item (opened at the first text that is not white space),
+    each call (with tools offered) becomes a function_call item, in the order the model wrote them.
+    White space before a call or at the end after one is not a message."""
+
+    def __init__(self, with_tools: bool) -> None:
+        self.calls = tools.CallStream() if with_tools else None
+        self.items: list[dict[str, Any]] = []
+        self.open: int | None = None  # index of the message item text goes into
+        self.blank = ""  # white space waiting for text to follow (before any message is open)
+
+    def feed(self, text: str) -> list[Event]:
+        if self.calls is None:
+            return self._text(text)
+        return [e for part in self.calls.feed(text) for e in self._part(part)]
+
+    def finish(self, finish_reason: str) -> list[Event]:
+        """The last events: the rest of the text, the open message closed (``incomplete`` if
+        ``max_output_tokens`` ended it), and an empty message if nothing was written at all."""
+        events = [e for part in (self.calls.finish() if self.calls else []) for e in self._part(part)]
+        if self.open is None and not self.items:
+            events += self._open_message()
+            events += self._append(self.blank)
+        if self.open is not None:
+            events += self._close_message("incomplete" if finish_reason == "length" else "completed")
+        return events
+
+    def _part(self, part: str | dict[str, Any]) -> list[Event]:
+        return self._text(part) if isinstance(part, str) else self._call(part)
+
+    def _text(self, text: str) -> list[Event]:
+        events: list[Event] = []
+        if self.open is None:
+            if not text.strip():
+                self.blank += text
+                return events
+            text, self.blank = self.blank + text, ""
+            events = self._open_message()
+        return events + self._append(text)
+
+    def _append(self, text: str) -> list[Event]:
+        if not text or self.open is None:
+            return []
+        message = self.items[self.open]
+        message["content"][0]["text"] += text
+        where = {"item_id": message["id"], "output_index": self.open, "content_index": 0}
+        return [("response.output_text.delta", {**where, "delta": text, "logprobs": []})]
+
+    def _open_message(self) -> list[Event]:
+        self.open = len(self.items)
+        message = _message(_new_id("msg"), "in_progress", [])
+        self.items.append({**message, "content": [_part("")]})
+        where = {"item_id": message["id"], "output_index": self.open, "content_index": 0}
+        return [
+            ("response.output_item.added", {"output_index": self.open, "item": message}),
+            ("response.content_part.added", {**where, "part": _part("")}),
+        ]
+
+    def _close_message(self, status: str) -> list[Event]:
+        index, self.open = self.open, None
+        assert index is not None
+        message = self.items[index]
+        message["status"] = status
+        part = message["content"][0]
+        where = {"item_id": message["id"], "output_index": index, "content_index": 0}
+        return [
+            ("response.output_text.done", {**where, "text": part["text"], "logprobs": []}),
+            ("response.content_part.done", {**where, "part": dict(part)}),
+            ("response.output_item.done", {"output_index": index, "item": _copy(message)}),
+        ]
+
+    def _call(self, call: dict[str, Any]) -> list[Event]:
+        """A call parsed from the text (``tools._new_call``): any open message ends before it."""
+        events = self._close_message("completed") if self.open is not None else []
+        self.blank = ""
+        index = len(self.items)
+        function = call["function"]
+        item = {
+            "id": _new_id("fc"),
+            "type": "function_call",
+            "status": "completed",
+            "call_id": call["id"],
+            "name": function["name"],
+            "arguments": function["arguments"],
+        }
+        self.items.append(item)
+        where = {"item_id": item["id"], "output_index": index}
+        return [
+            *events,
+            (
+                "response.output_item.added",
+                {"output_index": index, "item": {**item, "status": "in_progress", "arguments": ""}},
+            ),
+            ("response.function_call_arguments.delta", {**where, "delta": item["arguments"]}),
+            (
+                "response.function_call_arguments.done",
+                {**where, "name": item["name"], "arguments": item["arguments"]},
+            ),
+            ("response.output_item.done", {"output_index": index, "item": dict(item)}),
+        ]
+
+
+def _message(item_id: str, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _copy(message: dict[str, Any]) -> dict[str, Any]:
+    return {**message, "content": [dict(p) for p in message["content"]]}
 
 
 class _Shape:
-    """The Response object and its parts, fixed for one request."""
+    """The Response object, fixed for one request."""
 
     def __init__(self, req: ResponsesRequest, model: str) -> None:
         self.req = req
         self.model = model
         self.id = _new_id("resp")
-        self.message_id = _new_id("msg")
         self.created = int(time.time())
 
-    def message(self, status: str, text: str | None) -> dict[str, Any]:
-        content = [] if text is None else [self.part(text)]
-        return {
-            "id": self.message_id,
-            "type": "message",
-            "status": status,
-            "role": "assistant",
-            "content": content,
-        }
-
-    @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
     def response(
-        self, finish: str | None, text: str | None, run: GenerationRun | None = None
+        self, finish: str | None, output: list[dict[str, Any]], run: GenerationRun | None = None
     ) -> dict[str, Any]:
         """``finish`` None: still running; "length": incomplete; else completed."""
         status = "in_progress" if finish is None else "incomplete" if finish == "length" else "completed"
@@ -235,8 +244,8 @@ class _Shape:
             "max_output_tokens": req.max_output_tokens,
             "max_tool_calls": None,
             "model": self.model,
-            "output": [] if finish is None else [self.message(status, text)],
-            "parallel_tool_calls": False,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
@@ -246,9 +255,9 @@ class _Shape:
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
             "top_logprobs": 0,
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
+            "text": req.echo_text(),
+            "tool_choice": req.echo_tool_choice(),
+            "tools": req.echo_tools(),
             "truncation": "disabled",
             "service_tier": "default",
             "user": req.user,
@@ -281,19 +290,16 @@ async def _events(
     run: GenerationRun, task: asyncio.Task[ChoiceOutcome], queue: asyncio.Queue[str | None], shape: _Shape
 ) -> AsyncIterator[bytes]:
     seq = iter(range(1 << 62))
-    where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
+    output = OutputItems(tools.active(shape.req))
+
+    def sse(events: list[Event]) -> bytes:
+        return b"".join(_event(kind, next(seq), **fields) for kind, fields in events)
+
     try:
-        yield b"".join(
+        yield sse(
             [
-                _event("response.created", next(seq), response=shape.response(None, None)),
-                _event("response.in_progress", next(seq), response=shape.response(None, None)),
-                _event(
-                    "response.output_item.added",
-                    next(seq),
-                    output_index=0,
-                    item=shape.message("in_progress", None),
-                ),
-                _event("response.content_part.added", next(seq), **where, part=shape.part("")),
+                ("response.created", {"response": shape.response(None, [])}),
+                ("response.in_progress", {"response": shape.response(None, [])}),
             ]
         )
         deadline = run.deadline()
@@ -306,7 +312,9 @@ async def _events(
                 yield _error_event(next(seq), run.timeout_error())
                 return
             if delta is not None:
-                yield _event("response.output_text.delta", next(seq), **where, delta=delta, logprobs=[])
+                events = output.feed(delta)
+                if events:
+                    yield sse(events)
                 continue
             failed = task.exception() if not task.cancelled() else asyncio.CancelledError()
             if failed is not None:
@@ -318,20 +326,10 @@ async def _events(
                 return
             outcome = task.result()
             run.outcomes[0] = outcome
-            done = shape.response(outcome.finish_reason, outcome.text, run)
-            item = done["output"][0]
-            yield b"".join(
-                [
-                    _event("response.output_text.done", next(seq), **where, text=outcome.text, logprobs=[]),
-                    _event("response.content_part.done", next(seq), **where, part=shape.part(outcome.text)),
-                    _event("response.output_item.done", next(seq), output_index=0, item=item),
-                    _event(
-                        f"response.{'incomplete' if done['status'] == 'incomplete' else 'completed'}",
-                        next(seq),
-                        response=done,
-                    ),
-                ]
-            )
+            events = output.finish(outcome.finish_reason)
+            done = shape.response(outcome.finish_reason, output.items, run)
+            final = "incomplete" if done["status"] == "incomplete" else "completed"
+            yield sse([*events, (f"response.{final}", {"response": done})])
             return
     finally:
         run.close([task])
