@@ -12,6 +12,7 @@ from tests.helpers import TOKENIZER_FILES, random_like, small_qwen_shape, write_
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SDAR = REPO / "models" / "tiny-sdar"
+TINY_SDAR_MOE = REPO / "models" / "tiny-sdar-moe"
 
 
 def random_sdar_config(**overrides) -> SDARConfig:
