@@ -46,6 +46,14 @@ in model/format and objective:
         --tokenizer-from models/tiny-nemotron --steps 1500 --schedule wsd --lr 2e-3 \
         --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
 
+- ``sdar-moe`` (SDARMoeForCausalLM): SDAR's objective on SDAR's MoE variant; ``--init models/tiny-sdar``
+  upcycles the trained dense model (``scripts/tiny_sdar_moe.py``), and the trainer logs each sparse
+  layer's routing load into TRAINING.json:
+
+    python scripts/train_tiny.py --family sdar-moe --init models/tiny-sdar \
+        --tokenizer-from models/tiny-sdar --steps 500 --schedule wsd --lr 1e-3 \
+        --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
+
 Deterministic for a given seed and thread count.
 """
 

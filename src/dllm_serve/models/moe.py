@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm_serve.models.base import WeightNames
+from dllm_serve.models.base import DiffusionLM, WeightNames
 
 
 @dataclass(frozen=True)
@@ -210,14 +210,14 @@ def moe_of(layer: nn.Module) -> MoEBlock | None:
     return moe if isinstance(moe, MoEBlock) else None
 
 
-def expert_weight_map(model: nn.Module, table: WeightNames, mlp_prefix: str) -> dict[str, tuple[str, ...]]:
+def expert_weight_map(model: DiffusionLM, table: WeightNames, mlp_prefix: str) -> dict[str, tuple[str, ...]]:
     """Internal parameter -> published tensor name(s) for a stack whose layers may hold an ``moe``:
     the family's table plus, per MoE layer, the router's and every expert's names under
     ``mlp_prefix`` (containing ``{i}``, e.g. ``model.layers.{i}.mlp.``). The routed experts' names
     depend on the expert count, so the static table cannot list them."""
     params = dict(model.named_parameters())
     out = {k: _tuple(v) for k, v in table.top.items() if k in params}
-    for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
+    for i, layer in enumerate(model.layers):
         names = {k: _tuple(v) for k, v in table.layers.items()}
         moe = moe_of(layer)
         if moe is not None:
