@@ -46,6 +46,14 @@ in model/format and objective:
         --tokenizer-from models/tiny-nemotron --steps 1500 --schedule wsd --lr 2e-3 \
         --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
 
+- ``sdar-moe`` (SDARMoeForCausalLM): SDAR's objective on SDAR's MoE variant; ``--init models/tiny-sdar``
+  upcycles the trained dense model (``scripts/tiny_sdar_moe.py``), and the trainer logs each sparse
+  layer's routing load into TRAINING.json:
+
+    python scripts/train_tiny.py --family sdar-moe --init models/tiny-sdar \
+        --tokenizer-from models/tiny-sdar --steps 500 --schedule wsd --lr 1e-3 \
+        --dependent-share 0.5 --threads 1 --save-every 100 --log-every 25
+
 Deterministic for a given seed and thread count.
 """
 
@@ -76,6 +84,7 @@ from dllm_serve.models.tokenizer import ChatTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_llada2  # LLaDA2's aligned objective, routing balance and init from tiny-nemotron
+import tiny_sdar_moe  # SDAR-MoE's upcycling from tiny-sdar and routing-load log
 
 # Response canvases during training (answer, end-of-turn, EOS padding), cycled per batch so the model
 # ends answers cleanly on any canvas a user picks; each family's TinyFormat.canvas_lengths lists them
@@ -480,6 +489,7 @@ def save_checkpoint(
     step: int,
     seconds: float,
     loss: float,
+    routing_log: dict[int, list[float]] | None = None,
 ) -> None:
     """Weights under the official names, config.json, generation_config.json and a training record."""
     save_file(model.export_state_dict(), str(args.out / "model.safetensors"), metadata={"format": "pt"})
@@ -517,6 +527,12 @@ def save_checkpoint(
     if fmt.objective == "moe_aligned_block_diffusion":
         record["block_size"] = tiny_llada2.BLOCK
         record["routing"] = tiny_llada2.RoutingBalance.record()
+    if routing_log:
+        record["routing_load_log"] = {
+            "meaning": "busiest expert's tokens / mean tokens per expert since the previous entry, "
+            "per sparse layer (1.00 = even)",
+            **{f"step_{k}": v for k, v in routing_log.items()},
+        }
     if getattr(args, "init_record", None):
         record["init"] = args.init_record
     elif args.init is not None:
@@ -632,9 +648,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None and args.family == "llada2" and _is_nemotron(args.init):
         copied = tiny_llada2.init_from_nemotron(model, load_file(str(args.init / "model.safetensors")))
         args.init_record = {"from": str(args.init), "copied": copied, "rest": "init_weights (std 0.02)"}
+    elif (
+        args.init is not None
+        and args.family == "sdar-moe"
+        and registry.detect_family(read_config(args.init)) == "sdar"
+    ):
+        dense = load_model(args.init).model
+        args.init_record = tiny_sdar_moe.upcycle(model, dense, torch.Generator().manual_seed(args.seed))
     elif args.init is not None:
         init_weights_from(model, args.init, args.family)
-    balance = tiny_llada2.RoutingBalance(model) if fmt.objective == "moe_aligned_block_diffusion" else None
+    balance: tiny_llada2.RoutingBalance | tiny_sdar_moe.RoutingLoad | None = None
+    if fmt.objective == "moe_aligned_block_diffusion":
+        balance = tiny_llada2.RoutingBalance(model)
+    elif hasattr(model, "moe_blocks"):
+        balance = tiny_sdar_moe.RoutingLoad(model)
+    routing_log = balance.history if isinstance(balance, tiny_sdar_moe.RoutingLoad) else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, args.schedule, args.steps))
     stream = training_stream(dependent_share=args.dependent_share)
@@ -667,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         if balance is not None:
             balance.update()
         if step % args.save_every == 0 and step < last:
-            save_checkpoint(model, config, args, step, time.time() - t0, loss.item())
+            save_checkpoint(model, config, args, step, time.time() - t0, loss.item(), routing_log)
         if step % args.log_every == 0 or step == 1:
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}  "
@@ -675,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
 
-    save_checkpoint(model, config, args, last, time.time() - t0, loss.item())
+    save_checkpoint(model, config, args, last, time.time() - t0, loss.item(), routing_log)
     print(f"saved {args.out} in {time.time() - t0:.0f}s")
 
 

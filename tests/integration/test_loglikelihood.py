@@ -21,12 +21,13 @@ from tests.helpers import TINY_LLADA
 from tests.likelihood_reference import exact_expectation
 from tests.llada2_helpers import TINY_LLADA2
 from tests.nemotron_helpers import TINY_NEMOTRON
-from tests.sdar_helpers import TINY_SDAR
+from tests.sdar_helpers import TINY_SDAR, TINY_SDAR_MOE
 
 MODELS = {
     "llada": (TINY_LLADA, None),
     "nemotron": (TINY_NEMOTRON, 32),
     "sdar": (TINY_SDAR, 4),
+    "sdar-moe": (TINY_SDAR_MOE, 4),
     "dream": (TINY_DREAM, None),
     "llada2": (TINY_LLADA2, 32),
 }

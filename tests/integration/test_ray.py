@@ -31,7 +31,7 @@ from tests.helpers import TINY_LLADA
 from tests.integration.conftest import free_port
 from tests.llada2_helpers import TINY_LLADA2
 from tests.nemotron_labs_helpers import TINY_LABS
-from tests.sdar_helpers import TINY_SDAR
+from tests.sdar_helpers import TINY_SDAR, TINY_SDAR_MOE
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="needs ray[serve] (pip install -e '.[ray]')"
@@ -392,7 +392,9 @@ def test_replicas_get_the_drain_plus_a_margin_before_ray_stops_them():
 
 
 @needs_ray
-@pytest.mark.parametrize("model", [TINY_DREAM, TINY_SDAR, TINY_LABS, TINY_LLADA2], ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "model", [TINY_DREAM, TINY_SDAR, TINY_SDAR_MOE, TINY_LABS, TINY_LLADA2], ids=lambda m: m.name
+)
 def test_each_new_family_serves_through_two_replicas(model, tmp_path):
     """The replica path is the same app for every family: each new family's bundled model, two
     replicas, concurrent plain and streamed requests, every answer the task's right answer."""

@@ -1,6 +1,7 @@
-"""SDAR end to end: the bundled tiny-sdar's accuracy with its default preset, a real server answering
-the openai client (streamed or not) exactly as the offline engine does, its presets' errors, and
-`dllm-serve models`. Likelihood scoring runs in tests/integration/test_loglikelihood.py.
+"""SDAR end to end: the bundled tiny-sdar's and tiny-sdar-moe's accuracy with their default preset, a
+real server for each answering the openai client (streamed or not) exactly as the offline engine
+does, the presets' errors, and `dllm-serve models`. Likelihood scoring runs in
+tests/integration/test_loglikelihood.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dllm_serve.config import EngineConfig
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import load_model
-from tests.sdar_helpers import TINY_SDAR
+from tests.sdar_helpers import TINY_SDAR, TINY_SDAR_MOE
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,44 @@ def server(server_factory):
     return server_factory("--model-path", str(TINY_SDAR))
 
 
+@pytest.fixture(scope="module")
+def moe_loaded():
+    return load_model(TINY_SDAR_MOE)
+
+
+@pytest.mark.parametrize("max_tokens", [32, 512])
+def test_tiny_sdar_moe_accuracy_with_its_default_preset(moe_loaded, max_tokens):
+    """The MoE variant (every max_tokens 32-512 in benchmarks/canvas_cpu.md): SDAR's preset as is."""
+    engine = Engine(moe_loaded, EngineConfig(max_batch_size=64))
+    assert moe_loaded.family == "sdar-moe" and engine.default_algorithm == "sdar"
+    report = evaluate(engine, "sdar", 200, max_tokens, {})
+    assert report["accuracy"] >= 95.0, report
+
+
 def test_chat_completions_streamed_or_not_equal_the_offline_engine(server, loaded):
+    _chat_equals_offline(server, loaded, "tiny-sdar")
+
+
+def test_tiny_sdar_moe_serves_like_its_offline_engine(server_factory, moe_loaded):
+    """One server of the MoE variant: the same API checks as tiny-sdar's, and its static preset."""
+    server = server_factory("--model-path", str(TINY_SDAR_MOE))
+    try:
+        _chat_equals_offline(server, moe_loaded, "tiny-sdar-moe")
+        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+        reply = client.completions.create(
+            model="tiny-sdar-moe", prompt="Copy", max_tokens=8, extra_body={"algorithm": "sdar_static"}
+        )
+        assert reply.model_extra["diffusion"]["algorithm"] == "sdar_static"
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(
+                model="tiny-sdar-moe", prompt="x", max_tokens=8, extra_body={"algorithm": "llada2"}
+            )
+    finally:
+        server.stop()
+
+
+def _chat_equals_offline(server, loaded, name: str) -> None:
+    """Chat completions, plain and streamed, equal the offline engine's tokens for held-out prompts."""
     tok = loaded.tokenizer
     engine = Engine(loaded, EngineConfig(max_batch_size=4))
     examples = heldout_examples(4, seed=3)  # prompts of 32 and 38 tokens
@@ -54,7 +92,7 @@ def test_chat_completions_streamed_or_not_equal_the_offline_engine(server, loade
     offline = engine.run_to_completion(requests)
 
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
-    assert client.models.list().data[0].id == "tiny-sdar"
+    assert client.models.list().data[0].id == name
     assert httpx.get(server.v1 + "/algorithms").json()["default"] == "sdar"
     for ex, req in zip(examples, requests, strict=True):
         want = offline[req.request_id]
@@ -62,7 +100,7 @@ def test_chat_completions_streamed_or_not_equal_the_offline_engine(server, loade
         assert text.strip() == ex.answer.strip()
         tokens = len(want.token_ids) + int(want.stopped_on_token)
         messages = [{"role": "user", "content": ex.prompt}]
-        reply = client.chat.completions.create(model="tiny-sdar", messages=messages, max_tokens=40, seed=0)
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=40, seed=0)
         choice = reply.choices[0]
         assert choice.message.content == text and choice.finish_reason == want.finish_reason
         assert reply.usage.completion_tokens == tokens
@@ -70,7 +108,7 @@ def test_chat_completions_streamed_or_not_equal_the_offline_engine(server, loade
         assert reply.model_extra["diffusion"]["forwards"] == want.forwards
 
         stream = client.chat.completions.create(
-            model="tiny-sdar",
+            model=name,
             messages=messages,
             max_tokens=40,
             seed=0,
@@ -106,9 +144,10 @@ def test_static_preset_by_name_and_other_families_presets_are_400(server):
     assert client.models.list().data  # still serving
 
 
-def test_models_command_lists_the_family_and_its_presets():
+@pytest.mark.parametrize(("model", "family"), [(TINY_SDAR, "sdar"), (TINY_SDAR_MOE, "sdar-moe")])
+def test_models_command_lists_the_family_and_its_presets(model, family):
     proc = subprocess.run(
-        [sys.executable, "-m", "dllm_serve.cli", "models", "--model-path", str(TINY_SDAR)],
+        [sys.executable, "-m", "dllm_serve.cli", "models", "--model-path", str(model)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -116,7 +155,7 @@ def test_models_command_lists_the_family_and_its_presets():
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["family"] == "sdar"
+    assert report["family"] == family
     assert [a["name"] for a in report["algorithms"]] == ["sdar", "sdar_static"]
 
 

@@ -332,6 +332,33 @@ def test_sdar_configs_have_their_shapes_and_run(capsys, name, low, high):
     assert report["results"]["totals"]["committed_tokens"] == 2 * 19
 
 
+def test_shipped_sdar_30b_a3b_config_counts_active_experts_and_runs(capsys):
+    """SDAR-30B-A3B (Qwen3-30B-A3B shape, 128 experts of 768, 8 per token, every layer sparse):
+    30.5 B stored, about 3 B multiplied per token; narrowed, it decodes with SDAR's preset."""
+    from dllm_serve.models.sdar_moe import SDARMoeConfig, SDARMoeModel
+
+    raw = json.loads((engine_bench.SHIPPED_CONFIGS / "sdar-30b-a3b-chat" / "config.json").read_text())
+    shape = shape_from_config(raw)
+    with torch.device("meta"):
+        model = SDARMoeModel(SDARMoeConfig.from_dict(raw))
+    assert 30.4e9 < sum(p.numel() for p in model.parameters()) < 30.6e9
+    assert (shape.experts, shape.active_experts, shape.shared_mlp_hidden) == (128, 8, 0)
+    per_token = shape.n_layers * shape.layer_matmul_params + shape.head_params
+    assert 2.9e9 < per_token < 3.2e9
+    assert (shape.n_kv_heads, shape.head_dim, raw["mask_token_id"], raw["block_size"]) == (4, 128, 151669, 4)
+    args = ["bench", "engine", "--model-path", "sdar-30b-a3b-chat", "--load-format", "dummy"]
+    small = ["num_hidden_layers=2", "hidden_size=128", "intermediate_size=256", "head_dim=32"]
+    small += ["num_experts=8", "num_experts_per_tok=2", "moe_intermediate_size=64", "mlp_only_layers=[0]"]
+    args += [a for o in small for a in ("--config-override", o)]
+    args += ["--batch-size", "2", "--prompt-len", "9", "--gen-length", "16", "--block-length", "4"]
+    args += ["--fixed-tokens-per-step", "2", "--peak-flops", "1e10", "--peak-bandwidth", "1e10"]
+    assert main([*args, "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["family"] == "sdar-moe"
+    assert (report["model"]["shape"]["experts"], report["model"]["shape"]["active_experts"]) == (8, 2)
+    assert report["results"]["totals"]["committed_tokens"] == 2 * 19
+
+
 @pytest.mark.parametrize(
     ("name", "total", "active"),
     [("llada2.0-mini", (15.5e9, 17.5e9), (1.0e9, 1.6e9)), ("llada2.0-flash", (99e9, 107e9), (5.0e9, 6.5e9))],

@@ -116,7 +116,7 @@ def test_published_config_parses() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128}, "mixture"),
+        ({"num_experts": 128}, "sdar_moe"),
         ({"attention_bias": True}, "attention_bias"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
         ({"mask_token_id": None}, "mask_token_id"),

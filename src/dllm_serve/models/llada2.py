@@ -23,7 +23,7 @@ from torch import nn
 
 from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
-from dllm_serve.models.moe import MoEBlock, MoEConfig
+from dllm_serve.models.moe import MoEBlock, MoEConfig, expert_weight_map, moe_of
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 ARCHITECTURE = "LLaDA2MoeModelLM"
@@ -216,34 +216,11 @@ class LLaDA2Model(DiffusionLM):
         self.norm_eps = cfg.rms_norm_eps
 
     def moe_blocks(self) -> list[MoEBlock]:
-        return [blk for blk in map(_moe_of, self.layers) if blk is not None]
+        return [blk for blk in map(moe_of, self.layers) if blk is not None]
 
     def weight_map(self) -> dict[str, tuple[str, ...]]:
         """The table's names plus, per MoE layer, the router's and every expert's."""
-        params = dict(self.named_parameters())
-        table = self.weight_names
-        out = {k: _tuple(v) for k, v in table.top.items() if k in params}
-        for i, layer in enumerate(self.layers):
-            names = {k: _tuple(v) for k, v in table.layers.items()}
-            moe = _moe_of(layer)
-            if moe is not None:
-                names.update({f"moe.{k}": v for k, v in moe.official_names(_LAYER + "mlp.").items()})
-            for internal, official in names.items():
-                if f"layers.{i}.{internal}" in params:
-                    out[f"layers.{i}.{internal}"] = tuple(n.format(i=i) for n in official)
-        unmapped = sorted(set(params) - set(out))
-        if unmapped:
-            raise TypeError(f"LLaDA2Model.weight_map does not map {unmapped[:5]}")
-        return out
-
-
-def _moe_of(layer: nn.Module) -> MoEBlock | None:
-    moe = getattr(layer, "moe", None)
-    return moe if isinstance(moe, MoEBlock) else None
-
-
-def _tuple(names: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (names,) if isinstance(names, str) else tuple(names)
+        return expert_weight_map(self, self.weight_names, _LAYER + "mlp.")
 
 
 def build(config: dict[str, Any], tokenizer: ChatTokenizer) -> DiffusionLM:

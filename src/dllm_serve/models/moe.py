@@ -1,13 +1,18 @@
-"""A sparse mixture-of-experts MLP: LLaDA2's router and token-grouped expert execution.
+"""A sparse mixture-of-experts MLP: two published routers and one token-grouped expert execution.
 
-Routing (as published in ``modeling_llada2_moe.py``'s gate): router logits in float32, sigmoid
-scores; the *choice* uses scores plus the per-expert ``expert_bias`` (the auxiliary-loss-free
-balancing correction), group-limited: the experts form ``n_group`` groups, each group is scored by
-the sum of its two best biased scores, the ``topk_group`` best groups stay, and the
-``num_experts_per_tok`` best experts among them are chosen. The *weights* are the chosen experts'
-unbiased scores, normalised to sum to one (when more than one is chosen) and multiplied by
-``routed_scaling_factor``. Shared experts (one SwiGLU of ``moe_intermediate_size *
-num_shared_experts``) see every token.
+Router logits are computed in float32 for both routers (``score_function``):
+
+- ``"sigmoid"`` (LLaDA2, as published in ``modeling_llada2_moe.py``'s gate): sigmoid scores; the
+  *choice* uses scores plus the per-expert ``expert_bias`` (the auxiliary-loss-free balancing
+  correction), group-limited: the experts form ``n_group`` groups, each group is scored by the sum
+  of its two best biased scores, the ``topk_group`` best groups stay, and the
+  ``num_experts_per_tok`` best experts among them are chosen. The *weights* are the chosen experts'
+  unbiased scores, normalised to sum to one (when more than one is chosen) and multiplied by
+  ``routed_scaling_factor``. Shared experts (one SwiGLU of ``moe_intermediate_size *
+  num_shared_experts``) see every token.
+- ``"softmax"`` (Qwen3-MoE, so SDAR-30B-A3B): softmax over all experts' logits, the
+  ``num_experts_per_tok`` most probable chosen, their probabilities the weights, renormalised to
+  sum to one when ``norm_topk_prob``; no bias, no groups, no shared experts.
 
 Execution: the (token, slot) pairs are sorted by expert so each expert's tokens are contiguous,
 and every expert runs one matmul over all of its tokens of the whole batch (``torch._grouped_mm``,
@@ -19,10 +24,13 @@ bit (see ``route``), so a request's routing does not depend on what it is batche
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dllm_serve.models.base import DiffusionLM, WeightNames
 
 
 @dataclass(frozen=True)
@@ -35,10 +43,20 @@ class MoEConfig:
     routed_scaling_factor: float
     moe_intermediate_size: int
     num_shared_experts: int = 0
+    score_function: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True  # the softmax router's renormalisation (the sigmoid one always does)
 
     def validate(self) -> None:
         """ValueError for a routing the published gate could not run either."""
         e, g = self.num_experts, self.n_group
+        if self.score_function == "softmax":
+            if not 1 <= self.num_experts_per_tok <= e:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={e}]"
+                )
+            if self.moe_intermediate_size < 1:
+                raise ValueError("moe_intermediate_size must be set for a mixture-of-experts config")
+            return
         if g < 1 or e % g or e // g < 2:
             raise ValueError(f"num_experts ({e}) must split into n_group ({g}) groups of at least 2 experts")
         if not 1 <= self.topk_group <= g:
@@ -55,7 +73,7 @@ class MoEConfig:
 def route(
     hidden: torch.Tensor,
     gate_weight: torch.Tensor,
-    expert_bias: torch.Tensor,
+    expert_bias: torch.Tensor | None,
     cfg: MoEConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert indices [T, k] (best first) and their float32 weights [T, k] for tokens [T, H]."""
@@ -65,6 +83,13 @@ def route(
     # depend on what it is batched with. This way they are the same bits in any batch.
     w = gate_weight.float().t()
     logits = torch.bmm(hidden.float()[:, None, :], w.expand(t, -1, -1)).squeeze(1)
+    if cfg.score_function == "softmax":
+        probs, idx = torch.softmax(logits, dim=-1).topk(cfg.num_experts_per_tok, dim=-1)
+        if cfg.norm_topk_prob:
+            probs = probs / probs.sum(-1, keepdim=True)
+        return idx, probs * cfg.routed_scaling_factor
+    if expert_bias is None:
+        raise ValueError("the sigmoid router needs its expert_bias")
     scores = torch.sigmoid(logits)
     biased = scores + expert_bias.float()
     grouped = biased.view(t, cfg.n_group, -1)
@@ -125,7 +150,8 @@ class MoEBlock(nn.Module):
         self.gate = nn.Parameter(torch.empty(e, h))
         # A parameter (not a buffer) so dummy weights initialise it; training moves it by the
         # balancing rule, never by gradient (scripts/train_tiny.py sets requires_grad False).
-        self.expert_bias = nn.Parameter(torch.zeros(e))
+        # The softmax router has none.
+        self.expert_bias = nn.Parameter(torch.zeros(e)) if cfg.score_function == "sigmoid" else None
         self.gate_up = nn.Parameter(torch.empty(e * 2 * i, h))
         self.down = nn.Parameter(torch.empty(e * h, i))
         shared = cfg.num_shared_experts * i
@@ -164,10 +190,11 @@ class MoEBlock(nn.Module):
         experts = range(self.cfg.num_experts)
         out = {
             "gate": (prefix + "gate.weight",),
-            "expert_bias": (prefix + "gate.expert_bias",),
             "gate_up": tuple(f"{prefix}experts.{e}.{m}_proj.weight" for e in experts for m in ("gate", "up")),
             "down": tuple(f"{prefix}experts.{e}.down_proj.weight" for e in experts),
         }
+        if self.expert_bias is not None:
+            out["expert_bias"] = (prefix + "gate.expert_bias",)
         if self.shared_gate_up is not None:
             out["shared_gate_up.weight"] = (
                 prefix + "shared_experts.gate_proj.weight",
@@ -175,3 +202,34 @@ class MoEBlock(nn.Module):
             )
             out["shared_down.weight"] = (prefix + "shared_experts.down_proj.weight",)
         return out
+
+
+def moe_of(layer: nn.Module) -> MoEBlock | None:
+    """A decoder layer's mixture of experts (its ``moe`` attribute), None for a dense layer."""
+    moe = getattr(layer, "moe", None)
+    return moe if isinstance(moe, MoEBlock) else None
+
+
+def expert_weight_map(model: DiffusionLM, table: WeightNames, mlp_prefix: str) -> dict[str, tuple[str, ...]]:
+    """Internal parameter -> published tensor name(s) for a stack whose layers may hold an ``moe``:
+    the family's table plus, per MoE layer, the router's and every expert's names under
+    ``mlp_prefix`` (containing ``{i}``, e.g. ``model.layers.{i}.mlp.``). The routed experts' names
+    depend on the expert count, so the static table cannot list them."""
+    params = dict(model.named_parameters())
+    out = {k: _tuple(v) for k, v in table.top.items() if k in params}
+    for i, layer in enumerate(model.layers):
+        names = {k: _tuple(v) for k, v in table.layers.items()}
+        moe = moe_of(layer)
+        if moe is not None:
+            names.update({f"moe.{k}": v for k, v in moe.official_names(mlp_prefix).items()})
+        for internal, official in names.items():
+            if f"layers.{i}.{internal}" in params:
+                out[f"layers.{i}.{internal}"] = tuple(n.format(i=i) for n in official)
+    unmapped = sorted(set(params) - set(out))
+    if unmapped:
+        raise TypeError(f"{type(model).__name__}.weight_map does not map {unmapped[:5]}")
+    return out
+
+
+def _tuple(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dllm_serve.models import dream, llada, llada2, nemotron, nemotron_labs, sdar
+from dllm_serve.models import dream, llada, llada2, nemotron, nemotron_labs, sdar, sdar_moe
 from dllm_serve.models.family import FamilySpec
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -16,6 +16,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     nemotron.SPEC,
     nemotron_labs.SPEC,
     sdar.SPEC,
+    sdar_moe.SPEC,
     dream.SPEC,
     llada2.SPEC,
 )

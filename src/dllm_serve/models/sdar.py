@@ -9,7 +9,8 @@ at absolute positions (0-3, 4-7, ...), the prompt included; each block attends t
 block before it. The engine's ``aligned`` cache policy builds exactly that mask, so this module
 is a config class and a weight-name map (docs/sdar.md has the provenance of each fact).
 
-The MoE variant (``SDARMoeForCausalLM``, SDAR-30B-A3B) is recognised and refused with a clear message.
+The MoE variant (``SDARMoeForCausalLM``, SDAR-30B-A3B) is ``models/sdar_moe.py``: the same stack,
+parsed by ``stack_fields``, with Qwen3-MoE expert layers.
 """
 
 from __future__ import annotations
@@ -52,59 +53,63 @@ class SDARConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SDARConfig:
         """Parse config.json; options the native model does not implement are errors, not ignored."""
-        archs = " ".join(raw.get("architectures") or []).lower()
-        if raw.get("model_type") == MOE_MODEL_TYPE or "moe" in archs or raw.get("num_experts"):
+        if raw.get("num_experts"):
             raise ValueError(
-                f"{raw.get('architectures')} (SDAR mixture-of-experts, e.g. SDAR-30B-A3B) is not served "
-                "natively yet; use --trust-remote-code to run the checkpoint's own code"
+                f"config.json has model_type {raw.get('model_type')!r} (dense SDAR) but num_experts="
+                f"{raw.get('num_experts')}: an SDAR mixture-of-experts checkpoint (SDAR-30B-A3B) has "
+                f"model_type {MOE_MODEL_TYPE!r} and architecture SDARMoeForCausalLM"
             )
-        problems = []
-        if raw.get("attention_bias"):
-            problems.append("attention_bias=true")
-        if raw.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
-        scaling = raw.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            problems.append(f"rope_scaling={scaling!r}")
-        if raw.get("use_sliding_window"):
-            problems.append("use_sliding_window=true")
-        if problems:
-            raise ValueError(
-                f"SDAR config options not supported by the native model: {problems}; "
-                "use --trust-remote-code to run the checkpoint's own code"
-            )
-        if raw.get("mask_token_id") is None:
-            raise ValueError(
-                "config.json has no mask_token_id; a diffusion checkpoint must name its mask token"
-            )
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None:
-            raise ValueError("config.json has no eos_token_id")
-        pad = raw.get("pad_token_id")
-        heads = raw["num_attention_heads"]
-        block = raw.get("block_size") or 4
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"config.json block_size must be a positive integer, got {block!r}")
-        return cls(
-            hidden_size=raw["hidden_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            intermediate_size=raw["intermediate_size"],
-            vocab_size=raw["vocab_size"],
-            rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=raw.get("max_position_embeddings", 32768),
-            mask_token_id=int(raw["mask_token_id"]),
-            eos_token_id=int(eos),
-            pad_token_id=int(pad) if pad is not None else int(eos),
-            bos_token_id=raw.get("bos_token_id"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            block_size=block,
+        return cls(**stack_fields(raw, "SDAR"))
+
+
+def stack_fields(raw: dict[str, Any], title: str) -> dict[str, Any]:
+    """SDARConfig's fields from config.json, shared by the dense and the MoE variant (the same
+    Qwen3 attention stack, blocks and special tokens); unsupported options are ValueErrors."""
+    problems = []
+    if raw.get("attention_bias"):
+        problems.append("attention_bias=true")
+    if raw.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={raw.get('hidden_act')!r}")
+    scaling = raw.get("rope_scaling")
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        problems.append(f"rope_scaling={scaling!r}")
+    if raw.get("use_sliding_window"):
+        problems.append("use_sliding_window=true")
+    if problems:
+        raise ValueError(
+            f"{title} config options not supported by the native model: {problems}; "
+            "use --trust-remote-code to run the checkpoint's own code"
         )
+    if raw.get("mask_token_id") is None:
+        raise ValueError("config.json has no mask_token_id; a diffusion checkpoint must name its mask token")
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError("config.json has no eos_token_id")
+    pad = raw.get("pad_token_id")
+    heads = raw["num_attention_heads"]
+    block = raw.get("block_size") or 4
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"config.json block_size must be a positive integer, got {block!r}")
+    return dict(
+        hidden_size=raw["hidden_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        intermediate_size=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=raw.get("max_position_embeddings", 32768),
+        mask_token_id=int(raw["mask_token_id"]),
+        eos_token_id=int(eos),
+        pad_token_id=int(pad) if pad is not None else int(eos),
+        bos_token_id=raw.get("bos_token_id"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        block_size=block,
+    )
 
 
 # Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
@@ -220,7 +225,7 @@ TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest 
 SPEC = FamilySpec(
     name="sdar",
     title="SDAR",
-    model_types=(MODEL_TYPE, MOE_MODEL_TYPE),
+    model_types=(MODEL_TYPE,),
     architectures=("sdar",),
     build=build,
     attention="aligned_block_causal",
