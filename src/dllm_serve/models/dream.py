@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dllm_serve.models.base import DiffusionLM, WeightNames
+from dllm_serve.models.config_checks import first_eos, llama_style_problems, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -55,22 +56,8 @@ class DreamConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> DreamConfig:
         """Parse config.json; options the native model does not implement are errors, not ignored."""
-        problems = []
-        if raw.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
-        scaling = raw.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            problems.append(f"rope_scaling={scaling!r}")
-        if raw.get("use_sliding_window"):
-            problems.append("use_sliding_window=true")
-        if problems:
-            raise ValueError(
-                f"Dream config options not supported by the native model: {problems}; "
-                "use --trust-remote-code to run the checkpoint's own code"
-            )
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
+        refuse("Dream", llama_style_problems(raw, attention_bias=False))  # q/k/v biases are Qwen2's
+        eos = first_eos(raw)
         pad = raw.get("pad_token_id", DEFAULT_PAD_TOKEN_ID)
         heads = raw["num_attention_heads"]
         return cls(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.config_checks import first_eos, llama_style_problems, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.moe import MoEBlock, MoEConfig, expert_weight_map, moe_of
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -75,23 +76,12 @@ class LLaDA2Config:
 
         Options the native model does not implement are errors, not ignored.
         """
-        problems = []
-        if raw.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
-        scaling = raw.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            problems.append(f"rope_scaling={scaling!r}")
+        problems = llama_style_problems(raw, attention_bias=False)  # use_qkv_bias is its own key
         if raw.get("score_function", "sigmoid") != "sigmoid":
             problems.append(f"score_function={raw.get('score_function')!r}")
         if raw.get("norm_head"):
             problems.append("norm_head=true")
-        if raw.get("use_sliding_window"):
-            problems.append("use_sliding_window=true")
-        if problems:
-            raise ValueError(
-                f"LLaDA2 config options not supported by the native model: {problems}; "
-                "use --trust-remote-code to run the checkpoint's own code"
-            )
+        refuse("LLaDA2", problems)
         heads = raw.get("num_attention_heads", 16)
         hidden = raw.get("hidden_size", 1024)
         experts = raw.get("num_experts") or 0
@@ -108,9 +98,9 @@ class LLaDA2Config:
         if experts:
             moe.validate()
         mask_id = raw.get("mask_token_id", mask if mask is not None else GENERATE_MASK_ID)
-        eos_id = raw.get("eos_token_id", eos if eos is not None else GENERATE_EOS_ID)
-        if isinstance(eos_id, list):
-            eos_id = eos_id[0]
+        eos_id = first_eos(raw)
+        if eos_id is None:
+            eos_id = eos if eos is not None else GENERATE_EOS_ID
         pad = raw.get("pad_token_id")
         return cls(
             hidden_size=hidden,

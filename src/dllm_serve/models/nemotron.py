@@ -17,10 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_serve.models.base import (
-    DiffusionLM,
-    WeightNames,
-)
+from dllm_serve.models.base import DiffusionLM, WeightNames
+from dllm_serve.models.config_checks import llama_style_problems, refuse, required_eos, required_mask
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -73,30 +71,9 @@ class NemotronConfig:
                 f"(supported: {', '.join(BLOCK_PARADIGMS)}); "
                 "use --trust-remote-code to run the checkpoint's own generate()"
             )
-        problems = []
-        if raw.get("attention_bias"):
-            problems.append("attention_bias=true")
-        if raw.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
-        scaling = raw.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            problems.append(f"rope_scaling={scaling!r}")
-        if raw.get("use_sliding_window"):
-            problems.append("use_sliding_window=true")
-        if problems:
-            raise ValueError(
-                f"Nemotron config options not supported by the native model: {problems}; "
-                "use --trust-remote-code to run the checkpoint's own code"
-            )
-        if raw.get("mask_token_id") is None:
-            raise ValueError(
-                "config.json has no mask_token_id; a diffusion checkpoint must name its mask token"
-            )
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None:
-            raise ValueError("config.json has no eos_token_id")
+        refuse("Nemotron", llama_style_problems(raw))
+        mask = required_mask(raw)
+        eos = required_eos(raw)
         pad = raw.get("pad_token_id")
         heads = raw["num_attention_heads"]
         return cls(
@@ -110,9 +87,9 @@ class NemotronConfig:
             rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            mask_token_id=int(raw["mask_token_id"]),
-            eos_token_id=int(eos),
-            pad_token_id=int(pad) if pad is not None else int(eos),
+            mask_token_id=mask,
+            eos_token_id=eos,
+            pad_token_id=int(pad) if pad is not None else eos,
             bos_token_id=raw.get("bos_token_id"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qk_norm=not raw.get("disable_qk_norm", False),

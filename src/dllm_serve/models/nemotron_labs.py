@@ -31,6 +31,7 @@ from dllm_serve.models.base import (
     gather_positions,
     rms_norm,
 )
+from dllm_serve.models.config_checks import llama_style_problems, refuse, required_eos, required_mask
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.nemotron import SPEC as NEMOTRON_SPEC
 from dllm_serve.models.nemotron import NemotronModel
@@ -133,33 +134,17 @@ class NemotronLabsConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> NemotronLabsConfig:
         """Parse config.json; options the native model does not implement are errors, not ignored."""
-        problems = []
-        if raw.get("attention_bias"):
-            problems.append("attention_bias=true")
+        problems = llama_style_problems(raw)
         if raw.get("mlp_bias"):
             problems.append("mlp_bias=true")
-        if raw.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={raw.get('hidden_act')!r}")
         if raw.get("sliding_window"):
             problems.append(f"sliding_window={raw.get('sliding_window')!r}")
         paradigm = raw.get("dlm_paradigm", "bidirectional")
         if paradigm not in PARADIGMS:
             problems.append(f"dlm_paradigm={paradigm!r}")
-        if problems:
-            raise ValueError(
-                f"Nemotron-Labs config options not supported by the native model: {problems}; "
-                "use --trust-remote-code to run the checkpoint's own code"
-            )
-        mask = raw.get("mask_token_id")
-        if mask is None or int(mask) < 0:
-            raise ValueError(
-                "config.json has no mask_token_id; a diffusion checkpoint must name its mask token"
-            )
-        eos = raw.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is None:
-            raise ValueError("config.json has no eos_token_id")
+        refuse("Nemotron-Labs", problems)
+        mask = required_mask(raw)
+        eos = required_eos(raw)
         pad = raw.get("pad_token_id")
         heads = raw["num_attention_heads"]
         return cls(
@@ -172,9 +157,9 @@ class NemotronLabsConfig:
             vocab_size=raw["vocab_size"],
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 262144)),
-            mask_token_id=int(mask),
-            eos_token_id=int(eos),
-            pad_token_id=int(pad) if pad is not None else int(eos),
+            mask_token_id=mask,
+            eos_token_id=eos,
+            pad_token_id=int(pad) if pad is not None else eos,
             bos_token_id=raw.get("bos_token_id"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rope=RopeParameters.from_dict(raw.get("rope_parameters"), raw.get("rope_theta")),
