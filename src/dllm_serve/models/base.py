@@ -7,7 +7,7 @@ the caller wants. Rows never need left padding: the engine right-pads spans and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -151,12 +151,14 @@ class DiffusionLM(nn.Module):
         eot_token_id: int | None,
         *,
         layer: type[DecoderLayer] | None = None,
+        layer_at: Callable[[int], nn.Module] | None = None,
         rotary: RotaryEmbedding | None = None,
         **layer_options: Any,
     ) -> None:
         """The modules a Llama/Qwen-style family builds alike from its config: token roles and
         sizes, embedding, ``num_hidden_layers`` decoder layers (``layer``, default ``DecoderLayer``,
-        with ``layer_options`` such as ``qk_norm`` or ``qkv_bias``), final norm, an untied head
+        with ``layer_options`` such as ``qk_norm`` or ``qkv_bias``; or ``layer_at(i)`` when layers
+        differ by index, as dense and mixture-of-experts layers do), final norm, an untied head
         unless ``tie_word_embeddings``, and RoPE (``rotary``, default plain RoPE at ``rope_theta``)."""
         self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
         self.vocab_size = cfg.vocab_size
@@ -167,7 +169,9 @@ class DiffusionLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         make = layer or DecoderLayer
         self.layers = nn.ModuleList(
-            make(
+            layer_at(i)
+            if layer_at is not None
+            else make(
                 cfg.hidden_size,
                 cfg.num_attention_heads,
                 cfg.num_key_value_heads,
@@ -176,7 +180,7 @@ class DiffusionLM(nn.Module):
                 cfg.rms_norm_eps,
                 **layer_options,
             )
-            for _ in range(cfg.num_hidden_layers)
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.head = (

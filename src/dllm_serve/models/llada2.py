@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, TokenRoles, WeightNames
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, WeightNames
 from dllm_serve.models.config_checks import first_eos, llama_style_problems, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.moe import MoEBlock, MoEConfig, expert_weight_map, moe_of
@@ -189,21 +188,9 @@ class LLaDA2Model(DiffusionLM):
     def __init__(self, cfg: LLaDA2Config, eot_token_id: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.roles = TokenRoles.from_ids(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, eot_token_id)
-        self.vocab_size = cfg.vocab_size
-        self.max_length = cfg.max_position_embeddings
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LLaDA2Layer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        )
         # The published rotary embedding computes its frequencies over the rotated channels only.
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
-        self.norm_eps = cfg.rms_norm_eps
+        rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
+        self.build_stack(cfg, eot_token_id, layer_at=lambda i: LLaDA2Layer(cfg, i), rotary=rotary)
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [blk for blk in map(moe_of, self.layers) if blk is not None]
