@@ -224,3 +224,40 @@ def test_abort_frees_the_kv_extent_within_one_iteration(tiny):
         assert engine.runner.pool.used == 0
     finally:
         engine.shutdown(drain_timeout=1)
+
+
+@pytest.mark.parametrize(
+    ("model", "family", "preset"),
+    [
+        ("tiny-llada", "llada", "llada"),
+        ("tiny-llada", "llada", "dinfer_blockwise"),
+        ("tiny-nemotron", "nemotron", "nemotron"),
+        ("tiny-llada2", "llada2", "llada2"),
+        ("tiny-sdar", "sdar", "sdar"),
+    ],
+)
+def test_a_model_that_predicts_its_mask_token_still_finishes(model, family, preset):
+    """The mask token is never chosen (decoding/step.py). Without that, a head that favours it
+    leaves positions masked: a threshold rule's block never finished (the engine looped)."""
+    loaded = load_model(TINY_LLADA.parent / model)
+    mask = loaded.model.roles.mask_token_id
+    plain = loaded.model.logits
+    loaded.model.logits = (
+        lambda hidden: plain(hidden).index_add(  # type: ignore[method-assign]
+            -1, torch.tensor([mask]), torch.full((*hidden.shape[:-1], 1), 50.0)
+        )
+    )
+    prompt = _chat(loaded, "Copy the list: a b c")
+    params = resolve_params(preset, family, 40, {"early_stop": False})
+    engine = Engine(loaded, EngineConfig())
+    steps = 0
+
+    def bounded() -> bool:
+        nonlocal steps
+        steps += 1
+        assert steps < 500, "the engine kept stepping"
+        return engine.step()
+
+    result = engine.run_to_completion([GenerationRequest("a", prompt, params, 40)], step=bounded)["a"]
+    assert result.finish_reason in ("stop", "length") and result.token_ids
+    assert mask not in result.token_ids

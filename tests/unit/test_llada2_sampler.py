@@ -42,9 +42,12 @@ def transfer_schedule(block: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-def _window(model, x: torch.Tensor, mask: torch.Tensor, end: int, block: int):
+def _window(model, x: torch.Tensor, mask: torch.Tensor, end: int, block: int, mask_id: int):
     logits = model(x[None, :end], torch.arange(end)[None], mask[None, :end, :end])[0, -block:]
-    x0 = logits.argmax(-1)
+    # The one departure from the published loops, the engine's too (decoding/step.py): the mask
+    # token is never chosen. These random weights do predict it at a few positions; the published
+    # loop would write it back (the position stays masked), a trained checkpoint never predicts it.
+    x0 = logits.masked_fill(torch.arange(logits.shape[-1]) == mask_id, -torch.inf).argmax(-1)
     return x0, torch.softmax(logits, -1).gather(-1, x0[:, None]).squeeze(-1)
 
 
@@ -63,7 +66,7 @@ def llada20_generate(model, prompt, *, gen_length, block_length, steps, threshol
             active = x[end - block_length : end] == mask_id
             if not active.any():
                 break
-            x0, x0_p = _window(model, x, mask, end, block_length)
+            x0, x0_p = _window(model, x, mask, end, block_length, mask_id)
             confidence = torch.where(active, x0_p, torch.tensor(-torch.inf))
             high = confidence > threshold
             transfer = torch.zeros_like(active)
@@ -101,7 +104,7 @@ def llada21_generate(
             if post_steps > max_post_steps:
                 break
             in_prompt = torch.arange(start, end) < p
-            x0, x0_p = _window(model, x, mask, end, block_length)
+            x0, x0_p = _window(model, x, mask, end, block_length, mask_id)
             mask_transfer = torch.zeros_like(active)
             if active.any():
                 confidence = torch.where(active, x0_p, torch.tensor(-torch.inf))
@@ -234,7 +237,7 @@ def _relative_reference(model, prompt, roles) -> list[int]:
     vis = torch.ones(n, n, dtype=torch.bool)
     vis[:p, p:] = False
     while (x[p:] == roles.mask_token_id).any():
-        x0, x0_p = _window(model, x, vis, n, BLOCK)
+        x0, x0_p = _window(model, x, vis, n, BLOCK, roles.mask_token_id)
         active = x[p:] == roles.mask_token_id
         conf = torch.where(active, x0_p, torch.tensor(-torch.inf))
         pick = conf > 0.95

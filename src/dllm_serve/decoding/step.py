@@ -119,6 +119,11 @@ def decide(
         if rule.stateful and any(p.rule == rule.name for p in params):
             logits = _edit_logits(rule.name, logits, candidates, rows, states)
 
+    # The mask token is never chosen: a model that predicts it (an untrained or broken checkpoint)
+    # would leave the position masked, and a threshold rule's block would never finish. Hidden for
+    # the choice only, so confidences stay those of the full distribution, as published.
+    mask_logits = logits[..., mask_id].clone()
+    logits[..., mask_id] = -torch.inf
     tokens = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     drawn: dict[int, torch.Tensor] = {}
@@ -130,6 +135,7 @@ def decide(
         if REMASKING[p.remasking].drawn:
             draws = torch.rand((span.length,), generator=span.generator, device=dev)
             drawn[i] = draws[span.offset : span.offset + n]
+    logits[..., mask_id] = mask_logits
 
     # Tokens are chosen; from here on logits only rank confidence.
     conf_logits = _ban_in_confidence(logits, params, eos_id, eot_id)
