@@ -7,7 +7,10 @@ bundled tiny-nemotron-labs, which never saw JSON: every valid output is the gram
 - Constrained self-speculation equals constrained AR at temperature 0, token for token (its verify
   step accepts only a prefix the grammar accepts, and the token after it is the grammar-masked
   causal choice), as unconstrained speculation equals AR.
-- A free row batched with constrained rows keeps its tokens and forwards.
+- The diffusion preset opens each block with the grammar-masked causal choice (recomputed without
+  a cache).
+- A free row batched with constrained rows keeps its tokens and forwards; the masks read nothing
+  back from the device.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import json
 import re
 
 import jsonschema
+import numpy as np
 import pytest
+import torch
 
 from dllm_serve.config import EngineConfig
 from dllm_serve.engine import grammar
 from dllm_serve.engine.algorithms import resolve_params
-from dllm_serve.engine.constrained import RowConstraint
+from dllm_serve.engine.constrained import FrontierGuide, RowConstraint
 from dllm_serve.engine.engine import Engine
 from dllm_serve.engine.sequence import GenerationRequest
 from dllm_serve.models.loader import LoadedModel, load_model
@@ -182,3 +187,56 @@ def test_output_closes_within_a_tight_max_tokens(labs, preset):
     for rid, res in _run(engine, reqs).items():
         assert res.finish_reason == "stop" and len(res.token_ids) < limit, rid
         jsonschema.validate(json.loads(labs.tokenizer.decode(res.token_ids)), schema)
+
+
+def test_diffusion_block_openings_are_the_grammar_masked_causal_choice(labs):
+    """Temperature 0, an upper-case regex for prompts that ask for lower case (the model's causal
+    choice is refused where it is free): the token that opens each block after the first is the
+    argmax of the causal logits within the grammar's allowed set, recomputed here without a cache."""
+    engine = _engine(labs)
+    tok = labs.tokenizer
+    pattern = r"[A-Z]( [A-Z]){79}"
+    vocab = grammar.vocab_for(tok, engine.runner.stop_ids)
+    compiled = grammar.regex(pattern, vocab, 128)
+    params = resolve_params("nemotron_labs", labs.family, 128, {}, model_defaults=labs.decode_defaults)
+    letters = "abcdefghijklmnopqrst"
+    prompts = [
+        _prompt(labs, "Copy the list: " + " ".join(letters[i:] + letters[:i])) for i in range(0, 20, 5)
+    ]
+    reqs = [
+        GenerationRequest(f"p{i}", p, params, 128, constraint=RowConstraint(compiled.row(), compiled.closing))
+        for i, p in enumerate(prompts)
+    ]
+    results = _run(engine, reqs)
+    checked = 0
+    for i, prompt in enumerate(prompts):
+        out = results[f"p{i}"].token_ids
+        assert re.fullmatch(pattern, tok.decode(out))
+        matcher = compiled.row()
+        for pos, token in enumerate(out):
+            if pos and pos % params.block_length == 0:  # a block opened by a causal forward
+                ids = prompt + out[:pos]
+                n = len(ids)
+                with torch.no_grad():
+                    logits = labs.model(
+                        torch.tensor([ids]), torch.arange(n)[None], torch.ones(n, n).tril().bool()[None]
+                    )[0, -1]
+                allowed = torch.from_numpy(vocab.unpack(matcher.allowed_words()))
+                assert int(logits.masked_fill(~allowed, float("-inf")).argmax()) == token, (i, pos)
+                checked += 1
+            assert matcher.consume(token)
+    assert checked >= 8
+
+
+def test_causal_grammar_masks_read_nothing_back():
+    """On meta tensors (no values: a read-back raises, see test_no_readback.py) the masks of a
+    verify forward, several positions of one row plus another row's, apply to the batch's logits:
+    the mask adds no synchronisation to a causal step."""
+    words = np.zeros(12, dtype=np.uint32)
+    guide = FrontierGuide.at(
+        [(0, 0, words), (0, 1, words), (0, 2, words), (2, 0, words)], torch.device("meta")
+    )
+    assert guide is not None
+    logits = torch.zeros(3, 8, 384, device="meta")
+    assert guide.mask(logits).shape == (3, 8, 384)
+    assert FrontierGuide.at([], torch.device("meta")) is None
