@@ -94,7 +94,7 @@ def plan(seq: Sequence) -> Step:
     f = frontier(seq)
     # AR; the speculative prefill; or tokens a grammar forced, to cache before drafting again.
     if p.cache == "ar" or f == seq.prompt_len or seq.committed_context < f - 1:
-        return Step(COMMIT, _causal(min(seq.committed_context, f - 1), f, f - 1, f))
+        return Step(COMMIT, _causal(seq.committed_context, f, f - 1, f))
     if p.cache != "speculative":
         raise ValueError(f"unknown causal policy {p.cache!r}")
     t, width = f - 1, p.block_length  # the block opens with the last accepted token
@@ -137,7 +137,7 @@ def _walk_grammar(seq: Sequence) -> None:
         # accepts, so this only matters if the engine and the grammar ever disagree: then the
         # refused position is predicted again rather than skipped.
         seq.canvas[c.frontier + 1 :] = seq.mask_id
-        seq.committed_context = min(seq.committed_context, c.frontier)
+        seq.committed_context = min(seq.committed_context, c.frontier - 1)
 
 
 def apply_commit(seq: Sequence, position: int, token: int) -> None:
