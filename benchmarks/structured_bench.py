@@ -10,10 +10,14 @@ Two workloads, each run free and constrained on the same prompts, seeds and para
   The tiny models never saw JSON, so the free outputs are not JSON; this compares speed only.
 
     OMP_NUM_THREADS=1 python benchmarks/structured_bench.py > benchmarks/structured_cpu.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/structured_bench.py --run tiny-nemotron-labs:nemotron_labs \
+        --run tiny-nemotron-labs:nemotron_labs_ar --run tiny-nemotron-labs:nemotron_labs_spec \
+        > benchmarks/structured_labs_cpu.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -165,7 +169,11 @@ def json_rows(engine: Engine, model: str, preset: str, vocab) -> list[dict]:
 
 
 def main() -> None:
-    for model, preset in RUNS:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", action="append", metavar="MODEL:PRESET", help="a bundled model and a preset")
+    args = parser.parse_args()
+    runs = [tuple(r.split(":", 1)) for r in args.run] if args.run else RUNS
+    for model, preset in runs:
         loaded = load_model(ROOT / "models" / model)
         engine = Engine(loaded, EngineConfig(max_batch_size=64))
         vocab = grammar.vocab_for(loaded.tokenizer, engine.runner.stop_ids)

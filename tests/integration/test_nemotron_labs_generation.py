@@ -5,16 +5,22 @@
   answer as well, and self-speculation takes fewer forwards than AR for the same tokens.
 - A real server gives the openai client, streamed or not, exactly the offline engine's answer for
   each of the three presets; the ``nemotron`` preset is a 400 listing the valid names.
+- Output constraints (``response_format``, ``guided_regex``, ``guided_choice``, a forced tool call)
+  are enforced on all three presets over the API (engine-level tests: tests/unit/test_constrained_causal.py).
 - ``/v1/loglikelihood`` and ``echo`` + ``logprobs`` return the exact autoregressive log-probabilities
   (computed here from the model with a causal mask).
 """
 
 from __future__ import annotations
 
+import re
+from typing import Literal
+
 import httpx
 import openai
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 from dllm_serve.bench.tasks import heldout_examples
 from dllm_serve.commands import evaluate
@@ -100,25 +106,74 @@ def test_the_older_nemotron_preset_is_a_400_listing_the_valid_names(server):
     assert body["param"] == "algorithm" and "nemotron_labs_spec" in body["message"], body
 
 
-@pytest.mark.parametrize("algorithm", ["nemotron_labs", "nemotron_labs_ar", "nemotron_labs_spec"])
-def test_an_output_constraint_is_a_400_naming_the_algorithm_and_the_server_keeps_serving(server, algorithm):
-    """The causal forwards of these presets do not apply a grammar: refused, never unenforced."""
-    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
-    messages = [{"role": "user", "content": "Copy the list: a b"}]
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(
-            model="tiny-nemotron-labs",
-            messages=messages,
-            max_tokens=32,
-            response_format={"type": "json_object"},
-            extra_body={"algorithm": algorithm},
+class Pair(BaseModel):
+    word: str = Field(pattern=r"^[a-z]+$")
+    count: int = Field(ge=0, le=99)
+
+
+class Weather(BaseModel):
+    """Get the weather for a city."""
+
+    city: str
+    unit: Literal["c", "f"]
+
+
+@pytest.mark.parametrize("algorithm", PRESETS)
+def test_output_constraints_are_enforced_over_the_api(server, algorithm):
+    """Each preset through the openai client: ``.parse()`` with a pydantic model, a regex and a
+    choice on completions, a named tool call streamed, at temperature 0 and 1; a max_tokens too
+    small for the schema is a 400 (tiny-nemotron-labs never saw JSON: validity is the grammar's)."""
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    body = {"algorithm": algorithm}
+    model = "tiny-nemotron-labs"
+    for temperature in (0.0, 1.0):
+        out = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": "A word and a count."}],
+            response_format=Pair,
+            temperature=temperature,
+            seed=1,
+            max_tokens=48,
+            extra_body=body,
         )
-    body = err.value.response.json()["error"]
-    assert body["param"] == "algorithm" and algorithm in body["message"], body
-    ok = client.chat.completions.create(
-        model="tiny-nemotron-labs", messages=messages, max_tokens=8, extra_body={"algorithm": algorithm}
-    )
-    assert ok.choices[0].finish_reason in {"stop", "length"}
+        assert out.choices[0].finish_reason == "stop"
+        assert isinstance(out.choices[0].message.parsed, Pair), out.choices[0].message.content
+        regex = client.completions.create(
+            model=model,
+            prompt="Apples:",
+            max_tokens=16,
+            temperature=temperature,
+            extra_body={**body, "guided_regex": r"[0-9]{1,3} apples"},
+        )
+        assert re.fullmatch(r"[0-9]{1,3} apples", regex.choices[0].text), regex.choices[0].text
+        pick = client.completions.create(
+            model=model,
+            prompt="Pick",
+            n=2,
+            temperature=temperature,
+            extra_body={**body, "guided_choice": ["yes", "no", "maybe"]},
+        )
+        assert {c.text for c in pick.choices} <= {"yes", "no", "maybe"}
+    tools = [openai.pydantic_function_tool(Weather, name="get_weather")]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    with client.chat.completions.stream(
+        model=model,
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=tools,
+        tool_choice=named,
+        temperature=1.0,
+        max_tokens=128,
+        extra_body=body,
+    ) as stream:
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+    assert isinstance(calls[0].function.parsed_arguments, Weather)
+    with pytest.raises(openai.BadRequestError, match="too small") as err:
+        client.chat.completions.parse(
+            model=model, messages=[{"role": "user", "content": "x"}], response_format=Pair, max_tokens=4
+        )
+    assert err.value.body["param"] == "max_tokens"
 
 
 def test_likelihood_and_echo_logprobs_are_the_exact_autoregressive_ones(server, loaded):

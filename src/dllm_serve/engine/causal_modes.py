@@ -18,12 +18,30 @@ This module plans each sequence's next forward (which span, which keys, which id
 outcome of the commit / draft / verify forwards; the runner batches the forwards. Positions beyond
 the accepted tokens hold stale K/V that no later query can see (key limits), so "cropping" the
 cache is setting ``committed_context``.
+
+Output constraints (engine/constrained.py) follow the frontier rule here too; the canvas is
+committed left to right, so the frontier is the next position a causal forward predicts:
+
+* a commit forward's prediction is masked by the grammar's allowed set at that position (unless
+  the grammar already forced it: then the forward only caches the context);
+* a verify forward's predictions are masked along the prefix of the draft the grammar accepts,
+  each by the allowed set after the draft tokens before it (``grammar_masks``), and acceptance
+  stops at that prefix: every accepted token is one the grammar accepts, and the token after
+  the agreeing prefix is the grammar-masked causal choice. At temperature 0 this is exactly what
+  the constrained AR mode picks, token by token (the draft itself stays free);
+* the denoising steps of the diffusion mode are ordinary block steps (decoding/step.py's
+  constraint hook);
+* after each forward the frontier walks over the new tokens (``RowConstraint.advance``): it
+  checks room to close, and writes tokens the grammar forces (inside the active block under
+  diffusion, anywhere in the output under AR and speculation). Forced tokens are not cached yet,
+  so the next forward of an AR or speculative row is a commit over them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dllm_serve.engine.sequence import ForwardPlan, Sequence
@@ -74,7 +92,8 @@ def plan(seq: Sequence) -> Step:
             return Step(COMMIT, _causal(seq.committed_context, bs, bs - 1, bs))
         return Step(DENOISE, _bidirectional(bs, be))
     f = frontier(seq)
-    if p.cache == "ar" or f == seq.prompt_len:  # AR, or the speculative prefill
+    # AR; the speculative prefill; or tokens a grammar forced, to cache before drafting again.
+    if p.cache == "ar" or f == seq.prompt_len or seq.committed_context < f - 1:
         return Step(COMMIT, _causal(seq.committed_context, f, f - 1, f))
     if p.cache != "speculative":
         raise ValueError(f"unknown causal policy {p.cache!r}")
@@ -87,11 +106,47 @@ def plan(seq: Sequence) -> Step:
     return Step(VERIFY, _causal(t, t + width, t, t + width), seq.draft)
 
 
+def force_end(seq: Sequence) -> int:
+    """Where a grammar may write the tokens it forces without a forward: inside the active block
+    under diffusion (its other positions are denoised), anywhere in the output under AR and
+    speculation (the next causal forward reads them)."""
+    return seq.block_end if seq.params.cache == "causal" else seq.output_end
+
+
+def grammar_masks(seq: Sequence, phase: str, position: int) -> list[np.ndarray]:
+    """The grammar's allowed sets (bitmask words) for a commit or verify forward's logits, from
+    offset 0: at the predicted ``position`` (commit), or along the draft's prefix that the grammar
+    accepts (verify). Empty for a draft, a row without an open constraint, or a commit whose
+    position the grammar already forced."""
+    c = seq.request.constraint
+    if c is None or c.done or phase == DRAFT:
+        return []
+    if phase == COMMIT:
+        return [c.allowed_words()] if c.frontier == position else []
+    return c.lookahead(_draft(seq)[1:].tolist())
+
+
+def _walk_grammar(seq: Sequence) -> None:
+    """Feed the new tokens to the row's grammar (it may force or close; engine/constrained.py)."""
+    c = seq.request.constraint
+    if c is None:
+        return
+    c.advance(seq.canvas, seq.mask_id, force_end(seq), seq.output_end)
+    if not c.done and seq.params.cache != "causal":
+        # Nothing after the frontier stands. The masks make every prediction one the grammar
+        # accepts, so this only matters if the engine and the grammar ever disagree: then the
+        # refused position is predicted again rather than skipped.
+        seq.canvas[c.frontier + 1 :] = seq.mask_id
+        seq.committed_context = min(seq.committed_context, c.frontier - 1)
+
+
 def apply_commit(seq: Sequence, position: int, token: int) -> None:
-    """A causal forward over the uncached tokens before ``position`` predicted its token: write it;
-    everything before it is now cached."""
-    seq.canvas[position] = token
+    """A causal forward over the uncached tokens before ``position`` predicted its token: write it
+    (unless a grammar forced that position already); everything before it is now cached."""
+    if int(seq.canvas[position]) == seq.mask_id:
+        seq.canvas[position] = token
     seq.committed_context = position
+    _walk_grammar(seq)
     if seq.params.cache == "causal" and not bool(seq.masked_in_block().any()):
         seq.block += 1  # a one-token block is complete once its opening token is known
         seq.step_in_block = 0
@@ -125,11 +180,15 @@ def accepted_length(draft: torch.Tensor, predicted: torch.Tensor) -> int:
     return 1 + int(agree.cumprod(0).sum())
 
 
-def apply_verify(seq: Sequence, predicted: torch.Tensor) -> tuple[int, int]:
-    """Accept the agreeing prefix and the causal prediction after it; returns (first position, count)."""
+def apply_verify(seq: Sequence, predicted: torch.Tensor, limit: int | None = None) -> tuple[int, int]:
+    """Accept the agreeing prefix and the causal prediction after it, at most ``limit`` tokens (a
+    grammar's masked prefix, ``grammar_masks``); returns (first position, count)."""
     t = frontier(seq) - 1
     accepted = accepted_length(_draft(seq), predicted)
+    if limit is not None:
+        accepted = min(accepted, limit)
     seq.canvas[t + 1 : t + 1 + accepted] = predicted[:accepted]
     seq.committed_context = t + accepted
     seq.draft = None
+    _walk_grammar(seq)
     return t + 1, accepted

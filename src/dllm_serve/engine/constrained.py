@@ -57,6 +57,18 @@ class RowConstraint:
             self._words = self.matcher.allowed_words()
         return self._words
 
+    def lookahead(self, tokens: list[int]) -> list[np.ndarray]:
+        """The allowed sets at the frontier and after each of ``tokens`` in turn, for as long as the
+        grammar accepts them (a speculative draft: its verify forward masks each position of the
+        prefix it may accept with these). The state is left unchanged."""
+        words = [self.allowed_words()]
+        for token in tokens:
+            if not self.matcher.consume(token):
+                break
+            words.append(self.matcher.allowed_words())
+        self.matcher.rollback(len(words) - 1)
+        return words
+
     def advance(self, canvas: torch.Tensor, mask_id: int, block_end: int, out_end: int) -> None:
         """Walk the frontier over the committed tokens of the host ``canvas`` (edited in place:
         refused tokens are masked again, forced and closing tokens written)."""
@@ -151,13 +163,37 @@ class FrontierGuide:
         for i, (c, start) in enumerate(zip(constraints, block_starts, strict=True)):
             if c is not None and not c.done and 0 <= c.frontier - start < width:
                 picked.append((i, c.frontier - start, c.allowed_words()))
-        if not picked:
+        return cls.at(picked, device)
+
+    @classmethod
+    def at(cls, entries: list[tuple[int, int, np.ndarray]], device: torch.device) -> FrontierGuide | None:
+        """Masks at chosen positions: (batch row, offset in its logits, allowed words) each; a row
+        may have several (a causal verify forward masks each position of the accepted prefix).
+        None without entries."""
+        if not entries:
             return None
-        words = np.stack([w for _, _, w in picked]).view(np.int32)
-        head = np.array([[i, off] for i, off, _ in picked], dtype=np.int32)
+        words = np.stack([w for _, _, w in entries]).view(np.int32)
+        head = np.array([[i, off] for i, off, _ in entries], dtype=np.int32)
         packed = upload(torch.from_numpy(np.concatenate([head, words], axis=1)), device)
-        index = {i: k for k, (i, _, _) in enumerate(picked)}
+        index: dict[int, int] = {}
+        for k, (i, _, _) in enumerate(entries):
+            index.setdefault(i, k)
         return cls(packed[:, 0].long(), packed[:, 1].long(), packed[:, 2:], index)
+
+    def _expanded(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The allowed sets as [entries, vocab] bool, expanded on the device once per step."""
+        if self._allowed is None or self._allowed.shape[1] != vocab:
+            shifts = torch.arange(32, device=device, dtype=torch.int32)
+            bits = ((self.words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+            self._allowed = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+        return self._allowed
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every entry at once on batch logits [B, P, vocab] (in place): -inf outside its allowed set."""
+        allowed = self._expanded(logits.shape[-1], logits.device)
+        picked = logits[self.rows, self.offsets]
+        logits[self.rows, self.offsets] = picked.masked_fill(~allowed, float("-inf"))
+        return logits
 
     def hook(self, row: int) -> Constraint | None:
         """The decoding step's constraint for batch row ``row`` (decoding/step.py's ``RowStep``):
@@ -168,13 +204,9 @@ class FrontierGuide:
             return None
 
         def mask(logits: torch.Tensor, block: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-            vocab = logits.shape[-1]
-            if self._allowed is None or self._allowed.shape[1] != vocab:
-                shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-                bits = ((self.words[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
-                self._allowed = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+            allowed = self._expanded(logits.shape[-1], logits.device)
             at = self.offsets[k : k + 1]  # a 1-element index tensor: a 0-d one would read back
-            logits[at] = logits[at].masked_fill(~self._allowed[k : k + 1], float("-inf"))
+            logits[at] = logits[at].masked_fill(~allowed[k : k + 1], float("-inf"))
             return logits
 
         return mask

@@ -173,7 +173,8 @@ class Runner:
             )
         if request.constraint is not None:  # tokens the grammar forces before any forward
             request.constraint.start(seq.prompt_len)
-            request.constraint.advance(seq.canvas, mask, seq.block_end, seq.output_end)
+            end = causal_modes.force_end(seq) if params.cache in causal_modes.POLICIES else seq.block_end
+            request.constraint.advance(seq.canvas, mask, end, seq.output_end)
         return seq
 
     def release(self, seq: Sequence) -> None:
@@ -311,7 +312,8 @@ class Runner:
 
     def _run_causal_group(self, rows: list[_Row]) -> int:
         """A commit, draft or verify forward of causal_modes' policies (all rows in one phase):
-        the token each wanted position predicts, then the policy's bookkeeping on the host."""
+        the token each wanted position predicts (masked by the row's grammar where it has one,
+        causal_modes.grammar_masks), then the policy's bookkeeping on the host."""
         phase = rows[0].phase
         seqs = [r.seq for r in rows]
         params = [s.params for s in seqs]
@@ -321,6 +323,11 @@ class Runner:
         bad = ~torch.isfinite(logits).all(-1).all(-1)
         lp_rows = token_logprobs.wanting(seqs)
         logp = token_logprobs.before_edits(logits, lp_rows)
+        masks = [causal_modes.grammar_masks(r.seq, phase, r.plan.logits_end) for r in rows]
+        entries = [(i, j, words) for i, row_masks in enumerate(masks) for j, words in enumerate(row_masks)]
+        guide = FrontierGuide.at(entries, self.device)  # uploaded while the forward runs
+        if guide is not None:
+            logits = guide.mask(logits)
         logits = top_p_filter(logits, [p.top_p for p in params])
         tokens = logits.argmax(dim=-1)
         for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
@@ -348,7 +355,7 @@ class Runner:
                 start, count = row.plan.logits_end, 1
                 causal_modes.apply_commit(seq, start, int(picked[0]))
             else:
-                start, count = causal_modes.apply_verify(seq, picked)
+                start, count = causal_modes.apply_verify(seq, picked, len(masks[i]) or None)
             if i in values:
                 token_logprobs.record_span(seq, start, seq.canvas[start : start + count].tolist(), values[i])
             committed += count

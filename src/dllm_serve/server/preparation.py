@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from dllm_serve.engine.algorithms import CAUSAL_CACHES, ParamError
+from dllm_serve.engine.algorithms import ParamError
 from dllm_serve.engine.engine import EngineBase
 from dllm_serve.engine.grammar import Grammar
 from dllm_serve.engine.sequence import GenerationRequest, canvas_length
@@ -210,14 +210,6 @@ def prepare_generation(
                 "max_tokens",
                 "context_length_exceeded",
             )
-    if constraint is not None and params.cache in CAUSAL_CACHES:
-        raise bad_request(
-            f"Structured output and forced tool calls are not supported by the {params.algorithm!r} "
-            "algorithm yet (its causal forwards do not apply the grammar); use a diffusion preset of "
-            "another family, or send the request without the constraint.",
-            "algorithm",
-            "invalid_value",
-        )
     if constraint is not None and params.editing_threshold is not None:
         raise bad_request(
             f"Structured output and forced tool calls are not supported with token editing (the "
