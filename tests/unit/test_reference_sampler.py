@@ -7,6 +7,7 @@ effect of the published lines). It runs one prompt at a time; the engine runs al
 batch with different lengths. Random weights keep probabilities unsaturated, so confidence ties
 (where the published top-k order is unspecified) occur only among positions whose token
 confidence_eos_eot_inf banned (confidence 0); there the leftmost goes first, as in the engine.
+One deliberate departure, the engine's and the reference's alike: the mask token is never chosen.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def published_choice(
     if logits_eos_inf:
         logits[..., EOS] = -torch.inf
     noisy = logits.double().exp() / (-torch.log(noise)) ** temperature if temperature > 0 else logits
-    x0 = noisy.argmax(-1)
+    # The one departure, the engine's too (decoding/sampling.py never_choosing): x0 is never the
+    # mask token. The published line can pick it (random weights here do, under Gumbel noise), which
+    # writes the mask back; a trained checkpoint gives it no probability.
+    x0 = noisy.masked_fill(torch.arange(noisy.shape[-1]) == MASK, -torch.inf).argmax(-1)
     if confidence_eos_eot_inf:
         noisy[..., EOS] = logits[..., EOT] = -torch.inf
     return x0, torch.softmax(logits.float(), -1).gather(-1, x0[..., None]).squeeze(-1)

@@ -99,11 +99,16 @@ def categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.multinomial(normalised, 1, True, generator=generator)[:, 0]
 
 
-def choose(probs: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """Tokens for probs [N, V]: a categorical draw at temperature > 0, else the most probable."""
+def choose(probs: torch.Tensor, temperature: float, generator: torch.Generator, mask_id: int) -> torch.Tensor:
+    """Tokens for probs [N, V]: a categorical draw at temperature > 0, else the most probable;
+    never the mask token (it would leave the position masked): where it comes out, the most
+    probable other token. The draw itself is the published one, so the random stream is too."""
     if temperature > 0 and probs.shape[0] > 0:
-        return categorical(probs, generator)
-    return probs.max(dim=-1).indices
+        chosen = categorical(probs, generator)
+    else:
+        chosen = probs.max(dim=-1).indices
+    other = probs.index_fill(-1, torch.tensor([mask_id], device=probs.device), -1.0).max(dim=-1).indices
+    return torch.where(chosen == mask_id, other, chosen)
 
 
 def confidence(probs: torch.Tensor, chosen: torch.Tensor, measure: str) -> torch.Tensor:
@@ -167,12 +172,12 @@ def decide_rows(
             draws = torch.rand(len(r.masked), generator=gen, device=dev)
             transfer = draws < origin_probability(r.step, r.steps, p.eps)
             picked = where[transfer]
-            chosen = choose(row[transfer], p.temperature, gen)
+            chosen = choose(row[transfer], p.temperature, gen, mask_id)
             tokens[i, picked] = chosen
             commit[i, picked] = True
             conf[i, picked] = row[transfer].gather(-1, chosen[:, None])[:, 0]
             continue
-        chosen = choose(row, p.temperature, gen)
+        chosen = choose(row, p.temperature, gen, mask_id)
         scores = confidence(row, chosen, p.remasking)
         tokens[i, where] = chosen
         conf[i, where] = scores

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -42,3 +43,18 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, noise: torch.Tensor)
 def uniform(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """float64 uniforms from a request's own generator (so a row never depends on its batch)."""
     return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
+
+
+@contextmanager
+def never_choosing(logits: torch.Tensor, token_id: int) -> Iterator[None]:
+    """Inside the block, ``token_id`` cannot win an argmax or a Gumbel draw over ``logits``; its
+    logits are put back after, so confidences stay those of the full distribution.
+
+    Used for the mask token: a model that predicts it (an untrained or broken checkpoint) would
+    leave the position masked, and a threshold rule's block would never finish."""
+    saved = logits[..., token_id].clone()
+    logits[..., token_id] = -torch.inf
+    try:
+        yield
+    finally:
+        logits[..., token_id] = saved

@@ -22,7 +22,7 @@ import torch
 from dllm_serve.decoding import dream, rules
 from dllm_serve.decoding.confidence import confidence
 from dllm_serve.decoding.registry import REMASKING, RULES
-from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.decoding.sampling import gumbel_argmax, never_choosing, top_p_filter, uniform
 from dllm_serve.tensors import upload
 
 # (logits [width, vocab], block tokens [width], still-masked positions [width]) -> edited logits,
@@ -119,23 +119,18 @@ def decide(
         if rule.stateful and any(p.rule == rule.name for p in params):
             logits = _edit_logits(rule.name, logits, candidates, rows, states)
 
-    # The mask token is never chosen: a model that predicts it (an untrained or broken checkpoint)
-    # would leave the position masked, and a threshold rule's block would never finish. Hidden for
-    # the choice only, so confidences stay those of the full distribution, as published.
-    mask_logits = logits[..., mask_id].clone()
-    logits[..., mask_id] = -torch.inf
-    tokens = logits.argmax(dim=-1)
     vocab = logits.shape[-1]
     drawn: dict[int, torch.Tensor] = {}
-    for i, (r, p) in enumerate(zip(rows, params, strict=True)):
-        n, span = r.width, r.noise
-        if p.temperature > 0:
-            noise = uniform(span.generator, (span.length, vocab), dev)[span.offset : span.offset + n]
-            tokens[i, :n] = gumbel_argmax(logits[i, :n], p.temperature, noise)
-        if REMASKING[p.remasking].drawn:
-            draws = torch.rand((span.length,), generator=span.generator, device=dev)
-            drawn[i] = draws[span.offset : span.offset + n]
-    logits[..., mask_id] = mask_logits
+    with never_choosing(logits, mask_id):
+        tokens = logits.argmax(dim=-1)
+        for i, (r, p) in enumerate(zip(rows, params, strict=True)):
+            n, span = r.width, r.noise
+            if p.temperature > 0:
+                noise = uniform(span.generator, (span.length, vocab), dev)[span.offset : span.offset + n]
+                tokens[i, :n] = gumbel_argmax(logits[i, :n], p.temperature, noise)
+            if REMASKING[p.remasking].drawn:
+                draws = torch.rand((span.length,), generator=span.generator, device=dev)
+                drawn[i] = draws[span.offset : span.offset + n]
 
     # Tokens are chosen; from here on logits only rank confidence.
     conf_logits = _ban_in_confidence(logits, params, eos_id, eot_id)

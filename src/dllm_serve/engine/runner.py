@@ -25,7 +25,7 @@ import torch
 from dllm_serve.config import EngineConfig
 from dllm_serve.decoding import editing
 from dllm_serve.decoding.dream import DREAM_RULES
-from dllm_serve.decoding.sampling import gumbel_argmax, top_p_filter, uniform
+from dllm_serve.decoding.sampling import gumbel_argmax, never_choosing, top_p_filter, uniform
 from dllm_serve.decoding.step import Constraint, NoiseSpan, RowStep, decide
 from dllm_serve.engine import causal_modes, denoise, token_logprobs
 from dllm_serve.engine.constrained import FrontierGuide
@@ -329,11 +329,12 @@ class Runner:
         if guide is not None:
             logits = guide.mask(logits)
         logits = top_p_filter(logits, [p.top_p for p in params])
-        tokens = logits.argmax(dim=-1)
-        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
-            if p.temperature > 0:
-                noise = uniform(seq.generator, tuple(logits[i].shape), self.device)
-                tokens[i] = gumbel_argmax(logits[i], p.temperature, noise)
+        with never_choosing(logits, self.roles.mask_token_id):
+            tokens = logits.argmax(dim=-1)
+            for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+                if p.temperature > 0:
+                    noise = uniform(seq.generator, tuple(logits[i].shape), self.device)
+                    tokens[i] = gumbel_argmax(logits[i], p.temperature, noise)
         conf = logits.softmax(-1).gather(-1, tokens[..., None])[..., 0]
         host = torch.cat([tokens.double(), conf.double(), bad[:, None].double()], dim=1).cpu()
         values = {}
