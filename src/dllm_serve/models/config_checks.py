@@ -57,3 +57,30 @@ def required_mask(raw: dict[str, Any]) -> int:
     if mask is None or int(mask) < 0:
         raise ValueError("config.json has no mask_token_id; a diffusion checkpoint must name its mask token")
     return int(mask)
+
+
+def qwen3_stack_fields(raw: dict[str, Any], *, max_positions: int) -> dict[str, Any]:
+    """The Qwen3-style stack's config fields and token roles (Nemotron-Diffusion, SDAR), after
+    refusing what no native stack implements (the caller names its family in ``refuse`` first
+    when it has extra checks); ``max_positions`` is the family's default context."""
+    mask = required_mask(raw)
+    eos = required_eos(raw)
+    pad = raw.get("pad_token_id")
+    heads = raw["num_attention_heads"]
+    return dict(
+        hidden_size=raw["hidden_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        intermediate_size=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=raw.get("max_position_embeddings", max_positions),
+        mask_token_id=mask,
+        eos_token_id=eos,
+        pad_token_id=int(pad) if pad is not None else eos,
+        bos_token_id=raw.get("bos_token_id"),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )

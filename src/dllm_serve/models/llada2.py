@@ -18,12 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from dllm_serve.models.base import DecoderLayer, DiffusionLM, RotaryEmbedding, WeightNames
+from dllm_serve.models.base import DiffusionLM, RotaryEmbedding, WeightNames
 from dllm_serve.models.config_checks import first_eos, llama_style_problems, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
-from dllm_serve.models.moe import MoEBlock, MoEConfig, expert_weight_map, moe_of
+from dllm_serve.models.moe import MoEBlock, MoEConfig, SparseLayer, expert_weight_map, moe_of
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 ARCHITECTURE = "LLaDA2MoeModelLM"
@@ -126,31 +124,24 @@ class LLaDA2Config:
         )
 
 
-class LLaDA2Layer(DecoderLayer):
+class LLaDA2Layer(SparseLayer):
     """base.DecoderLayer (pre-RMSNorm GQA, q/k norm, partial RoPE through the model's rotary width,
     optional q/k/v and output biases) whose MLP is dense SwiGLU in the first
     ``first_k_dense_replace`` layers and a mixture of experts after them."""
 
     def __init__(self, cfg: LLaDA2Config, index: int) -> None:
-        moe = cfg.is_moe(index)
         super().__init__(
             cfg.hidden_size,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            1 if moe else cfg.intermediate_size,  # a MoE layer drops the dense MLP below
+            cfg.intermediate_size,
             cfg.rms_norm_eps,
+            cfg.moe if cfg.is_moe(index) else None,
             qk_norm=cfg.use_qk_norm,
             qkv_bias=cfg.use_qkv_bias,
             o_bias=cfg.use_bias,
         )
-        self.moe: MoEBlock | None = None
-        if moe:
-            del self.gate_up, self.down  # the experts replace the dense MLP
-            self.moe = MoEBlock(cfg.moe)
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return super().mlp(h) if self.moe is None else self.moe(h)
 
 
 _LAYER = PREFIX + "layers.{i}."

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm_serve.models.base import DiffusionLM, WeightNames
+from dllm_serve.models.base import DecoderLayer, DiffusionLM, WeightNames
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,31 @@ class MoEBlock(nn.Module):
             )
             out["shared_down.weight"] = (prefix + "shared_experts.down_proj.weight",)
         return out
+
+
+class SparseLayer(DecoderLayer):
+    """A decoder layer whose MLP is a mixture of experts when ``moe`` is given (the dense SwiGLU is
+    then not built), the dense SwiGLU otherwise: the layers of LLaDA2 and SDAR-MoE."""
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        eps: float,
+        moe: MoEConfig | None,
+        **options: bool,
+    ) -> None:
+        super().__init__(hidden, heads, kv_heads, head_dim, 1 if moe else intermediate, eps, **options)
+        self.moe: MoEBlock | None = None
+        if moe is not None:
+            del self.gate_up, self.down  # the experts replace the dense MLP
+            self.moe = MoEBlock(moe)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return super().mlp(h) if self.moe is None else self.moe(h)
 
 
 def moe_of(layer: nn.Module) -> MoEBlock | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dllm_serve.models.base import DiffusionLM, WeightNames
-from dllm_serve.models.config_checks import llama_style_problems, refuse, required_eos, required_mask
+from dllm_serve.models.config_checks import llama_style_problems, qwen3_stack_fields, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -72,26 +72,8 @@ class NemotronConfig:
                 "use --trust-remote-code to run the checkpoint's own generate()"
             )
         refuse("Nemotron", llama_style_problems(raw))
-        mask = required_mask(raw)
-        eos = required_eos(raw)
-        pad = raw.get("pad_token_id")
-        heads = raw["num_attention_heads"]
         return cls(
-            hidden_size=raw["hidden_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            intermediate_size=raw["intermediate_size"],
-            vocab_size=raw["vocab_size"],
-            rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            mask_token_id=mask,
-            eos_token_id=eos,
-            pad_token_id=int(pad) if pad is not None else eos,
-            bos_token_id=raw.get("bos_token_id"),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            **qwen3_stack_fields(raw, max_positions=4096),
             qk_norm=not raw.get("disable_qk_norm", False),
             dlm_paradigm=paradigm,
             block_size=int(raw.get("block_size") or 32),

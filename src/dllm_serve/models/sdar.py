@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dllm_serve.models.base import DiffusionLM, WeightNames
-from dllm_serve.models.config_checks import llama_style_problems, refuse, required_eos, required_mask
+from dllm_serve.models.config_checks import llama_style_problems, qwen3_stack_fields, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
@@ -67,31 +67,10 @@ def stack_fields(raw: dict[str, Any], title: str) -> dict[str, Any]:
     """SDARConfig's fields from config.json, shared by the dense and the MoE variant (the same
     Qwen3 attention stack, blocks and special tokens); unsupported options are ValueErrors."""
     refuse(title, llama_style_problems(raw))
-    mask = required_mask(raw)
-    eos = required_eos(raw)
-    pad = raw.get("pad_token_id")
-    heads = raw["num_attention_heads"]
     block = raw.get("block_size") or 4
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"config.json block_size must be a positive integer, got {block!r}")
-    return dict(
-        hidden_size=raw["hidden_size"],
-        num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-        intermediate_size=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        rope_theta=float(raw.get("rope_theta", 1_000_000.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=raw.get("max_position_embeddings", 32768),
-        mask_token_id=mask,
-        eos_token_id=eos,
-        pad_token_id=int(pad) if pad is not None else eos,
-        bos_token_id=raw.get("bos_token_id"),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        block_size=block,
-    )
+    return {**qwen3_stack_fields(raw, max_positions=32768), "block_size": block}
 
 
 # Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.

@@ -18,11 +18,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from dllm_serve.models.base import DecoderLayer, DiffusionLM
+from dllm_serve.models.base import DiffusionLM
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyShape
-from dllm_serve.models.moe import MoEBlock, MoEConfig, expert_weight_map, moe_of
+from dllm_serve.models.moe import MoEBlock, MoEConfig, SparseLayer, expert_weight_map, moe_of
 from dllm_serve.models.sdar import (
     MOE_MODEL_TYPE,
     PREFIX,
@@ -117,28 +115,21 @@ class SDARMoeConfig(SDARConfig):
         return cfg
 
 
-class SDARMoeLayer(DecoderLayer):
+class SDARMoeLayer(SparseLayer):
     """SDAR's Qwen3 layer (q/k norms, GQA, RoPE) whose MLP is a mixture of experts where
     ``SDARMoeConfig.is_moe`` says so, the dense SwiGLU elsewhere."""
 
     def __init__(self, cfg: SDARMoeConfig, index: int) -> None:
-        moe = cfg.is_moe(index)
         super().__init__(
             cfg.hidden_size,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
-            1 if moe else cfg.intermediate_size,  # a sparse layer drops the dense MLP below
+            cfg.intermediate_size,
             cfg.rms_norm_eps,
+            cfg.moe if cfg.is_moe(index) else None,
             qk_norm=True,
         )
-        self.moe: MoEBlock | None = None
-        if moe:
-            del self.gate_up, self.down  # the experts replace the dense MLP
-            self.moe = MoEBlock(cfg.moe)
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        return super().mlp(h) if self.moe is None else self.moe(h)
 
 
 class SDARMoeModel(DiffusionLM):
