@@ -68,6 +68,33 @@ class WeightNames:
     optional: tuple[str, ...] = ()
 
 
+def llama_style_names(prefix: str, head: str) -> WeightNames:
+    """The Llama/Qwen checkpoint layout under ``prefix`` (``embed_tokens``, ``layers.{i}.self_attn``
+    q/k/v/o projections with optional q/k/v biases and q/k norms, the SwiGLU ``mlp``, the two layer
+    norms, the final ``norm``) and the ``head`` tensor, which a tied checkpoint may still store.
+    Entries a family's layers lack (biases, norms) are skipped, so one table serves Qwen2 and Qwen3."""
+    layer = prefix + "layers.{i}."
+    return WeightNames(
+        top={
+            "embed.weight": prefix + "embed_tokens.weight",
+            "norm": prefix + "norm.weight",
+            "head.weight": head,
+        },
+        layers={
+            "attn_norm": layer + "input_layernorm.weight",
+            "mlp_norm": layer + "post_attention_layernorm.weight",
+            "qkv.weight": tuple(layer + f"self_attn.{x}_proj.weight" for x in "qkv"),
+            "qkv.bias": tuple(layer + f"self_attn.{x}_proj.bias" for x in "qkv"),
+            "o_proj.weight": layer + "self_attn.o_proj.weight",
+            "gate_up.weight": (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
+            "down.weight": layer + "mlp.down_proj.weight",
+            "q_norm": layer + "self_attn.q_norm.weight",
+            "k_norm": layer + "self_attn.k_norm.weight",
+        },
+        optional=(head,),
+    )
+
+
 def _names(official: OfficialNames) -> tuple[str, ...]:
     return (official,) if isinstance(official, str) else tuple(official)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_serve.models.base import DiffusionLM, WeightNames
+from dllm_serve.models.base import DiffusionLM, llama_style_names
 from dllm_serve.models.config_checks import first_eos, llama_style_problems, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -78,25 +78,8 @@ class DreamConfig:
         )
 
 
-_LAYER = PREFIX + "layers.{i}."
-# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
-WEIGHT_NAMES = WeightNames(
-    top={
-        "embed.weight": PREFIX + "embed_tokens.weight",
-        "norm": PREFIX + "norm.weight",
-        "head.weight": HEAD,
-    },
-    layers={
-        "attn_norm": _LAYER + "input_layernorm.weight",
-        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
-        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
-        "qkv.bias": tuple(_LAYER + f"self_attn.{x}_proj.bias" for x in "qkv"),
-        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
-        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
-        "down.weight": _LAYER + "mlp.down_proj.weight",
-    },
-    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
-)
+# Internal parameter -> published tensor name(s): the Llama/Qwen layout (models/base.py).
+WEIGHT_NAMES = llama_style_names(PREFIX, HEAD)
 
 
 class DreamModel(DiffusionLM):

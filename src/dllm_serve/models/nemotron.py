@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dllm_serve.models.base import DiffusionLM, WeightNames
+from dllm_serve.models.base import DiffusionLM, llama_style_names
 from dllm_serve.models.config_checks import llama_style_problems, qwen3_stack_fields, refuse
 from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
@@ -81,26 +81,8 @@ class NemotronConfig:
         )
 
 
-# Internal parameter -> published tensor name(s) (models/base.py WeightNames); tuples are fused.
-_LAYER = ENCODER + "layers.{i}."
-WEIGHT_NAMES = WeightNames(
-    top={
-        "embed.weight": ENCODER + "embed_tokens.weight",
-        "norm": ENCODER + "norm.weight",
-        "head.weight": HEAD,
-    },
-    layers={
-        "attn_norm": _LAYER + "input_layernorm.weight",
-        "mlp_norm": _LAYER + "post_attention_layernorm.weight",
-        "qkv.weight": tuple(_LAYER + f"self_attn.{x}_proj.weight" for x in "qkv"),
-        "o_proj.weight": _LAYER + "self_attn.o_proj.weight",
-        "gate_up.weight": (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
-        "down.weight": _LAYER + "mlp.down_proj.weight",
-        "q_norm": _LAYER + "self_attn.q_norm.weight",
-        "k_norm": _LAYER + "self_attn.k_norm.weight",
-    },
-    optional=(HEAD,),  # tied checkpoints may still store the (identical) head
-)
+# Internal parameter -> published tensor name(s): the Llama/Qwen layout (models/base.py).
+WEIGHT_NAMES = llama_style_names(ENCODER, HEAD)
 
 
 class NemotronModel(DiffusionLM):
