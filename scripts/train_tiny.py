@@ -143,9 +143,11 @@ def build_tokenizer(out: Path, vocab_size: int, seed: int, fmt: TinyFormat) -> N
 
 
 def write_tokenizer(out: Path, tok: Tokenizer, fmt: TinyFormat) -> None:
-    """tokenizer.json plus the family's tokenizer_config.json and special_tokens_map.json."""
+    """tokenizer.json plus the family's tokenizer_config.json (with the trainer's context as its
+    ``model_max_length``) and special_tokens_map.json."""
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(fmt.tokenizer_config, indent=2))
+    settings = {**fmt.tokenizer_config, "model_max_length": MAX_LENGTH}
+    (out / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(fmt.special_tokens_map))
 
 

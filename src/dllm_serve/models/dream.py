@@ -160,7 +160,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
-TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
 
 SPEC = FamilySpec(
     name="dream",
@@ -190,7 +189,6 @@ SPEC = FamilySpec(
             "mask_token": "<|mask|>",
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "errors": "replace",
-            "model_max_length": TINY_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,
             "chat_template": CHAT_TEMPLATE,
         },

@@ -126,6 +126,18 @@ class ModelShape:
         return {**asdict(self), "streamed_params": self.streamed_params}
 
 
+# Qwen's ChatML as the bundled tiny checkpoints of the Qwen-style families carry it:
+# <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
+    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
 @dataclass(frozen=True)
 class TinyShape:
     """The bundled tiny checkpoint's dimensions and special-token ids, as scripts/train_tiny.py sets them."""

@@ -279,7 +279,6 @@ CHAT_TEMPLATE = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
 
 SPEC = FamilySpec(
     name="llada",
@@ -301,7 +300,6 @@ SPEC = FamilySpec(
             "eos_token": "<|endoftext|>",
             "pad_token": "<|endoftext|>",
             "mask_token": "<|mdm_mask|>",
-            "model_max_length": TINY_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,
             "chat_template": CHAT_TEMPLATE,
         },

@@ -345,7 +345,6 @@ SPEC = FamilySpec(
             "mask_token": "<|mask|>",
             "additional_special_tokens": ["<role>", "</role>", "<|role_end|>"],
             "add_prefix_space": False,
-            "model_max_length": 1024,
             "clean_up_tokenization_spaces": False,
             "chat_template": CHAT_TEMPLATE,
         },

@@ -19,7 +19,7 @@ from typing import Any
 
 from dllm_serve.models.base import DiffusionLM, llama_style_names
 from dllm_serve.models.config_checks import llama_style_problems, qwen3_stack_fields, refuse
-from dllm_serve.models.family import FamilySpec, ModelShape, TinyFormat, TinyShape
+from dllm_serve.models.family import CHATML_TEMPLATE, FamilySpec, ModelShape, TinyFormat, TinyShape
 from dllm_serve.models.tokenizer import ChatTokenizer
 
 ENCODER = "encoder."
@@ -163,16 +163,6 @@ def tiny_config(shape: TinyShape) -> dict[str, Any]:
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
-# Qwen's ChatML: <|im_start|>role\n content <|im_end|>\n, generation prompt <|im_start|>assistant\n.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['content'] is string %}{%- set text = message['content'] %}"
-    "{%- else %}{%- set text = message['content'] | map(attribute='text') | join('') %}{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + text + '<|im_end|>' + '\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
-TINY_MAX_LENGTH = 1024  # the trainer's context: a chat prompt plus the longest canvas (512)
 
 SPEC = FamilySpec(
     name="nemotron",
@@ -199,9 +189,8 @@ SPEC = FamilySpec(
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "add_prefix_space": False,
             "errors": "replace",
-            "model_max_length": TINY_MAX_LENGTH,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": CHATML_TEMPLATE,
         },
         special_tokens_map={
             "eos_token": "<|im_end|>",
