@@ -91,8 +91,16 @@ def _diffusion_fields() -> dict[str, Any]:
     return {name: (hints[name] | None, Field(None, description=KNOBS[name].help)) for name in OVERRIDABLE}
 
 
+class _Decoding(_Strict):
+    """What every request with the diffusion fields answers about them."""
+
+    def decode_overrides(self) -> dict[str, Any]:
+        """The DecodeParams overrides this request sets (None: the preset's default)."""
+        return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
+
+
 # One optional field per DecodeParams override (steps, block_length, threshold, temperature, seed ...).
-DiffusionFields: type[BaseModel] = create_model("DiffusionFields", __base__=_Strict, **_diffusion_fields())
+DiffusionFields: type[BaseModel] = create_model("DiffusionFields", __base__=_Decoding, **_diffusion_fields())
 
 
 class StreamOptions(_Strict):
@@ -224,10 +232,6 @@ class _GenerationRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def decode_overrides(self) -> dict[str, Any]:
-        """The DecodeParams overrides this request sets (None: the preset's default)."""
-        return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
-
 
 class FunctionSpec(_Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -300,6 +304,15 @@ class ChatMessage(_Strict):
         return {"role": role, "content": self.content}
 
 
+def check_tool_choice(value: Any, names: set[str]) -> Any:
+    """A named choice must name one of the request's functions, and "required" needs some."""
+    if isinstance(value, NamedToolChoice) and value.function.name not in names:
+        raise ValueError(f"tool_choice names the function {value.function.name!r}, which is not in tools")
+    if value == "required" and not names:
+        raise ValueError("tool_choice 'required' needs tools")
+    return value
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage]
     logprobs: bool = False
@@ -311,12 +324,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @field_validator("tool_choice")
     @classmethod
     def _known_tool(cls, value: Any, info: ValidationInfo) -> Any:
-        tools = info.data.get("tools") or []
-        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
-            raise ValueError(f"tool_choice names the function {value.function.name!r}, which is not in tools")
-        if value == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
-        return value
+        return check_tool_choice(value, {t.function.name for t in info.data.get("tools") or []})
 
     @field_validator("top_logprobs")
     @classmethod

@@ -38,6 +38,7 @@ from dllm_serve.protocol import (
     NamedToolChoice,
     ResponseFormat,
     Tool,
+    check_tool_choice,
     one_algorithm,
 )
 from dllm_serve.server.errors import APIError
@@ -199,12 +200,7 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     @field_validator("choice")
     @classmethod
     def _known_tool(cls, value: Any, info: ValidationInfo) -> Any:
-        names = {t.name for t in info.data.get("function_tools") or []}
-        if isinstance(value, NamedToolChoice) and value.function.name not in names:
-            raise ValueError(f"tool_choice names the function {value.function.name!r}, which is not in tools")
-        if value == "required" and not names:
-            raise ValueError("tool_choice 'required' needs tools")
-        return value
+        return check_tool_choice(value, {t.name for t in info.data.get("function_tools") or []})
 
     _one_algorithm = field_validator("generation_algorithm")(one_algorithm)
 
@@ -242,11 +238,6 @@ class ResponsesRequest(DiffusionFields):  # type: ignore[misc, valid-type]
     @property
     def algorithm_name(self) -> str | None:
         return self.algorithm or self.generation_algorithm
-
-    def decode_overrides(self) -> dict[str, Any]:
-        from dllm_serve.engine.algorithms import OVERRIDABLE
-
-        return {name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None}
 
     # What the response object echoes (OpenAI's defaults where the request left a field out).
 
