@@ -103,12 +103,11 @@ def choose(probs: torch.Tensor, temperature: float, generator: torch.Generator, 
     """Tokens for probs [N, V]: a categorical draw at temperature > 0, else the most probable;
     never the mask token (it would leave the position masked): where it comes out, the most
     probable other token. The draw itself is the published one, so the random stream is too."""
+    best = probs.index_fill(-1, torch.tensor([mask_id], device=probs.device), -1.0).max(dim=-1).indices
     if temperature > 0 and probs.shape[0] > 0:
         chosen = categorical(probs, generator)
-    else:
-        chosen = probs.max(dim=-1).indices
-    other = probs.index_fill(-1, torch.tensor([mask_id], device=probs.device), -1.0).max(dim=-1).indices
-    return torch.where(chosen == mask_id, other, chosen)
+        return torch.where(chosen == mask_id, best, chosen)
+    return best
 
 
 def confidence(probs: torch.Tensor, chosen: torch.Tensor, measure: str) -> torch.Tensor:
